@@ -1,0 +1,242 @@
+"""The typed, validated experiment config: the one place that knows every field.
+
+Experiments are ``ml_collections`` config files (``configs/*.py``) whose
+``get_config()`` starts from :func:`default_config` and changes fields. Command
+line overrides (``--config.model.d_model=128``) go through absl's config flags.
+:func:`validate` checks the result once at start and raises
+:class:`~moejax.errors.ConfigError` with a one-line message naming the field.
+
+Sections:
+  model     the Transformer and which feed-forward kind each block uses
+  <ffn>     one section per registered feed-forward kind (dense, moe, peer, pkm)
+  data      dataset, tokenizer, sequence length, batch
+  optim     optimizer and schedule
+  train     steps, logging, checkpoints, profiling
+  mesh      device mesh shape and extra logical-axis rules
+  eval      evaluation datasets and sizes
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import ml_collections
+
+from moejax.errors import ConfigError
+
+
+def default_config() -> ml_collections.ConfigDict:
+  # Imported here so that every registered kind (and the data section) is known.
+  from moejax import layers  # noqa: F401
+  from moejax import data
+  from moejax.layers.base import FFN_REGISTRY
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict({
+      "vocab_size": 0,           # 0: taken from the tokenizer
+      "d_model": 128,
+      "num_layers": 4,
+      "num_heads": 4,
+      "head_dim": 32,
+      "d_ff": 512,
+      "dtype": "float32",        # compute dtype: float32 | bfloat16 (params are float32)
+      "ffn": "dense",            # feed-forward kind of ordinary blocks
+      "sparse_ffn": "dense",     # feed-forward kind of the blocks named by sparse_layers
+      "sparse_layers": "none",   # none | all | middle | every:K[:OFFSET] | comma list of indices
+      "tie_embeddings": False,
+      "rope_theta": 10000.0,
+      "norm_eps": 1e-6,
+  })
+  for name, kind in sorted(FFN_REGISTRY.items()):
+    c[name] = kind.default_config()
+
+  c.data = data.default_config()
+
+  c.optim = ml_collections.ConfigDict({
+      "name": "adamw",           # adamw | adam | sgd
+      "lr": 3e-3,
+      "table_lr": 0.0,           # LR of TableParam tables (PEER experts, PKM values); 0: same as lr
+      "warmup_steps": 20,
+      "schedule": "cosine",      # cosine | constant | linear
+      "min_lr_ratio": 0.1,
+      "b1": 0.9,
+      "b2": 0.98,
+      "eps": 1e-9,
+      "weight_decay": 0.01,      # decoupled; never applied to tables, norms or biases
+      "grad_clip": 1.0,          # global-norm clip; 0 disables
+  })
+
+  c.train = ml_collections.ConfigDict({
+      "steps": 300,
+      "log_every": 10,
+      "eval_every": 100,         # 0: only at the end
+      "eval_batches": 4,
+      "checkpoint_every": 100,
+      "keep_checkpoints": 2,
+      "profile": False,          # jax.profiler trace of a few steps into workdir/profile
+      "profile_start": 5,
+      "profile_steps": 3,
+      "progress_bar": True,
+  })
+
+  c.mesh = ml_collections.ConfigDict({
+      "data": -1,
+      "expert": 1,
+      "model": 1,
+      # Extra logical rules, "name=axis" or "name=axis1+axis2" or "name=" (replicated),
+      # comma separated, e.g. "table_rows=,table_embed=model" to shard PEER tables by feature.
+      "rules": "",
+  })
+
+  c.eval = ml_collections.ConfigDict({
+      "datasets": "",            # comma list of TFDS names; "": the training dataset
+      "split": "validation",
+      "max_batches": 0,          # 0: the whole split
+  })
+  return c
+
+
+def parse_sparse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+  """Block indices that use ``model.sparse_ffn``."""
+  spec = spec.strip()
+  if spec in ("", "none"):
+    return ()
+  if spec == "all":
+    return tuple(range(num_layers))
+  if spec == "middle":
+    return (num_layers // 2,)
+  m = re.fullmatch(r"every:(\d+)(?::(\d+))?", spec)
+  if m:
+    k, off = int(m.group(1)), int(m.group(2) or 0)
+    if k < 1:
+      raise ValueError(spec)
+    return tuple(range(off, num_layers, k))
+  idx = tuple(int(s) for s in spec.split(","))
+  if any(i < 0 or i >= num_layers for i in idx):
+    raise ValueError(spec)
+  return idx
+
+
+def parse_rules(spec: str) -> dict[str, Any]:
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    name, _, axes = item.partition("=")
+    axes = tuple(a for a in axes.split("+") if a)
+    out[name.strip()] = None if not axes else (axes[0] if len(axes) == 1 else axes)
+  return out
+
+
+def _fail(field: str, value: Any, why: str, fix: str) -> ConfigError:
+  return ConfigError(f"config.{field}={value!r}: {why} ({fix})")
+
+
+def _check_schema(cfg, ref, prefix: str = "") -> None:
+  """Unknown fields and type mismatches against the defaults."""
+  for key in cfg.keys():
+    field = f"{prefix}{key}"
+    if key not in ref:
+      known = ", ".join(sorted(ref.keys()))
+      raise ConfigError(f"config.{field}: unknown field (known here: {known})")
+    val, want = cfg[key], ref[key]
+    if isinstance(want, ml_collections.ConfigDict):
+      if not isinstance(val, ml_collections.ConfigDict):
+        raise ConfigError(f"config.{field}: must be a section, got {val!r}")
+      _check_schema(val, want, field + ".")
+      continue
+    if want is None or val is None:
+      continue
+    if isinstance(want, bool) != isinstance(val, bool) or (
+        isinstance(want, (int, float)) and not isinstance(val, (int, float))) or (
+        isinstance(want, str) and not isinstance(val, str)) or (
+        isinstance(want, int) and not isinstance(want, bool) and isinstance(val, float)):
+      raise _fail(field, val, f"must be {type(want).__name__}",
+                  f"set --config.{field}=<{type(want).__name__}>, default {want!r}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks ``cfg``; returns it. Raises ConfigError naming the first bad field."""
+  from moejax import data
+  from moejax.layers.base import FFN_REGISTRY
+
+  _check_schema(cfg, default_config())
+  m = cfg.model
+  kinds = sorted(FFN_REGISTRY)
+  for f in ("ffn", "sparse_ffn"):
+    if m[f] not in FFN_REGISTRY:
+      raise _fail(f"model.{f}", m[f], f"unknown feed-forward kind, one of {kinds}",
+                  f"set --config.model.{f}=dense")
+  for f in ("d_model", "num_layers", "num_heads", "head_dim", "d_ff"):
+    if m[f] < 1:
+      raise _fail(f"model.{f}", m[f], "must be >= 1", f"set --config.model.{f} to a positive int")
+  if m.vocab_size < 0:
+    raise _fail("model.vocab_size", m.vocab_size, "must be >= 0", "0 takes it from the tokenizer")
+  if m.dtype not in ("float32", "bfloat16"):
+    raise _fail("model.dtype", m.dtype, "must be float32 or bfloat16", "set --config.model.dtype=float32")
+  if m.head_dim % 2:
+    raise _fail("model.head_dim", m.head_dim, "must be even for rotary positions",
+                "set --config.model.head_dim to an even int")
+  try:
+    parse_sparse_layers(m.sparse_layers, m.num_layers)
+  except ValueError:
+    raise _fail("model.sparse_layers", m.sparse_layers,
+                f"not none|all|middle|every:K[:OFFSET]|indices below num_layers={m.num_layers}",
+                "e.g. --config.model.sparse_layers=middle") from None
+  for name in {m.ffn, m.sparse_ffn}:
+    if FFN_REGISTRY[name].validate is not None:
+      FFN_REGISTRY[name].validate(cfg[name], cfg)
+
+  o = cfg.optim
+  if o.name not in ("adamw", "adam", "sgd"):
+    raise _fail("optim.name", o.name, "must be adamw, adam or sgd", "set --config.optim.name=adamw")
+  if o.schedule not in ("cosine", "constant", "linear"):
+    raise _fail("optim.schedule", o.schedule, "must be cosine, constant or linear",
+                "set --config.optim.schedule=cosine")
+  for f in ("lr", "table_lr", "warmup_steps", "weight_decay", "grad_clip"):
+    if o[f] < 0:
+      raise _fail(f"optim.{f}", o[f], "must be >= 0", f"set --config.optim.{f} to 0 or more")
+  if o.lr == 0:
+    raise _fail("optim.lr", o.lr, "must be > 0", "e.g. --config.optim.lr=3e-3")
+
+  t = cfg.train
+  if t.steps < 1:
+    raise _fail("train.steps", t.steps, "must be >= 1", "set --config.train.steps=N")
+  for f in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    if t[f] < 1:
+      raise _fail(f"train.{f}", t[f], "must be >= 1", f"set --config.train.{f}=N")
+  if t.eval_every < 0 or t.eval_batches < 1:
+    raise _fail("train.eval_every", t.eval_every, "eval_every must be >= 0 and eval_batches >= 1",
+                "set --config.train.eval_every=100 --config.train.eval_batches=4")
+
+  for f in ("data", "expert", "model"):
+    if cfg.mesh[f] == 0 or cfg.mesh[f] < -1:
+      raise _fail(f"mesh.{f}", cfg.mesh[f], "must be a positive int or -1 (= the rest)",
+                  f"set --config.mesh.{f}=1")
+  if [cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model].count(-1) > 1:
+    raise _fail("mesh", (cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model), "at most one axis may be -1",
+                "set the others to explicit sizes")
+  try:
+    parse_rules(cfg.mesh.rules)
+  except ValueError:
+    raise _fail("mesh.rules", cfg.mesh.rules, "not 'name=axis,...'",
+                "e.g. --config.mesh.rules=table_rows=,table_embed=model") from None
+
+  data.validate(cfg.data, cfg)
+  return cfg
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict:
+  return cfg.to_dict()
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+  """A config saved by ``to_dict`` (e.g. ``config.json`` of an export), on top of defaults.
+
+  Unknown fields (from a newer or older moejax) raise ConfigError.
+  """
+  cfg = default_config()
+  _check_schema(ml_collections.ConfigDict(d), cfg)
+  cfg.update(d)
+  return cfg

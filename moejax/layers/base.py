@@ -1,0 +1,91 @@
+"""The seam between the Transformer and its feed-forward layers.
+
+A feed-forward layer is an ``nnx.Module`` called as ::
+
+    y, aux = ffn(x, mask=mask)      # x, y: [batch, length, embed]; mask: [batch, length] bool
+
+``mask`` marks real (non-padding) tokens; layers that compute statistics over the
+batch (query BatchNorm, expert load) must ignore the rest. Train / eval behaviour
+follows ``model.train()`` / ``model.eval()`` (nnx attributes such as
+``deterministic`` and ``use_running_average``).
+
+``aux`` is an :class:`Aux` record. The model collects one per block; the training
+step adds ``aux.losses`` to the loss and logs ``aux.metrics``; evaluation sums
+``aux.counts`` over a dataset (on device) to get per-expert statistics.
+
+Kinds are registered by name with :func:`register_ffn`, each with a config
+section (an ``ml_collections.ConfigDict`` of defaults, placed at ``config.<name>``)
+and an optional validator. The model picks a kind per block from the config, so
+a new kind plugs in without touching the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+
+@flax.struct.dataclass
+class Aux:
+  """What a layer reports besides its output.
+
+  Attributes:
+    losses: scalar losses, already multiplied by their config weights; the
+      training step adds them to the LM loss. E.g. ``{'load_balance': ..., 'z_loss': ...}``.
+    metrics: scalar statistics of this batch, logged as they are (means over tokens).
+    counts: per-expert arrays (e.g. ``load`` ``[experts]``, ``score_sum`` ``[N]``) that
+      evaluation sums over many batches; keep them small in number, not in size.
+  """
+
+  losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  counts: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+  def total_loss(self) -> jax.Array:
+    return sum(self.losses.values(), jnp.zeros((), jnp.float32))
+
+
+class TableParam(nnx.Param):
+  """A large row-addressed table (PEER expert tables, PKM values).
+
+  The optimizer gives these their own learning rate and no weight decay
+  (``config.optim.table_lr``), as PKM and memory-layer implementations do.
+  """
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNKind:
+  name: str
+  build: Callable[..., nnx.Module]
+  default_config: Callable[[], ml_collections.ConfigDict]
+  validate: Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], None] | None = None
+
+
+FFN_REGISTRY: dict[str, FFNKind] = {}
+
+
+def register_ffn(name: str, *, default_config: Callable[[], ml_collections.ConfigDict],
+                 validate: Callable[[Any, Any], None] | None = None):
+  """Decorator registering ``build(cfg, *, d_model, d_ff, dtype, rngs) -> nnx.Module``.
+
+  ``cfg`` is ``config.<name>`` (the section made by ``default_config``); ``validate(cfg,
+  config)`` gets that section and the whole config and raises ``ConfigError``.
+  """
+
+  def decorator(build):
+    FFN_REGISTRY[name] = FFNKind(name, build, default_config, validate)
+    return build
+
+  return decorator
+
+
+def build_ffn(name: str, cfg: ml_collections.ConfigDict, *, d_model: int, d_ff: int,
+              dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Module:
+  return FFN_REGISTRY[name].build(cfg, d_model=d_model, d_ff=d_ff, dtype=dtype, rngs=rngs)

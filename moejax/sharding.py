@@ -1,0 +1,122 @@
+"""Device meshes and the logical-axis-name -> mesh-axis rules.
+
+Every parameter and key activation is annotated with logical names (``embed``,
+``mlp``, ``expert``...). This module is the only place that says which mesh axis
+each name lands on. The mesh has three axes:
+
+* ``data``   -- batch parallelism;
+* ``expert`` -- experts of MoE layers (and rows of PEER/PKM tables) are split over it;
+  outside MoE layers it is a second data axis, so the batch is sharded over both;
+* ``model``  -- tensor parallelism (hidden ``mlp``, attention ``heads``, ``vocab``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "expert", "model")
+
+# Logical name -> mesh axis (or axes, or None = replicated). Every logical name
+# used anywhere in moejax must appear here (unknown names are an error in flax).
+BASE_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "expert")),
+    ("length", None),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+    ("norm", None),
+    # MoE
+    ("expert", "expert"),
+    ("expert_mlp", "model"),
+    ("capacity", None),
+    ("groups", ("data", "expert")),
+    # Product-key layers (PEER / PKM)
+    ("table_rows", "expert"),     # rows of expert / value tables
+    ("table_embed", None),        # feature dim of tables
+    ("subkeys", None),
+    ("key_heads", None),
+    ("key_dim", None),
+)
+
+
+def logical_rules(overrides: dict[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
+  """Returns BASE_RULES with ``overrides`` (logical name -> mesh axes) applied."""
+  overrides = dict(overrides or {})
+  rules = []
+  for name, axes in BASE_RULES:
+    rules.append((name, overrides.pop(name, axes)))
+  rules.extend(overrides.items())
+  return tuple(rules)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Replaces a single -1 in ``shape`` by the number of devices left over."""
+  shape = [int(s) for s in shape]
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
+  known = math.prod(s for s in shape if s != -1)
+  if any(s == 0 or s < -1 for s in shape) or num_devices % known:
+    raise ValueError(
+        f"mesh shape {tuple(shape)} does not divide {num_devices} devices "
+        "(set --config.mesh.data/expert/model so their product is the device count, -1 = the rest)")
+  shape = [num_devices // known if s == -1 else s for s in shape]
+  if math.prod(shape) != num_devices:
+    raise ValueError(
+        f"mesh shape {tuple(shape)} uses {math.prod(shape)} of {num_devices} devices "
+        "(set one axis to -1 to use the rest)")
+  return tuple(shape)
+
+
+def make_mesh(data: int = -1, expert: int = 1, model: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A ('data', 'expert', 'model') mesh with Auto axes (GSPMD propagation)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = resolve_mesh_shape((data, expert, model), len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def param(value: jax.Array, names: Sequence[str | None], kind: type = nnx.Param) -> nnx.Variable:
+  """A parameter annotated with logical axis ``names``.
+
+  Under ``jax.set_mesh`` (with ``nnx.logical_axis_rules``) it is placed sharded at
+  creation; without a mesh it is created unsharded but keeps its names, so
+  ``nnx.get_named_sharding`` can place it later.
+  """
+  if len(names) != np.ndim(value):
+    raise ValueError(f"{len(names)} logical names {tuple(names)} for a rank-{np.ndim(value)} array")
+  eager = not jax.sharding.get_abstract_mesh().empty
+  return kind(value, out_sharding=tuple(names), eager_sharding=eager)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """``with_sharding_constraint`` by logical names; a no-op without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def logical_to_spec(names: Sequence[str | None]) -> P:
+  """Maps logical names to a PartitionSpec with the active ``nnx.logical_axis_rules``."""
+  rules = dict(flax_spmd.get_logical_axis_rules() or BASE_RULES)
+  return P(*(None if n is None else rules[n] for n in names))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+  """Sharding of a ``[batch, ...]`` input: batch over (data, expert)."""
+  return NamedSharding(mesh, P(("data", "expert"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
