@@ -69,19 +69,19 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     raise ValueError(
         f"mesh shape {tuple(shape)} does not divide {num_devices} devices "
         "(set --config.mesh.data/expert/model so their product is the device count, -1 = the rest)")
-  shape = [num_devices // known if s == -1 else s for s in shape]
-  if math.prod(shape) != num_devices:
-    raise ValueError(
-        f"mesh shape {tuple(shape)} uses {math.prod(shape)} of {num_devices} devices "
-        "(set one axis to -1 to use the rest)")
-  return tuple(shape)
+  return tuple(num_devices // known if s == -1 else s for s in shape)
 
 
 def make_mesh(data: int = -1, expert: int = 1, model: int = 1,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A ('data', 'expert', 'model') mesh with Auto axes (GSPMD propagation)."""
+  """A ('data', 'expert', 'model') mesh with Auto axes (GSPMD propagation).
+
+  Without a -1 the mesh may use fewer than all devices (the first ones), e.g. a
+  1-device reference run on an 8-device host.
+  """
   devices = list(devices) if devices is not None else jax.devices()
   shape = resolve_mesh_shape((data, expert, model), len(devices))
+  devices = devices[:math.prod(shape)]
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
 

@@ -1,0 +1,44 @@
+"""Evaluate a moejax export or training checkpoint.
+
+    python eval.py --checkpoint WORKDIR/export [--dataset NAME[,NAME]] [--split validation]
+
+Prints loss, perplexity and bits-per-byte per dataset as a table, writes
+eval.json and PNG plots (training loss curve, expert load / usage) next to it.
+"""
+
+import json
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from moejax.errors import CheckpointError, ConfigError, DataError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "An export dir, a workdir or its checkpoints/ dir.", required=True)
+flags.DEFINE_string("dataset", "", "Comma list of TFDS dataset names; '' = the config's.")
+flags.DEFINE_string("split", "", "Split to evaluate; '' = config.eval.split.")
+flags.DEFINE_integer("max_batches", -1, "Stop after this many batches per dataset; -1 = config, 0 = all.")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir override.")
+flags.DEFINE_string("out", "", "Where to write eval.json and plots; '' = <checkpoint>/eval.")
+flags.DEFINE_bool("json", False, "Print the JSON report instead of the table.")
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/TFDS log every file op
+  from moejax.evaluation import run
+  try:
+    report = run.evaluate(
+        FLAGS.checkpoint, datasets=[d for d in FLAGS.dataset.split(",") if d] or None,
+        split=FLAGS.split or None, max_batches=None if FLAGS.max_batches < 0 else FLAGS.max_batches,
+        data_dir=FLAGS.data_dir, out_dir=FLAGS.out or None)
+  except (ConfigError, DataError, CheckpointError) as e:
+    sys.exit(f"error: {e}")
+  print(json.dumps(report, indent=1) if FLAGS.json else run.format_table(report))
+  for f in report["plots"]:
+    print(f"plot: {f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity / bits-per-byte per dataset, expert statistics, plots."""

@@ -1,0 +1,64 @@
+"""PNG plots: training loss curve, MoE expert load, PEER/PKM sorted usage."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def loss_curve(rows: list[dict], path: str) -> str | None:
+  train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train" and "loss" in r]
+  evals = [(r["step"], r["loss"]) for r in rows if r.get("split") == "eval" and "loss" in r]
+  if not train and not evals:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for pts, label, style in ((train, "train", "-"), (evals, "eval", "o-")):
+    if pts:
+      ax.plot(*zip(*pts), style, label=label)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.set_title("training loss")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
+def expert_load(block: str, load: np.ndarray, path: str) -> str:
+  """Histogram-style bar chart of the fraction of routed tokens per expert."""
+  frac = load / max(load.sum(), 1e-9)
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.bar(np.arange(len(frac)), frac)
+  ax.axhline(1.0 / len(frac), color="k", linestyle="--", linewidth=1, label="uniform")
+  ax.set_xlabel("expert")
+  ax.set_ylabel("fraction of assignments")
+  ax.set_title(f"{block}: expert load")
+  ax.legend()
+  return _save(fig, path)
+
+
+def sorted_usage(block: str, scores: np.ndarray, path: str) -> str:
+  """Accumulated router score per expert, sorted, on log axes (PEER/PKM)."""
+  z = np.sort(scores)[::-1] / max(scores.sum(), 1e-30)
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot(np.arange(1, len(z) + 1), np.maximum(z, 1e-12))
+  ax.axhline(1.0 / len(z), color="k", linestyle="--", linewidth=1, label="uniform")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("expert rank")
+  ax.set_ylabel("share of router score")
+  ax.set_title(f"{block}: sorted expert usage")
+  ax.legend()
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

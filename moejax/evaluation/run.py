@@ -1,0 +1,122 @@
+"""Evaluate an export or a training checkpoint on one or more datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from moejax import data
+from moejax.errors import CheckpointError
+from moejax.evaluation import perplexity, plots
+from moejax.training import checkpoint as ckpt_lib
+from moejax.training import state as state_lib
+from moejax.training.writers import read_metrics
+
+
+def locate(path: str) -> tuple[str, str]:
+  """-> ('export', dir) or ('train', workdir) for an export dir, a workdir or its checkpoints/."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "model")) and os.path.exists(os.path.join(path, "config.json")):
+    return "export", path
+  if os.path.basename(path) == "checkpoints":
+    path = os.path.dirname(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return "train", path
+  if os.path.isdir(os.path.join(path, "export", "model")):
+    return "export", os.path.join(path, "export")
+  raise CheckpointError(f"--checkpoint={path}: neither an export (config.json + model/) "
+                        "nor a workdir with checkpoints/ (pass WORKDIR or WORKDIR/export)")
+
+
+def load(path: str, mesh_overrides: dict | None = None):
+  """Builds the model of ``path`` on this host's devices and loads its variables.
+
+  Returns (config, train_state) with the model variables restored.
+  """
+  kind, where = locate(path)
+  config = ckpt_lib.read_config(where)
+  # Evaluate on whatever devices are here: all of them on the data axis by default.
+  config.mesh.update(mesh_overrides or {"data": -1, "expert": 1, "model": 1})
+  ts = state_lib.create_train_state(config)
+  if kind == "export":
+    ckpt_lib.load_model_state(where, ts.state[0], ts.shardings[0])
+  else:
+    ckptr = ckpt_lib.Checkpointer(where, keep=10**6, async_save=False)
+    if ckptr.latest_step() is None:
+      raise CheckpointError(f"--checkpoint={path}: no checkpoint in {ckptr.directory}")
+    ts.state, _ = ckptr.restore(ts.state, ts.shardings)
+    ckptr.close()
+  return config, ts
+
+
+def evaluate(path: str, *, datasets: list[str] | None = None, split: str | None = None,
+             max_batches: int | None = None, data_dir: str | None = None, out_dir: str | None = None,
+             mesh_overrides: dict | None = None) -> dict:
+  """Loss / perplexity / bits-per-byte per dataset and expert statistics; writes JSON and PNGs."""
+  config, ts = load(path, mesh_overrides)
+  if data_dir is not None:
+    config.data.data_dir = data_dir
+  tokenizer = data.load_tokenizer(config.data.tokenizer)
+  names = datasets or [n for n in config.eval.datasets.split(",") if n] or [config.data.dataset]
+  split = split or config.eval.split
+  max_batches = config.eval.max_batches if max_batches is None else max_batches
+  eval_step = state_lib.make_eval_step(ts.eval_graphdef, ts.shardings[0], ts.mesh)
+  out_dir = out_dir or os.path.join(locate(path)[1], "eval")
+  os.makedirs(out_dir, exist_ok=True)
+
+  results = {}
+  with jax.set_mesh(ts.mesh):
+    for name in names:
+      batches = data.make_eval_iterator(config.data, tokenizer, dataset=name, split=split,
+                                        max_batches=max_batches, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+      results[name] = perplexity.evaluate(eval_step, ts.state[0], batches, ts.mesh)
+
+  files = _plots(results, path, out_dir)
+  report = {"checkpoint": os.path.abspath(path), "step": ts.step, "split": split,
+            "datasets": {n: _jsonable(r) for n, r in results.items()}, "plots": files}
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
+def _plots(results: dict, path: str, out_dir: str) -> list[str]:
+  files = []
+  workdir = locate(path)[1]
+  workdir = os.path.dirname(workdir) if os.path.basename(workdir) == "export" else workdir
+  curve = plots.loss_curve(read_metrics(workdir), os.path.join(out_dir, "loss_curve.png"))
+  if curve:
+    files.append(curve)
+  first = next(iter(results.values()))
+  for block, stats in first["experts"].items():
+    if "load" in stats:
+      files.append(plots.expert_load(block, stats["load"], os.path.join(out_dir, f"{block}_load.png")))
+    if "score_sum" in stats:
+      files.append(plots.sorted_usage(block, stats["score_sum"],
+                                      os.path.join(out_dir, f"{block}_usage.png")))
+  return files
+
+
+def _jsonable(result: dict) -> dict:
+  out = {k: v for k, v in result.items() if k != "experts"}
+  out["experts"] = {b: {k: v for k, v in s.items() if np.ndim(v) == 0} for b, s in result["experts"].items()}
+  return out
+
+
+def format_table(report: dict) -> str:
+  """A plain-text table: one row per dataset."""
+  head = f"{'dataset':<28} {'loss':>8} {'ppl':>10} {'bits/byte':>10} {'tokens':>10}"
+  lines = [head, "-" * len(head)]
+  for name, r in report["datasets"].items():
+    lines.append(f"{name:<28} {r['loss']:>8.4f} {r['perplexity']:>10.3f} {r['bits_per_byte']:>10.4f} "
+                 f"{int(r['tokens']):>10d}")
+  for name, r in report["datasets"].items():
+    for block, stats in r["experts"].items():
+      lines.append(f"  {name} {block}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(stats.items())))
+  return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""The train state as (graphdef, sharded state) and the jitted steps over it.
+
+``nnx.split`` turns (model, optimizer) into a static graphdef and a pytree of
+arrays; the steps are ``jax.jit`` functions of that pytree with explicit
+shardings (``nnx.get_named_sharding`` of the logical names), so one compiled step
+serves 1 device or a pod slice alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from moejax import sharding
+from moejax.config import parse_rules
+from moejax.model import Transformer
+from moejax.training.optimizer import make_optimizer
+
+MODEL_STATE = (nnx.Param, nnx.BatchStat)   # what an export holds (no optimizer, no RNG)
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  m = config.mesh
+  return sharding.make_mesh(m.data, m.expert, m.model)
+
+
+def axis_rules(config: ml_collections.ConfigDict):
+  return sharding.logical_rules(parse_rules(config.mesh.rules))
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Sum of weighted token cross-entropies (nats) and the sum of weights.
+
+  logits: [batch, length, vocab] f32; targets: [batch, length] int; weights: [batch, length].
+  """
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def flatten_aux(auxes: dict[str, Any], field: str) -> dict[str, jax.Array]:
+  return {f"{block}/{k}": v for block, aux in auxes.items() for k, v in getattr(aux, field).items()}
+
+
+@dataclasses.dataclass
+class TrainState:
+  """Everything a train step needs: static graphdefs, sharded arrays, compiled steps."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  rules: Any
+  graphdef: Any                 # of (model, optimizer), train mode
+  eval_graphdef: Any            # of the model alone, eval mode
+  state: nnx.State              # arrays of (model, optimizer)
+  shardings: Any
+
+  @property
+  def step(self) -> int:
+    return int(self.state[1]["step"][...])
+
+  def model_state(self) -> nnx.State:
+    return self.state[0]
+
+  def model(self) -> Transformer:
+    """The model in eval mode, sharing arrays with the state."""
+    return nnx.merge(self.eval_graphdef, self.state[0])
+
+
+def _create(config: ml_collections.ConfigDict):
+  model = Transformer(config, rngs=nnx.Rngs(params=config.seed, router=config.seed + 1,
+                                            dropout=config.seed + 2))
+  return model, make_optimizer(config, model)
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh=None) -> TrainState:
+  """Initialises (model, optimizer) directly sharded on ``mesh``."""
+  mesh = mesh or make_mesh(config)
+  rules = axis_rules(config)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract = nnx.eval_shape(lambda: _create(config))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = nnx.get_named_sharding(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.split(_create(config))[1], out_shardings=shardings)()
+    model = abstract[0]
+    model.eval()
+    eval_graphdef = nnx.split(model)[0]
+  return TrainState(config, mesh, rules, graphdef, eval_graphdef, state, shardings)
+
+
+def make_train_step(ts: TrainState):
+  """jit(state, batch) -> (state, metrics). batch: dict of [batch, length] arrays."""
+  graphdef = ts.graphdef
+
+  def step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    mask = batch["weights"] > 0
+
+    def loss_fn(model):
+      logits, auxes = model(batch["inputs"], mask=mask)
+      loss_sum, weight_sum = lm_loss(logits, batch["targets"], batch["weights"])
+      loss = loss_sum / jnp.maximum(weight_sum, 1.0)
+      aux_loss = sum((a.total_loss() for a in auxes.values()), jnp.zeros((), jnp.float32))
+      metrics = {"loss": loss, "aux_loss": aux_loss, **flatten_aux(auxes, "metrics"),
+                 **{f"{k}_loss": v for k, v in flatten_aux(auxes, "losses").items()}}
+      return loss + aux_loss, metrics
+
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), metrics
+
+  batch_sh = sharding.batch_sharding(ts.mesh)
+  return jax.jit(step, in_shardings=(ts.shardings, batch_sh),
+                 out_shardings=(ts.shardings, sharding.replicated(ts.mesh)), donate_argnums=0)
+
+
+def make_eval_step(graphdef, model_shardings, mesh):
+  """jit(model_state, batch) -> sums: loss/weight/bytes sums and per-block expert counts."""
+
+  def step(model_state, batch):
+    model = nnx.merge(graphdef, model_state)
+    logits, auxes = model(batch["inputs"], mask=batch["weights"] > 0)
+    loss_sum, weight_sum = lm_loss(logits, batch["targets"], batch["weights"])
+    return {"loss_sum": loss_sum, "weight_sum": weight_sum,
+            "bytes_sum": jnp.sum(batch["num_bytes"] * batch["weights"]),
+            "counts": flatten_aux(auxes, "counts"), "metrics": flatten_aux(auxes, "metrics")}
+
+  return jax.jit(step, in_shardings=(model_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def device_batch(batch: dict, mesh) -> dict:
+  """This process's numpy batch -> global jax arrays sharded over (data, expert)."""
+  sh = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sh, v) for k, v in batch.items()}
