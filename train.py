@@ -7,16 +7,21 @@ With no arguments: the default small model on the built-in offline dataset
 Re-running the same command resumes from the latest checkpoint in --workdir.
 """
 
+import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from moejax.cli import check_config_overrides
 from moejax.errors import CheckpointError, ConfigError, DataError
 
-_DEFAULT = "configs/default.py"
+_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 FLAGS = flags.FLAGS
+if __name__ == "__main__":
+  # config_flags parses --config.* overrides right here; name unknown fields in one line first.
+  check_config_overrides(sys.argv)
 config_flags.DEFINE_config_file("config", _DEFAULT, "Config file (ml_collections).", lock_config=True)
 flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, metrics, export.")
 flags.DEFINE_string("coordinator", "", "host:port for jax.distributed (multi-host); '' = auto/none.")

@@ -1,8 +1,35 @@
-"""Input pipeline: TFDS (array_record) sources, tokenizers, packing, grain loaders."""
+"""Input pipeline: TFDS (array_record) sources, tokenizers, packing, grain loaders.
+
+  tokenizers.py  Tokenizer protocol, ByteTokenizer (default), SentencePieceTokenizer
+  local_text.py  the ``local_text`` TFDS builder over a directory of text files
+  pipeline.py    make_source, make_train_iterator, make_eval_iterator
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 import ml_collections
+
+if TYPE_CHECKING:
+  from moejax.data.pipeline import make_eval_iterator, make_source, make_train_iterator
+  from moejax.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, Tokenizer,
+                                      load_tokenizer)
+
+# Loaded on first use: grain + TFDS take ~1 s to import, and the config module
+# imports this package only for default_config/validate.
+_LAZY = {
+    "make_eval_iterator": "pipeline", "make_source": "pipeline", "make_train_iterator": "pipeline",
+    "ByteTokenizer": "tokenizers", "SentencePieceTokenizer": "tokenizers",
+    "Tokenizer": "tokenizers", "load_tokenizer": "tokenizers",
+}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    return getattr(importlib.import_module(f"moejax.data.{_LAZY[name]}"), name)
+  raise AttributeError(f"module 'moejax.data' has no attribute {name!r}")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -10,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
       "dataset": "local_text",   # any TFDS text dataset name (e.g. "c4/en:3.1.0", "lm1b"), read by tfds.data_source
       "data_dir": "",            # TFDS data_dir; "": ~/tensorflow_datasets (or $TFDS_DATA_DIR)
       "text_dir": "",            # local_text only: directory of text files; "": the Python standard library sources
+      "text_glob": "",           # local_text only: file name pattern; "": *.py for the stdlib, * elsewhere
       "text_key": "text",        # feature holding the text
       "train_split": "train",
       "eval_split": "validation",
@@ -30,3 +58,21 @@ def validate(cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict) 
     raise ConfigError(f"config.data.batch_size={cfg.batch_size!r}: must be >= 1 (set --config.data.batch_size=16)")
   if cfg.worker_count < 0:
     raise ConfigError(f"config.data.worker_count={cfg.worker_count!r}: must be >= 0 (set --config.data.worker_count=0)")
+  if not cfg.dataset.strip():
+    raise ConfigError("config.data.dataset='': must name a TFDS dataset (set --config.data.dataset=local_text)")
+  if not cfg.tokenizer.strip():
+    raise ConfigError("config.data.tokenizer='': must be \"byte\" or a SentencePiece .model path "
+                      "(set --config.data.tokenizer=byte)")
+  if not cfg.text_key.strip():
+    raise ConfigError("config.data.text_key='': must name the text feature (set --config.data.text_key=text)")
+  if not 0 <= cfg.seed < 2**32:
+    raise ConfigError(f"config.data.seed={cfg.seed!r}: must be in [0, 2**32) (set --config.data.seed=0)")
+  if cfg.text_dir and cfg.dataset != "local_text":
+    raise ConfigError(f"config.data.text_dir={cfg.text_dir!r}: only used by dataset local_text, "
+                      f"not {cfg.dataset!r} (unset it or set --config.data.dataset=local_text)")
+
+
+__all__ = [
+    "ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "default_config", "load_tokenizer",
+    "make_eval_iterator", "make_source", "make_train_iterator", "validate",
+]

@@ -110,7 +110,7 @@ def make_train_step(ts: TrainState):
       return loss + aux_loss, metrics
 
     (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), metrics
 

@@ -1,0 +1,64 @@
+"""Config validation: one-line errors that name the field and the fix."""
+
+import pytest
+
+from moejax import config as config_lib
+from moejax.errors import ConfigError
+
+
+def _error(mutate) -> str:
+  c = config_lib.default_config()
+  mutate(c)
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c)
+  message = str(e.value)
+  assert "\n" not in message
+  return message
+
+
+def test_default_is_valid():
+  config_lib.validate(config_lib.default_config())
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda c: setattr(c.model, "num_heads", 0), "config.model.num_heads"),
+    (lambda c: setattr(c.model, "ffn", "nope"), "config.model.ffn"),
+    (lambda c: setattr(c.model, "sparse_layers", "every:0"), "config.model.sparse_layers"),
+    (lambda c: setattr(c.model, "dtype", "float16"), "config.model.dtype"),
+    (lambda c: setattr(c.model, "head_dim", 7), "config.model.head_dim"),
+    (lambda c: setattr(c.optim, "lr", 0.0), "config.optim.lr"),
+    (lambda c: setattr(c.optim, "schedule", "step"), "config.optim.schedule"),
+    (lambda c: setattr(c.train, "steps", 0), "config.train.steps"),
+    (lambda c: setattr(c.mesh, "expert", 0), "config.mesh.expert"),
+    (lambda c: setattr(c.data, "seq_len", 1), "config.data.seq_len"),
+    (lambda c: setattr(c.dense, "activation", "tanh"), "config.dense.activation"),
+])
+def test_bad_value_names_field(mutate, field):
+  assert _error(mutate).startswith(field)
+
+
+def test_unknown_field():
+  def add(c):
+    c.model.num_expert = 4
+  message = _error(add)
+  assert message.startswith("config.model.num_expert: unknown field")
+  assert "num_heads" in message   # lists the known fields
+
+
+def test_wrong_type_in_saved_config():
+  with pytest.raises(ConfigError, match=r"^config.model.d_model='wide': must be int"):
+    config_lib.from_dict({"model": {"d_model": "wide"}})
+
+
+def test_round_trip_through_dict():
+  c = config_lib.default_config()
+  c.model.d_model = 64
+  assert config_lib.from_dict(c.to_dict()).model.d_model == 64
+  with pytest.raises(ConfigError):
+    config_lib.from_dict({"model": {"width": 3}})
+
+
+@pytest.mark.parametrize("spec", ["table_rows=,table_embed=model", "batch=data+expert"])
+def test_mesh_rules(spec):
+  rules = config_lib.parse_rules(spec)
+  assert rules.get("table_rows", 1) is None or rules.get("batch") == ("data", "expert")
