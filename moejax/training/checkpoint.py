@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -47,6 +48,19 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str)
             f"(use the same config to resume, or a new --workdir)")
 
 
+def _gather_json(value: Any) -> dict[str, Any]:
+  """{process index: value} on every process (values are small JSON objects)."""
+  if jax.process_count() == 1:
+    return {"0": value}
+  from jax.experimental import multihost_utils
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  size = int(np.max(multihost_utils.process_allgather(np.array([encoded.size]))))
+  padded = np.zeros(size, np.uint8)
+  padded[:encoded.size] = encoded
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), size)
+  return {str(i): json.loads(bytes(r).rstrip(b"\0").decode()) for i, r in enumerate(rows)}
+
+
 class Checkpointer:
   """Async, keep-N, resumable checkpoints of a TrainState and its data iterator."""
 
@@ -61,8 +75,9 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: nnx.State, data_state: Any, *, force: bool = False) -> bool:
+    """Saves ``state`` and every process's data-iterator state (each reads its own shard)."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state.to_pure_dict()),
-                              data=ocp.args.JsonSave(data_state))
+                              data=ocp.args.JsonSave(_gather_json(data_state)))
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, state: nnx.State, shardings, step: int | None = None) -> tuple[nnx.State, Any]:
@@ -77,7 +92,12 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this model "
                             f"({first}); use the config it was written with or a new --workdir") from e
     nnx.replace_by_pure_dict(state, restored["state"])
-    return state, restored["data"]
+    per_process = restored["data"]
+    if len(per_process) != jax.process_count():
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} was written by {len(per_process)} processes, this run has "
+          f"{jax.process_count()} (resume with the same number of hosts)")
+    return state, per_process[str(jax.process_index())]
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
