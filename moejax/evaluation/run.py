@@ -117,6 +117,9 @@ def format_table(report: dict) -> str:
     lines.append(f"{name:<28} {r['loss']:>8.4f} {r['perplexity']:>10.3f} {r['bits_per_byte']:>10.4f} "
                  f"{int(r['tokens']):>10d}")
   for name, r in report["datasets"].items():
-    for block, stats in r["experts"].items():
+    blocks = sorted({k.rpartition("/")[0] for k in r["metrics"]} | set(r["experts"]))
+    for block in blocks:
+      stats = {k.rpartition("/")[2]: v for k, v in r["metrics"].items() if k.startswith(block + "/")}
+      stats.update(r["experts"].get(block, {}))
       lines.append(f"  {name} {block}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(stats.items())))
   return "\n".join(lines)

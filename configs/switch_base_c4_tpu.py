@@ -1,0 +1,68 @@
+"""Switch-Base (128 experts) on C4, for a TPU v4/v5 pod slice (documented, not run in CI).
+
+Fedus et al. 2021, Switch-Base: T5-Base trunk (d_model 768, 12 layers, 12 heads × 64,
+d_ff 3072), a Switch layer (128 experts, top-1, capacity factor 1.25 train / 2.0 eval,
+balance loss 0.01, router z-loss 1e-3 as in ST-MoE, input jitter) in every other block,
+512-token sequences. Decoder-only here (moejax trains LMs), with the T5 SentencePiece
+vocabulary (32k).
+
+Mesh: experts over the 'expert' axis with explicit all_to_all (dispatch='expert_parallel'):
+on a v4-64 / v5p-64 slice (32 chips) mesh = data 2 × expert 16 (8 experts per chip);
+on 64 chips use --config.mesh.expert=32 (4 per chip). The batch is sharded over data ×
+expert outside the MoE layers; routing groups are sequences, so capacity per group is
+ceil(1.25 × 512 / 128) = 5 slots per expert and sequence.
+
+Data: TFDS c4/en:3.1.0 prepared as array_record (tfds build c4/en:3.1.0 --file_format=array_record)
+in a bucket; pass it and the tokenizer on the command line, e.g.
+
+  python train.py --config=configs/switch_base_c4_tpu.py --workdir=gs://YOUR_BUCKET/runs/switch_base \
+      --config.data.data_dir=gs://YOUR_BUCKET/tensorflow_datasets \
+      --config.data.tokenizer=gs://YOUR_BUCKET/spm/c4_32k.model
+"""
+
+import moejax.layers.moe  # noqa: F401  (registers 'moe' before default_config)
+from moejax.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model.update(dict(vocab_size=0, d_model=768, num_layers=12, num_heads=12, head_dim=64,
+                      d_ff=3072, dtype="bfloat16"))
+  c.model.sparse_ffn = "moe"
+  c.model.sparse_layers = "every:2:1"
+
+  c.moe.num_experts = 128
+  c.moe.top_k = 1
+  c.moe.router = "top_k"
+  c.moe.renormalize = False
+  c.moe.router_noise = "jitter"
+  c.moe.jitter_eps = 0.01
+  c.moe.capacity_factor_train = 1.25
+  c.moe.capacity_factor_eval = 2.0
+  c.moe.min_capacity = 4
+  c.moe.balance_loss_weight = 0.01
+  c.moe.z_loss_weight = 1e-3
+  c.moe.dispatch = "expert_parallel"
+
+  c.data.dataset = "c4/en:3.1.0"
+  c.data.data_dir = ""                      # gs://YOUR_BUCKET/tensorflow_datasets (placeholder)
+  c.data.tokenizer = "byte"                 # gs://YOUR_BUCKET/spm/c4_32k.model (placeholder)
+  c.data.text_key = "text"
+  c.data.eval_split = "validation"
+  c.data.seq_len = 512
+  c.data.batch_size = 256
+  c.data.worker_count = 8
+
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 10000
+  c.optim.schedule = "cosine"
+  c.train.steps = 100000
+  c.train.log_every = 100
+  c.train.eval_every = 2000
+  c.train.checkpoint_every = 2000
+
+  c.mesh.data = -1
+  c.mesh.expert = 16
+  c.mesh.model = 1
+  c.eval.datasets = "c4/en:3.1.0"
+  return c

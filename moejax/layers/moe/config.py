@@ -1,0 +1,99 @@
+"""The ``config.moe`` section: defaults and validation."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from moejax.errors import ConfigError
+from moejax.layers.dense import ACTIVATIONS
+
+ROUTERS = ("top_k", "expert_choice", "hash")
+ROUTER_SCORES = ("linear", "attention")
+SECOND_POLICIES = ("all", "sampling", "random")
+PRIORITIES = ("position", "batch")
+DISPATCHES = ("einsum", "dropless", "expert_parallel")
+DROPLESS_IMPLS = ("auto", "blocked", "ragged_dot", "gmm")
+NOISES = ("none", "jitter", "gaussian")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "num_experts": 8,
+      "top_k": 2,                    # experts per token (token choice and hash)
+      "router": "top_k",             # top_k (token choice) | expert_choice | hash
+      "router_scores": "linear",     # linear | attention (Yuan 2.0-M32 attention router)
+      "router_noise": "none",        # none | jitter (Switch) | gaussian (noisy top-k); train only
+      "jitter_eps": 0.01,            # jitter: x *= U(1-eps, 1+eps) on the router input
+      "second_policy": "all",        # slots 2..k in training: all | sampling | random (GShard)
+      "second_policy_eval": "all",   # the same in evaluation (deterministic by default)
+      "second_threshold": 0.5,       # random: keep slot i with prob min(1, renormalised gate / threshold)
+      "renormalize": True,           # combine weights renormalised over the chosen experts
+      "capacity_factor_train": 1.25,  # C = ceil(k * group_size * factor / E); <= 0: no dropping (C = S)
+      "capacity_factor_eval": 2.0,    # expert_choice: factor = average experts per token
+      "min_capacity": 4,
+      "group_size": 0,               # tokens per routing group; 0: one group per sequence
+      "priority": "position",        # capacity goes to: position (first tokens) | batch (BPR, top-1 prob)
+      "dispatch": "einsum",          # einsum (GShard masks) | dropless (sorted, grouped matmul) |
+                                     # expert_parallel (all_to_all in shard_map)
+      "dropless_impl": "auto",       # auto | blocked (CPU) | ragged_dot | gmm (megablox, TPU)
+      "dropless_block": 0,           # rows per block of the blocked path; 0: auto
+      "balance_loss_weight": 0.01,   # Switch load balancing loss weight
+      "z_loss_weight": 0.001,        # router z-loss weight
+      "d_ff": 0,                     # hidden size of each expert; 0: model.d_ff
+      "num_shared_experts": 0,       # DeepSeek-style experts every token uses (one FFN of n * d_ff)
+      "gated": False,                # GLU experts (SwiGLU with activation='silu')
+      "activation": "gelu",
+      "hash_seed": 0,                # seed of the fixed hash routing table / projection
+  })
+
+
+def _err(field, value, why, fix):
+  return ConfigError(f"config.moe.{field}={value!r}: {why} ({fix})")
+
+
+def validate(cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad ``config.moe`` field."""
+  choices = {"router": ROUTERS, "router_scores": ROUTER_SCORES, "router_noise": NOISES,
+             "second_policy": SECOND_POLICIES, "second_policy_eval": SECOND_POLICIES,
+             "priority": PRIORITIES, "dispatch": DISPATCHES, "dropless_impl": DROPLESS_IMPLS}
+  for field, allowed in choices.items():
+    if cfg[field] not in allowed:
+      raise _err(field, cfg[field], f"must be one of {list(allowed)}",
+                 f"set --config.moe.{field}={allowed[0]}")
+  if cfg.activation not in ACTIVATIONS:
+    raise _err("activation", cfg.activation, f"must be one of {sorted(ACTIVATIONS)}",
+               "set --config.moe.activation=gelu")
+  if cfg.num_experts < 1:
+    raise _err("num_experts", cfg.num_experts, "must be >= 1", "set --config.moe.num_experts=8")
+  if not 1 <= cfg.top_k <= cfg.num_experts:
+    raise _err("top_k", cfg.top_k, f"must be in [1, moe.num_experts={cfg.num_experts}]",
+               f"set --config.moe.top_k={min(2, cfg.num_experts)}")
+  for f in ("d_ff", "num_shared_experts", "group_size", "dropless_block", "min_capacity"):
+    if cfg[f] < 0:
+      raise _err(f, cfg[f], "must be >= 0", f"set --config.moe.{f}=0")
+  for f in ("balance_loss_weight", "z_loss_weight", "jitter_eps"):
+    if cfg[f] < 0:
+      raise _err(f, cfg[f], "must be >= 0", f"set --config.moe.{f}=0")
+  if cfg.second_threshold <= 0:
+    raise _err("second_threshold", cfg.second_threshold, "must be > 0",
+               "set --config.moe.second_threshold=0.5")
+  if cfg.router == "expert_choice":
+    for f in ("capacity_factor_train", "capacity_factor_eval"):
+      if cfg[f] <= 0:
+        raise _err(f, cfg[f], "expert_choice needs a capacity factor > 0 (average experts per token)",
+                   f"set --config.moe.{f}=2.0")
+    if cfg.dispatch == "dropless":
+      raise _err("dispatch", cfg.dispatch, "expert_choice is capacity-based, it has no dropless form",
+                 "set --config.moe.dispatch=einsum")
+  if cfg.router == "hash" and cfg.router_noise != "none":
+    raise _err("router_noise", cfg.router_noise, "hash routing has no router to add noise to",
+               "set --config.moe.router_noise=none")
+  seq_len = config.data.seq_len if "data" in config else None
+  if cfg.group_size and seq_len and (seq_len * config.data.batch_size) % cfg.group_size:
+    raise _err("group_size", cfg.group_size,
+               f"must divide data.batch_size * data.seq_len = {seq_len * config.data.batch_size}",
+               "set --config.moe.group_size=0 (one group per sequence)")
+  mesh = config.get("mesh")
+  if mesh is not None and mesh.expert > 1 and cfg.num_experts % mesh.expert:
+    raise _err("num_experts", cfg.num_experts, f"must be a multiple of mesh.expert={mesh.expert}",
+               f"set --config.moe.num_experts={mesh.expert * max(1, cfg.num_experts // mesh.expert)}")

@@ -1,0 +1,165 @@
+"""The sparse Mixture-of-Experts feed-forward layer (registered as FFN kind ``moe``).
+
+Flow of one call (B batch, L length, D embed, G groups, S tokens per group, E experts)::
+
+  x [B, L, D] -> groups [G, S, D] -> router logits [G, S, E] (float32)
+    -> plan (routing.py) -> dispatch (einsum | dropless | expert_parallel) -> [G, S, D]
+    -> + shared experts -> y [B, L, D],  aux (losses, metrics, counts['load'] [E])
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from moejax import sharding
+from moejax.layers.base import Aux, register_ffn
+from moejax.layers.dense import DenseFFN
+from moejax.layers.moe import config as moe_config
+from moejax.layers.moe import dispatch as dispatch_lib
+from moejax.layers.moe import losses
+from moejax.layers.moe import routing
+from moejax.layers.moe.experts import Experts
+
+
+class MoE(nnx.Module):
+  """Sparse MoE FFN. ``y, aux = moe(x, mask=mask)``, ``x, y: [batch, length, embed]``.
+
+  Train / eval follow ``model.train()`` / ``model.eval()`` (the ``deterministic``
+  attribute): capacity factor, router noise and the second-expert policy differ.
+  Randomness comes from the ``router`` stream of the ``rngs`` given at construction
+  (a fork of ``params`` if there is none), only when a random option is on.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, d_model: int, d_ff: int,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.num_experts = cfg.num_experts
+    self.top_k = cfg.top_k
+    self.router_kind = cfg.router
+    self.second_policy = cfg.second_policy
+    self.second_policy_eval = cfg.second_policy_eval
+    self.second_threshold = cfg.second_threshold
+    self.renormalize = cfg.renormalize
+    self.capacity_factor_train = cfg.capacity_factor_train
+    self.capacity_factor_eval = cfg.capacity_factor_eval
+    self.min_capacity = cfg.min_capacity
+    self.group_size = cfg.group_size
+    self.batch_priority = cfg.priority == "batch"
+    self.dispatch = cfg.dispatch
+    self.dropless_impl = cfg.dropless_impl
+    self.dropless_block = cfg.dropless_block
+    self.balance_loss_weight = cfg.balance_loss_weight
+    self.z_loss_weight = cfg.z_loss_weight
+    self.hash_seed = cfg.hash_seed
+    self.activation = cfg.activation
+    self.dtype = dtype
+    self.deterministic = False
+    expert_ff = cfg.d_ff or d_ff
+    self.router = (None if cfg.router == "hash" else
+                   routing.RouterScores(d_model, cfg.num_experts, kind=cfg.router_scores,
+                                        noise=cfg.router_noise, jitter_eps=cfg.jitter_eps,
+                                        rngs=rngs))
+    self.experts = Experts(cfg.num_experts, d_model, expert_ff, gated=cfg.gated,
+                           activation=cfg.activation, rngs=rngs)
+    self.shared = (DenseFFN(d_model, expert_ff * cfg.num_shared_experts, activation=cfg.activation,
+                            gated=cfg.gated, dtype=dtype, rngs=rngs)
+                   if cfg.num_shared_experts else None)
+    random = (cfg.router_noise != "none" or
+              (cfg.router == "top_k" and cfg.top_k > 1 and
+               {cfg.second_policy, cfg.second_policy_eval} & {"sampling", "random"}))
+    if random:
+      stream = "router" if "router" in rngs else "params"
+      self.rngs = rngs[stream].fork()
+    else:
+      self.rngs = nnx.data(None)
+
+  def _capacity(self, group_size: int, train: bool) -> int | None:
+    if self.dispatch == "dropless":
+      return None
+    factor = self.capacity_factor_train if train else self.capacity_factor_eval
+    k = 1 if self.router_kind == "expert_choice" else self.top_k
+    return routing.capacity(group_size, self.num_experts, k, factor, self.min_capacity)
+
+  def route(self, xg: jax.Array, mask: jax.Array, token_ids: jax.Array | None = None):
+    """``xg [G, S, D]``, ``mask [G, S]`` -> (plan, logits ``[G, S, E]`` or None)."""
+    train = not self.deterministic
+    s = xg.shape[1]
+    cap = self._capacity(s, train)
+    policy = self.second_policy if train else self.second_policy_eval
+    needs_rng = ((train and self.router is not None and self.router.noise != "none") or
+                 (self.router_kind == "top_k" and self.top_k > 1 and policy != "all"))
+    rng = self.rngs() if needs_rng else None
+    if self.router_kind == "hash":
+      idx = routing.hash_experts(xg, token_ids, num_experts=self.num_experts, k=self.top_k,
+                                 seed=self.hash_seed)
+      return routing.hash_route(idx, mask, num_experts=self.num_experts, capacity=cap), None
+    if rng is not None:
+      rng, noise_rng = jax.random.split(rng)
+    else:
+      noise_rng = None
+    logits = self.router(xg, train=train, rng=noise_rng)
+    if self.router_kind == "expert_choice":
+      return routing.expert_choice_route(logits, mask, capacity=cap), logits
+    plan = routing.top_k_route(logits, mask, k=self.top_k, capacity=cap,
+                               renormalize=self.renormalize, second_policy=policy,
+                               second_threshold=self.second_threshold,
+                               batch_priority=self.batch_priority, rng=rng)
+    return plan, logits
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               token_ids: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+    """Args:
+      x: ``[batch, length, embed]``.
+      mask: bool ``[batch, length]`` real tokens (padding is not routed, takes no
+        capacity, counts in no statistic, and gets a zero expert output).
+      token_ids: optional int ``[batch, length]``, used only by ``router='hash'`` (the
+        Transformer does not pass them; without them hash routing hashes a fixed random
+        projection of ``x``).
+
+    Returns:
+      ``y [batch, length, embed]`` and an :class:`Aux`.
+    """
+    b, l, d = x.shape
+    x = x.astype(self.dtype)
+    mask = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
+    s = self.group_size or l
+    g = b * l // s
+    xg = sharding.constrain(x.reshape(g, s, d), ("groups", None, "embed"))
+    mg = mask.reshape(g, s)
+    tg = None if token_ids is None else token_ids.reshape(g, s)
+    plan, logits = self.route(xg, mg, tg)
+
+    weights = self.experts.weights(self.dtype)
+    if self.dispatch == "dropless":
+      y = dispatch_lib.dropless_dispatch(xg, plan, weights, self.activation,
+                                         impl=self.dropless_impl, block=self.dropless_block)
+    elif self.dispatch == "expert_parallel":
+      y = dispatch_lib.expert_parallel_dispatch(xg, plan, weights, self.activation)
+    else:
+      y = dispatch_lib.einsum_dispatch(xg, plan, weights, self.activation)
+    y = sharding.constrain(y, ("groups", None, "embed")).reshape(b, l, d)
+    if self.shared is not None:
+      y = y + self.shared(x, mask=mask)[0]
+    return y.astype(self.dtype), self._aux(plan, logits, mg)
+
+  def _aux(self, plan, logits, mask) -> Aux:
+    load = plan.load()
+    probs = None if logits is None else jax.nn.softmax(logits, axis=-1)
+    metrics = losses.routing_metrics(load, plan.token_kept(), mask, probs)
+    aux_losses = {}
+    if logits is not None:
+      z = losses.z_loss(logits, mask)
+      metrics["z_loss"] = z
+      aux_losses["z_loss"] = self.z_loss_weight * z
+      bal = losses.load_balance_loss(probs, plan.routed_fraction(), mask)
+      metrics["balance_loss"] = bal
+      if self.router_kind == "top_k":  # expert choice is balanced by construction
+        aux_losses["load_balance"] = self.balance_loss_weight * bal
+    return Aux(losses=aux_losses, metrics=metrics, counts={"load": load})
+
+
+@register_ffn("moe", default_config=moe_config.default_config, validate=moe_config.validate)
+def build(cfg, *, d_model, d_ff, dtype, rngs):
+  return MoE(cfg, d_model=d_model, d_ff=d_ff, dtype=dtype, rngs=rngs)
