@@ -65,12 +65,12 @@ def evaluate(path: str, *, datasets: list[str] | None = None, split: str | None 
   names = datasets or [n for n in config.eval.datasets.split(",") if n] or [config.data.dataset]
   split = split or config.eval.split
   max_batches = config.eval.max_batches if max_batches is None else max_batches
-  eval_step = state_lib.make_eval_step(ts.eval_graphdef, ts.shardings[0], ts.mesh)
+  eval_step = state_lib.make_eval_step(ts.eval_graphdef, ts.shardings[0], ts.mesh, ts.rules)
   out_dir = out_dir or os.path.join(locate(path)[1], "eval")
   os.makedirs(out_dir, exist_ok=True)
 
   results = {}
-  with jax.set_mesh(ts.mesh):
+  with jax.set_mesh(ts.mesh), nnx.logical_axis_rules(ts.rules):
     for name in names:
       batches = data.make_eval_iterator(config.data, tokenizer, dataset=name, split=split,
                                         max_batches=max_batches, process_index=jax.process_index(),

@@ -16,6 +16,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from moejax import config as config_lib
 from moejax import data
@@ -90,7 +91,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("resumed from step %d", start)
 
   train_step = state_lib.make_train_step(ts)
-  eval_step = state_lib.make_eval_step(ts.eval_graphdef, ts.shardings[0], ts.mesh)
+  eval_step = state_lib.make_eval_step(ts.eval_graphdef, ts.shardings[0], ts.mesh, ts.rules)
   writer = MetricWriter(workdir)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ts.state[0]))
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -111,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last, window_start, window_steps = {}, time.perf_counter(), 0
   eval_result = None
   step = start
-  with jax.set_mesh(ts.mesh):
+  with jax.set_mesh(ts.mesh), nnx.logical_axis_rules(ts.rules):
     while step < t.steps:
       if t.profile and step == t.profile_start:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))

@@ -9,6 +9,7 @@ serves 1 device or a pod slice alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -92,10 +93,24 @@ def create_train_state(config: ml_collections.ConfigDict, mesh=None) -> TrainSta
   return TrainState(config, mesh, rules, graphdef, eval_graphdef, state, shardings)
 
 
+def _in_context(mesh, rules):
+  """Traces ``fn`` under ``mesh`` and the logical rules, whoever calls it and from where."""
+
+  def wrap(fn):
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+        return fn(*args)
+    return wrapped
+
+  return wrap
+
+
 def make_train_step(ts: TrainState):
   """jit(state, batch) -> (state, metrics). batch: dict of [batch, length] arrays."""
   graphdef = ts.graphdef
 
+  @_in_context(ts.mesh, ts.rules)
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     mask = batch["weights"] > 0
@@ -119,9 +134,10 @@ def make_train_step(ts: TrainState):
                  out_shardings=(ts.shardings, sharding.replicated(ts.mesh)), donate_argnums=0)
 
 
-def make_eval_step(graphdef, model_shardings, mesh):
+def make_eval_step(graphdef, model_shardings, mesh, rules):
   """jit(model_state, batch) -> sums: loss/weight/bytes sums and per-block expert counts."""
 
+  @_in_context(mesh, rules)
   def step(model_state, batch):
     model = nnx.merge(graphdef, model_state)
     logits, auxes = model(batch["inputs"], mask=batch["weights"] > 0)

@@ -1,0 +1,62 @@
+"""PEER on C4 with the paper's settings, for a TPU VM (documented, not run in CI).
+
+He 2024 ("Mixture of A Million Experts"): batch 128 × 2048 tokens, PEER replaces only the
+FFW of the middle block (block 6 of 12), N = 1024² experts, h = 8 heads, k = 16, query
+BatchNorm. The paper does not give widths (they vary along isoFLOP curves), d_key, init or
+optimizer; here a ~GPT-2-small trunk (12 × 768) and d_key = 128. Steps: ≈ a 6e18-FLOP budget
+for this trunk (6 · ~1.1e8 active params · 128 · 2048 tokens/step · 35k steps ≈ 6e18).
+
+Data: TFDS 'c4/en:3.1.0' prepared as array_record, e.g.
+  --config.data.data_dir=gs://YOUR_BUCKET/tensorflow_datasets
+and a SentencePiece model (32k), e.g. --config.data.tokenizer=gs://YOUR_BUCKET/spm/c4_32k.model
+
+Tables: 2 × 1024² × 768 float32 = 6.4 GB (+ 2× that for Adam); by default their rows are
+sharded over the 'expert' mesh axis. For equal work per shard whatever rows are picked,
+shard them by feature instead: --config.mesh.rules=table_rows=,table_embed=model with a
+'model' axis (Meta memory layers do this).
+
+  python train.py --config=configs/peer_c4_tpu.py --workdir=gs://YOUR_BUCKET/runs/peer_c4
+"""
+
+import moejax.layers.peer  # noqa: F401  (registers 'peer' before default_config)
+from moejax.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model.update(dict(vocab_size=0, d_model=768, num_layers=12, num_heads=12, head_dim=64,
+                      d_ff=3072, dtype="bfloat16"))
+  c.model.sparse_ffn = "peer"
+  c.model.sparse_layers = "middle"          # block 6 of 12
+
+  c.peer.num_experts_sqrt = 1024            # N = 1024² = 1,048,576 experts
+  c.peer.heads = 8
+  c.peer.top_k = 16
+  c.peer.d_key = 128
+  c.peer.activation = "gelu"
+  c.peer.score = "softmax"
+  c.peer.query_norm = "batch"               # paper default (global batch statistics)
+
+  c.data.dataset = "c4/en:3.1.0"
+  c.data.data_dir = ""                      # gs://YOUR_BUCKET/tensorflow_datasets
+  c.data.tokenizer = "byte"                 # gs://YOUR_BUCKET/spm/c4_32k.model
+  c.data.text_key = "text"
+  c.data.eval_split = "validation"
+  c.data.seq_len = 2048
+  c.data.batch_size = 128
+  c.data.worker_count = 8
+
+  c.optim.lr = 1e-3
+  c.optim.table_lr = 1e-3
+  c.optim.warmup_steps = 2000
+  c.optim.schedule = "cosine"
+  c.train.steps = 35000
+  c.train.log_every = 100
+  c.train.eval_every = 2000
+  c.train.checkpoint_every = 2000
+
+  c.mesh.data = -1
+  c.mesh.expert = 4                         # table rows over 4 devices (see docstring)
+  c.mesh.model = 1
+  c.eval.datasets = "c4/en:3.1.0"
+  return c

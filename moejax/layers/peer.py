@@ -1,0 +1,164 @@
+"""PEER: Parameter Efficient Expert Retrieval ("Mixture of A Million Experts", He 2024).
+
+N = n² experts, expert i a single hidden neuron ``e_i(x) = σ(u_iᵀx)·v_i``. Each of h heads
+has its own query projection; all heads share one product-key set (two sub-key sets
+``[n, d_key/2]``; ``per_head_keys`` gives each head its own) and one expert pool
+(``per_head_experts`` gives each head its own N experts, as PEER-pytorch can). A head
+retrieves its k best experts by product keys, weights them with ``softmax`` over the k
+scores (paper) or ``sigmoid``; head outputs are summed::
+
+    y = Σ_h Σ_{i ∈ topk_h(x)} g_{h,i}(x) · σ(u_iᵀ x) · v_i
+
+Compute follows the paper's einsums (``bld,blhkd->blhk``, σ, × g, ``blhk,blhkd->bld``)
+through :func:`~moejax.layers.product_keys.table_mix` (custom-VJP gathered contractions; under
+a mesh a ``shard_map`` that keeps row- or feature-sharded tables local, see there).
+
+Memory (b·l = tokens T): materialised are the per-head queries ``[T, h, d_key]``, the
+half-scores ``[T, h, n]`` (×2), candidates ``[T, h, ~k ln k]``, scores / indices / activations
+``[T, h, k]``, and ONE gathered row tensor ``[T, h, k, d]`` at a time: forward gathers the u
+rows, contracts them, drops them, then gathers the v rows (XLA:CPU measured: 2 such
+tensors of temp memory in the forward, ~4 in fwd+bwd). Nothing of size ``[T, h, k, d]``
+is saved for the backward pass (custom VJPs regather the rows); the backward builds one
+``[T, h, k, d]`` row-gradient per table and scatter-adds it into a dense ``[N, d]`` table
+gradient (a plain-JAX optimizer needs the dense gradient anyway). A fused gather+einsum
+kernel (as the paper notes) would remove the ``[T, h, k, d]`` tensors altogether.
+
+Initialisation (x is assumed to have ~unit-variance components, as after the block's
+pre-norm):
+  * query projection and sub-keys: see :class:`~moejax.layers.product_keys.ProductKeyQuery`.
+  * u ~ N(0, u_init_scale² / d_model): the pre-activation u_iᵀx is ~N(0, 1), as for the
+    first matrix of a LeCun-initialised dense FFN.
+  * v ~ N(0, v_init_scale² · c): chosen so the layer's initial output variance per
+    component ≈ E[σ(a)²], which is what a dense FFN with LeCun init gives
+    (Var(y_j) = d_ff · E[σ(a)²] · 1/d_ff). For PEER, Var(y_j) = E[σ(a)²] · Var(v) · Σ_h Σ_k g²
+    (distinct experts, independent rows). Softmax scores over k that are roughly flat at init
+    give Σ_k g² ≈ 1/k per head, so c = k / h; sigmoid scores of the top keys are ≈ 1,
+    Σ_h Σ_k g² ≈ h·k, so c = 1 / (h·k) — exactly a LeCun output layer of a dense FFN with h·k
+    hidden units. (PEER-pytorch uses N(0, 1) for both tables, which makes the initial
+    output ~√(d_model) times too large; XLM PKM uses N(0, 1/d).)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from moejax import sharding
+from moejax.layers import product_keys as pk
+from moejax.layers.base import Aux, TableParam, register_ffn
+
+ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}
+SCORES = ("softmax", "sigmoid")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The paper's PEER settings (N = 1024², h = 8, k = 16, query BN); set the size in configs."""
+  return ml_collections.ConfigDict({
+      "num_experts_sqrt": 1024,  # n; N = n² experts
+      "heads": 8,                # h retrieval heads (own query projections), outputs summed
+      "top_k": 16,               # k experts per head; active experts per token = h·k
+      "d_key": 128,              # query / product-key dim (even); not given by the paper
+      "activation": "gelu",      # gelu | relu
+      "score": "softmax",        # softmax (over the k retrieved, paper) | sigmoid
+      "query_norm": "batch",     # batch (paper) | layer (causal-safe) | none
+      "per_head_keys": False,    # each head its own sub-keys (paper: shared)
+      "per_head_experts": False,  # each head its own N experts (paper: shared pool)
+      "bn_momentum": 0.99,       # running-stat momentum of query BatchNorm
+      "norm_epsilon": 1e-5,      # BatchNorm / LayerNorm epsilon
+      "query_init_scale": 1.0,   # query projection std × √d_model
+      "key_init_scale": 1.0,     # sub-key std × √(d_key/2)
+      "u_init_scale": 1.0,       # u std × √d_model
+      "v_init_scale": 1.0,       # multiplier of the variance-matching v std (see peer.py)
+  })
+
+
+def validate(cfg, config):
+  from moejax.errors import ConfigError
+  pk.validate_common("peer", cfg, n_field="num_experts_sqrt")
+  if cfg.activation not in ACTIVATIONS:
+    raise ConfigError(f"config.peer.activation={cfg.activation!r}: must be one of "
+                      f"{sorted(ACTIVATIONS)} (set --config.peer.activation=gelu)")
+  if cfg.score not in SCORES:
+    raise ConfigError(f"config.peer.score={cfg.score!r}: must be one of {list(SCORES)} "
+                      "(set --config.peer.score=softmax)")
+
+
+def v_init_std(heads: int, top_k: int, score: str, scale: float = 1.0) -> float:
+  """Std of v that makes the initial output variance ≈ a LeCun dense FFN's (see module doc)."""
+  c = top_k / heads if score == "softmax" else 1.0 / (heads * top_k)
+  return scale * math.sqrt(c)
+
+
+class PEER(nnx.Module):
+  """PEER layer: ``y, aux = peer(x, mask=mask)`` with x, y ``[batch, length, d_model]``.
+
+  ``aux.counts['score_sum']`` ``[N]`` (``[h·N]`` with per_head_experts): router scores summed
+  per expert over this batch's real tokens. ``aux.metrics``: ``experts_hit_frac`` (fraction of
+  experts with a non-zero score sum in this batch), ``max_score`` (mean over tokens and
+  heads of the largest router score), ``score_entropy`` (mean entropy of softmax scores).
+  """
+
+  def __init__(self, d_model: int, *, num_experts_sqrt: int, heads: int = 8, top_k: int = 16,
+               d_key: int = 128, activation: str = "gelu", score: str = "softmax",
+               query_norm: str = "batch", per_head_keys: bool = False,
+               per_head_experts: bool = False, bn_momentum: float = 0.99,
+               norm_epsilon: float = 1e-5, query_init_scale: float = 1.0,
+               key_init_scale: float = 1.0, u_init_scale: float = 1.0, v_init_scale: float = 1.0,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    if activation not in ACTIVATIONS or score not in SCORES:
+      raise ValueError(f"activation={activation!r} / score={score!r}")
+    self.retrieval = pk.ProductKeyQuery(
+        d_model, num_keys_sqrt=num_experts_sqrt, heads=heads, top_k=top_k, d_key=d_key,
+        per_head_keys=per_head_keys, query_norm=query_norm, bn_momentum=bn_momentum,
+        norm_epsilon=norm_epsilon, query_init_scale=query_init_scale,
+        key_init_scale=key_init_scale, dtype=dtype, rngs=rngs)
+    self.num_experts = num_experts_sqrt ** 2
+    self.heads, self.top_k = heads, top_k
+    self.per_head_experts = per_head_experts
+    rows = self.num_experts * (heads if per_head_experts else 1)
+    names = ("table_rows", "table_embed")
+    u_std = u_init_scale / math.sqrt(d_model)
+    v_std = v_init_std(heads, top_k, score, v_init_scale)
+    self.u = sharding.param(u_std * jax.random.normal(rngs.params(), (rows, d_model), jnp.float32),
+                            names, kind=TableParam)
+    self.v = sharding.param(v_std * jax.random.normal(rngs.params(), (rows, d_model), jnp.float32),
+                            names, kind=TableParam)
+    self.activation, self.score = activation, score
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+    raw, idx = self.retrieval(x, mask)                     # [b, l, h, k] float32 / int32
+    g = jax.nn.softmax(raw, axis=-1) if self.score == "softmax" else jax.nn.sigmoid(raw)
+    if self.per_head_experts:
+      idx = idx + (jnp.arange(self.heads, dtype=idx.dtype) * self.num_experts)[:, None]
+    x = x.astype(self.dtype)
+    # bld,blhkd->blhk; σ; × g; blhk,blhkd->bld
+    y = pk.table_mix(x, idx, g.astype(self.dtype), down=self.u[...], up=self.v[...],
+                     activation=ACTIVATIONS[self.activation])
+    y = sharding.constrain(y, ("batch", "length", "embed"))
+
+    sums = pk.score_sum(idx, g, self.u.shape[0], mask)
+    ent = -jnp.sum(g * jnp.log(jnp.maximum(g, 1e-30)), axis=-1) if self.score == "softmax" \
+        else jnp.zeros(g.shape[:-1])
+    metrics = {
+        "experts_hit_frac": jnp.mean((sums > 0).astype(jnp.float32)),
+        "max_score": pk.masked_mean(jax.lax.stop_gradient(g[..., 0]), mask),  # g is sorted
+        "score_entropy": pk.masked_mean(jax.lax.stop_gradient(ent), mask),
+    }
+    return y, Aux(metrics=metrics, counts={"score_sum": sums})
+
+
+@register_ffn("peer", default_config=default_config, validate=validate)
+def build(cfg, *, d_model, d_ff, dtype, rngs):
+  del d_ff  # PEER's width is h·k single-neuron experts, not d_ff
+  return PEER(d_model, num_experts_sqrt=cfg.num_experts_sqrt, heads=cfg.heads, top_k=cfg.top_k,
+              d_key=cfg.d_key, activation=cfg.activation, score=cfg.score,
+              query_norm=cfg.query_norm, per_head_keys=cfg.per_head_keys,
+              per_head_experts=cfg.per_head_experts, bn_momentum=cfg.bn_momentum,
+              norm_epsilon=cfg.norm_epsilon, query_init_scale=cfg.query_init_scale,
+              key_init_scale=cfg.key_init_scale, u_init_scale=cfg.u_init_scale,
+              v_init_scale=cfg.v_init_scale, dtype=dtype, rngs=rngs)

@@ -1,0 +1,102 @@
+"""Product Key Memory (Lample et al. 2019), the PEER paper's PKM baseline.
+
+N = n² value slots ``[N, d_model]`` (a ``TableParam``). Each of h heads has its own query
+projection and (by default, as in the PKM paper) its own sub-keys; all heads share the
+values. A head reads its k best slots, weighted by softmax over their k scores; head
+outputs are summed::
+
+    y = Σ_h Σ_{i ∈ topk_h(x)} softmax_h(s)_i · value_i
+
+Retrieval is :class:`~moejax.layers.product_keys.ProductKeyQuery` (shared with PEER). The
+read is :func:`~moejax.layers.product_keys.gather_weighted_sum`: the forward materialises
+one ``[T, h, k, d]`` gathered tensor (transient, like XLM's EmbeddingBag avoids even that)
+and saves none for the backward, which regathers and scatter-adds one ``[T, h, k, d]``
+row-gradient into a dense ``[N, d]`` gradient.
+
+Init: values ~ N(0, value_init_scale² · k / h). With roughly flat softmax weights at init
+Σ_k g² ≈ 1/k per head, so Var(y_j) ≈ Var(value) · h / k ≈ value_init_scale²: an output of
+unit-order variance, comparable to a LeCun dense FFN's (E[σ(a)²] ≈ 0.4–0.5). (XLM uses
+N(0, 1/d), which starts the memory ~d·k/h times quieter.) Query projection and sub-keys: see
+``ProductKeyQuery``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from moejax import sharding
+from moejax.layers import product_keys as pk
+from moejax.layers.base import Aux, TableParam, register_ffn
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The PEER paper's PKM baseline (1024² memories, h = 8, k = 32, query BN)."""
+  return ml_collections.ConfigDict({
+      "num_keys_sqrt": 1024,     # n; N = n² value slots of size d_model
+      "heads": 8,
+      "top_k": 32,
+      "d_key": 128,              # even
+      "query_norm": "batch",     # batch (paper) | layer (causal-safe) | none
+      "per_head_keys": True,     # PKM: each head its own sub-keys
+      "bn_momentum": 0.99,
+      "norm_epsilon": 1e-5,
+      "query_init_scale": 1.0,
+      "key_init_scale": 1.0,
+      "value_init_scale": 1.0,   # value std = value_init_scale · √(k/h)
+  })
+
+
+def validate(cfg, config):
+  pk.validate_common("pkm", cfg, n_field="num_keys_sqrt")
+
+
+class PKM(nnx.Module):
+  """``y, aux = pkm(x, mask=mask)``; x, y ``[batch, length, d_model]``.
+
+  ``aux.counts['score_sum']`` ``[N]``: softmax weights summed per slot over real tokens.
+  ``aux.metrics``: ``slots_hit_frac``, ``max_score``.
+  """
+
+  def __init__(self, d_model: int, *, num_keys_sqrt: int, heads: int = 8, top_k: int = 32,
+               d_key: int = 128, query_norm: str = "batch", per_head_keys: bool = True,
+               bn_momentum: float = 0.99, norm_epsilon: float = 1e-5,
+               query_init_scale: float = 1.0, key_init_scale: float = 1.0,
+               value_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.retrieval = pk.ProductKeyQuery(
+        d_model, num_keys_sqrt=num_keys_sqrt, heads=heads, top_k=top_k, d_key=d_key,
+        per_head_keys=per_head_keys, query_norm=query_norm, bn_momentum=bn_momentum,
+        norm_epsilon=norm_epsilon, query_init_scale=query_init_scale,
+        key_init_scale=key_init_scale, dtype=dtype, rngs=rngs)
+    self.num_slots = num_keys_sqrt ** 2
+    std = value_init_scale * math.sqrt(top_k / heads)
+    self.values = sharding.param(
+        std * jax.random.normal(rngs.params(), (self.num_slots, d_model), jnp.float32),
+        ("table_rows", "table_embed"), kind=TableParam)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+    raw, idx = self.retrieval(x, mask)
+    g = jax.nn.softmax(raw, axis=-1)
+    y = pk.table_mix(None, idx, g.astype(self.dtype), up=self.values[...])
+    y = sharding.constrain(y, ("batch", "length", "embed"))
+    sums = pk.score_sum(idx, g, self.num_slots, mask)
+    metrics = {
+        "slots_hit_frac": jnp.mean((sums > 0).astype(jnp.float32)),
+        "max_score": pk.masked_mean(jax.lax.stop_gradient(g[..., 0]), mask),
+    }
+    return y, Aux(metrics=metrics, counts={"score_sum": sums})
+
+
+@register_ffn("pkm", default_config=default_config, validate=validate)
+def build(cfg, *, d_model, d_ff, dtype, rngs):
+  del d_ff
+  return PKM(d_model, num_keys_sqrt=cfg.num_keys_sqrt, heads=cfg.heads, top_k=cfg.top_k,
+             d_key=cfg.d_key, query_norm=cfg.query_norm, per_head_keys=cfg.per_head_keys,
+             bn_momentum=cfg.bn_momentum, norm_epsilon=cfg.norm_epsilon,
+             query_init_scale=cfg.query_init_scale, key_init_scale=cfg.key_init_scale,
+             value_init_scale=cfg.value_init_scale, dtype=dtype, rngs=rngs)

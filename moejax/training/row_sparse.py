@@ -1,0 +1,70 @@
+"""Row-sparse ("lazy") Adam for big row-addressed tables (PEER experts, PKM values).
+
+A step of a PEER layer touches at most ``tokens · h · k`` of its N table rows. Dense
+Adam still reads and writes all N rows of the table and of both moments every step
+(and the gradient arrives as a dense ``[N, d]`` scatter), so its cost grows with N.
+Lazy Adam — as in XLM's sparse PKM values and ``torch.optim.SparseAdam`` — updates
+only the rows retrieved in the step:
+
+* gradients arrive as ``(indices [M], row_grads [M, d])`` (M = tokens · h · k, one
+  row per retrieval; duplicates are summed here);
+* for those rows only: ``m = b1·m + (1-b1)·g``, ``v = b2·v + (1-b2)·g²``,
+  ``row -= lr · m̂ / (√v̂ + eps)`` with the bias correction of the global step;
+* every other row, and its moments, is left as it is.
+
+How it differs from dense Adam: an untouched row's moments do not decay and it
+does not keep moving on its old momentum; when it is next retrieved its moments
+pick up where they were. After the first step the two agree only on rows that
+were touched every step. Cost: O(M·d + M log M) per table, independent of N
+(the table and moments are updated in place when donated).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dedupe_rows(indices: jax.Array, row_grads: jax.Array, num_rows: int
+                ) -> tuple[jax.Array, jax.Array]:
+  """Sums gradients of repeated rows.
+
+  Args:
+    indices: [M] int row ids (any order, repeats allowed).
+    row_grads: [M, d].
+    num_rows: N; used as the fill id of unused slots (out of range, so dropped on write).
+
+  Returns:
+    unique ids [M] (padded with N) and their summed gradients [M, d] (zeros in padding).
+  """
+  m = indices.shape[0]
+  unique, inverse = jnp.unique(indices, size=m, fill_value=num_rows, return_inverse=True)
+  summed = jax.ops.segment_sum(row_grads, inverse.reshape(-1), num_segments=m)
+  return unique, summed
+
+
+def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, indices: jax.Array,
+                   row_grads: jax.Array, *, count: jax.Array, lr: jax.Array, b1: float, b2: float,
+                   eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One lazy-Adam step on the rows named by ``indices``.
+
+  Args:
+    table, mu, nu: [N, d] parameter and first / second moments.
+    indices: [...] row ids retrieved this step; row_grads: [..., d] their gradients.
+    count: the 1-based global step (bias correction); lr: this step's learning rate.
+
+  Returns:
+    the new (table, mu, nu).
+  """
+  n, d = table.shape
+  unique, g = dedupe_rows(indices.reshape(-1), row_grads.reshape(-1, d).astype(jnp.float32), n)
+  m_rows = b1 * mu.at[unique].get(mode="fill", fill_value=0) + (1 - b1) * g
+  v_rows = b2 * nu.at[unique].get(mode="fill", fill_value=0) + (1 - b2) * g * g
+  count = count.astype(jnp.float32)
+  m_hat = m_rows / (1 - b1 ** count)
+  v_hat = v_rows / (1 - b2 ** count)
+  rows = table.at[unique].get(mode="fill", fill_value=0)
+  new_rows = rows - lr * m_hat / (jnp.sqrt(v_hat) + eps)
+  return (table.at[unique].set(new_rows.astype(table.dtype), mode="drop"),
+          mu.at[unique].set(m_rows.astype(mu.dtype), mode="drop"),
+          nu.at[unique].set(v_rows.astype(nu.dtype), mode="drop"))
