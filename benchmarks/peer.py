@@ -9,6 +9,8 @@ Prints two tables, every row measured in this run on this device (median of --it
 2. fwd+bwd tokens/s (gradients w.r.t. the input and every parameter, tables included) of a
    PEER layer at N = 128², 256², 512², 1024² and of a dense FFN with equal active expert
    FLOPs (h·k hidden units), and their ratio; optionally a PKM layer.
+3. The whole train step of a small LM with a PEER block at the same N, with dense optax
+   Adam on the tables vs row-sparse lazy Adam (``optim.table_update``), and their ratio.
 
   python benchmarks/peer.py                 # CPU, about 2 minutes
   python benchmarks/peer.py --small         # fewer tokens, N up to 512²
@@ -150,12 +152,56 @@ def bench_layers(a):
           f"{tokens / t:,.0f} | {t_dense / t:.3f} |")
 
 
+def bench_train_step(a):
+  """Whole train step of a 2-block LM with PEER in block 1: dense vs row-sparse table updates."""
+  import numpy as np
+  from moejax import config as config_lib
+  from moejax.training import state as state_lib
+
+  def make(n, update):
+    c = config_lib.default_config()
+    c.model.update(vocab_size=258, d_model=a.d_model, num_layers=2, num_heads=4,
+                   head_dim=a.d_model // 4, d_ff=4 * a.d_model, sparse_ffn="peer", sparse_layers="1",
+                   dtype=a.dtype)
+    c.peer.update(num_experts_sqrt=n, heads=a.heads, top_k=a.top_k, d_key=a.d_key,
+                  query_norm=a.query_norm)
+    c.data.update(batch_size=a.batch, seq_len=a.length)
+    c.optim.update(table_update=update, warmup_steps=0)
+    c.mesh.data = 1
+    ts = state_lib.create_train_state(c)
+    step = state_lib.make_train_step(ts)
+    rng = np.random.default_rng(0)
+    tok = rng.integers(2, 258, size=(a.batch, a.length + 1)).astype(np.int32)
+    ones = np.ones((a.batch, a.length), np.float32)
+    batch = state_lib.device_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": ones,
+                                    "num_bytes": ones}, ts.mesh)
+    holder = {"state": ts.state}
+
+    def run():
+      holder["state"], m = step(holder["state"], batch)
+      return m
+    return run
+
+  tokens = a.batch * a.length
+  print(f"\n## Train step (2-block LM, PEER in block 1, AdamW), {tokens} tokens, "
+        f"d_model = {a.d_model}, h = {a.heads}, k = {a.top_k}")
+  print("dense: optax Adam over whole [N, d] tables; row_sparse: lazy Adam on retrieved rows only")
+  print("| N | dense ms | row_sparse ms | dense tokens/s | row_sparse tokens/s | speed-up |")
+  print("|---|---|---|---|---|---|")
+  for n in [int(s) for s in a.ns.split(",")]:
+    t_dense = _time(make(n, "dense"), iters=a.iters)
+    t_sparse = _time(make(n, "row_sparse"), iters=a.iters)
+    print(f"| {n}² | {t_dense * 1e3:.1f} | {t_sparse * 1e3:.1f} | {tokens / t_dense:,.0f} | "
+          f"{tokens / t_sparse:,.0f} | {t_dense / t_sparse:.2f}x |")
+
+
 def main():
   a = parse_args()
   import jax
   print(f"device: {jax.devices()[0].device_kind} × {jax.device_count()}, jax {jax.__version__}")
   bench_retrieval(a)
   bench_layers(a)
+  bench_train_step(a)
 
 
 if __name__ == "__main__":

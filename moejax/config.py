@@ -59,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
       "name": "adamw",           # adamw | adam | sgd
       "lr": 3e-3,
       "table_lr": 0.0,           # LR of TableParam tables (PEER experts, PKM values); 0: same as lr
+      "table_update": "dense",   # dense | row_sparse (lazy Adam on retrieved rows only; unsharded tables)
       "warmup_steps": 20,
       "schedule": "cosine",      # cosine | constant | linear
       "min_lr_ratio": 0.1,
@@ -194,6 +195,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if o.schedule not in ("cosine", "constant", "linear"):
     raise _fail("optim.schedule", o.schedule, "must be cosine, constant or linear",
                 "set --config.optim.schedule=cosine")
+  if o.table_update not in ("dense", "row_sparse"):
+    raise _fail("optim.table_update", o.table_update, "must be dense or row_sparse",
+                "set --config.optim.table_update=dense")
+  if o.table_update == "row_sparse" and o.name == "sgd":
+    raise _fail("optim.table_update", o.table_update, "row_sparse is lazy Adam, it needs optim.name adam or adamw",
+                "set --config.optim.name=adamw or --config.optim.table_update=dense")
   for f in ("lr", "table_lr", "warmup_steps", "weight_decay", "grad_clip"):
     if o[f] < 0:
       raise _fail(f"optim.{f}", o[f], "must be >= 0", f"set --config.optim.{f} to 0 or more")

@@ -57,7 +57,26 @@ class TableParam(nnx.Param):
 
   The optimizer gives these their own learning rate and no weight decay
   (``config.optim.table_lr``), as PKM and memory-layer implementations do.
+
+  A layer whose tables support row-sparse updates names them in a class attribute
+  ``row_tables`` (e.g. ``('u', 'v')``), gives the shape of its retrieval indices by
+  ``row_index_shape(batch, length)`` and, when ``self.row_deltas`` (``{name:
+  RowDelta}``) is attached, adds them to the gathered rows and stores the indices
+  in ``self.row_index`` (a :class:`RowIndex`).
   """
+
+
+class RowDelta(nnx.Variable):
+  """Zeros added to the rows a layer gathers from one of its tables ``[..., d]``.
+
+  Row-sparse training attaches these before the forward pass and differentiates
+  with respect to them instead of the table: the gradient of a delta is the
+  gradient of exactly the retrieved rows (see ``moejax.training.row_sparse``).
+  """
+
+
+class RowIndex(nnx.Variable):
+  """The table rows a layer gathered in its last forward pass ``[...]`` (int32)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -130,6 +130,11 @@ class PEER(nnx.Module):
     self.activation, self.score = activation, score
     self.dtype = dtype
 
+  row_tables = ("u", "v")
+
+  def row_index_shape(self, batch: int, length: int) -> tuple[int, ...]:
+    return (batch, length, self.heads, self.top_k)
+
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     raw, idx = self.retrieval(x, mask)                     # [b, l, h, k] float32 / int32
     g = jax.nn.softmax(raw, axis=-1) if self.score == "softmax" else jax.nn.sigmoid(raw)
@@ -137,8 +142,12 @@ class PEER(nnx.Module):
       idx = idx + (jnp.arange(self.heads, dtype=idx.dtype) * self.num_experts)[:, None]
     x = x.astype(self.dtype)
     # bld,blhkd->blhk; σ; × g; blhk,blhkd->bld
+    deltas = None
+    if getattr(self, "row_deltas", None) is not None:   # row-sparse training step
+      deltas = (self.row_deltas["u"][...], self.row_deltas["v"][...])
+      self.row_index[...] = idx
     y = pk.table_mix(x, idx, g.astype(self.dtype), down=self.u[...], up=self.v[...],
-                     activation=ACTIVATIONS[self.activation])
+                     activation=ACTIVATIONS[self.activation], deltas=deltas)
     y = sharding.constrain(y, ("batch", "length", "embed"))
 
     sums = pk.score_sum(idx, g, self.u.shape[0], mask)

@@ -79,10 +79,19 @@ class PKM(nnx.Module):
         ("table_rows", "table_embed"), kind=TableParam)
     self.dtype = dtype
 
+  row_tables = ("values",)
+
+  def row_index_shape(self, batch: int, length: int) -> tuple[int, ...]:
+    return (batch, length, self.retrieval.heads, self.retrieval.top_k)
+
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     raw, idx = self.retrieval(x, mask)
     g = jax.nn.softmax(raw, axis=-1)
-    y = pk.table_mix(None, idx, g.astype(self.dtype), up=self.values[...])
+    deltas = None
+    if getattr(self, "row_deltas", None) is not None:   # row-sparse training step
+      deltas = (None, self.row_deltas["values"][...])
+      self.row_index[...] = idx
+    y = pk.table_mix(None, idx, g.astype(self.dtype), up=self.values[...], deltas=deltas)
     y = sharding.constrain(y, ("batch", "length", "embed"))
     sums = pk.score_sum(idx, g, self.num_slots, mask)
     metrics = {

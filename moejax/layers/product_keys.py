@@ -232,8 +232,25 @@ def _local_mix(x, indices, scores, down, up, activation):
   return gather_weighted_sum(up, indices, w)
 
 
+def _row_sparse_mix(x, indices, scores, down, up, activation, deltas):
+  """``_local_mix`` for row-sparse training: rows = stop_gradient(table)[indices] + delta.
+
+  The tables get no gradient; each delta's gradient is the gradient of the retrieved rows
+  ``[b, l, h, k, d]`` (plain autodiff: the gathered rows are kept for the backward pass).
+  """
+  d_down, d_up = deltas
+  if down is None:
+    w = scores
+  else:
+    rows = _gather(jax.lax.stop_gradient(down), indices, x.dtype) + d_down.astype(x.dtype)
+    w = activation(jnp.einsum("bld,blhkd->blhk", x, rows)) * scores
+  rows = _gather(jax.lax.stop_gradient(up), indices, w.dtype) + d_up.astype(w.dtype)
+  return jnp.einsum("blhk,blhkd->bld", w, rows)
+
+
 def table_mix(x: jax.Array | None, indices: jax.Array, scores: jax.Array, *, up: jax.Array,
-              down: jax.Array | None = None, activation=None) -> jax.Array:
+              down: jax.Array | None = None, activation=None,
+              deltas: tuple[jax.Array | None, jax.Array] | None = None) -> jax.Array:
   """``y = Σ_{h,k} w · up[i]`` with ``w = σ(x·down[i]) · score`` (PEER) or ``w = score`` (PKM).
 
   x ``[b, l, d]``, indices / scores ``[b, l, h, k]``, tables ``[R, d]`` -> y ``[b, l, d]``
@@ -255,8 +272,16 @@ def table_mix(x: jax.Array | None, indices: jax.Array, scores: jax.Array, *, up:
     device contracts its feature slice, ``psum`` over F gives the PEER pre-activation, and
     the output slices are all-gathered over F: equal work on every shard whatever rows
     are picked.
+
+  ``deltas`` (``(delta_down or None, delta_up)``, each ``[b, l, h, k, d]``): row-sparse
+  training, see :func:`_row_sparse_mix`; tables must then be unsharded.
   """
   mesh = jax.sharding.get_abstract_mesh()
+  if deltas is not None:
+    if not mesh.empty and (_rule_axes("table_rows") or _rule_axes("table_embed")):
+      raise ValueError("row-sparse table updates need unsharded tables (table_rows and "
+                       "table_embed on mesh axes of size 1)")
+    return _row_sparse_mix(x, indices, scores, down, up, activation, deltas)
   if mesh.empty:
     return _local_mix(x, indices, scores, down, up, activation)
   rows_ax, feat_ax, batch_ax = _rule_axes("table_rows"), _rule_axes("table_embed"), _rule_axes("batch")

@@ -41,8 +41,15 @@ def _base(o, lr, weight_decay, decay_mask):
   return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=weight_decay, mask=decay_mask)
 
 
+def trained_by_optax(config: ml_collections.ConfigDict):
+  """Filter of the variables optax updates (row-sparse tables are updated by TableAdam)."""
+  if config.optim.table_update == "row_sparse":
+    return nnx.All(nnx.Param, nnx.Not(TableParam))
+  return nnx.Param
+
+
 def make_tx(config: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
-  """The optimizer for ``params`` (``nnx.state(model, nnx.Param)``, Variables as leaves)."""
+  """The optimizer for ``params`` (``nnx.state(model, filter)``, Variables as leaves)."""
   o, steps = config.optim, config.train.steps
   # Static label / mask trees: inside tx.update optax sees bare arrays, not Variable types.
   labels = jax.tree.map(lambda v: "table" if isinstance(v, TableParam) else "default", params,
@@ -59,4 +66,15 @@ def make_tx(config: ml_collections.ConfigDict, params: nnx.State) -> optax.Gradi
 
 
 def make_optimizer(config: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Optimizer:
-  return nnx.Optimizer(model, make_tx(config, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+  wrt = trained_by_optax(config)
+  return nnx.Optimizer(model, make_tx(config, nnx.state(model, wrt)), wrt=wrt)
+
+
+def make_table_adam(config: ml_collections.ConfigDict, model: nnx.Module):
+  """Lazy Adam for row-sparse tables, or None when tables are trained densely."""
+  if config.optim.table_update != "row_sparse":
+    return None
+  from moejax.training.row_sparse import TableAdam
+  o = config.optim
+  return TableAdam(model, lr_schedule=learning_rate(o, o.table_lr or o.lr, config.train.steps),
+                   b1=o.b1, b2=o.b2, eps=o.eps)

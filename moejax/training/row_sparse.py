@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from moejax import sharding
+from moejax.layers.base import RowDelta, RowIndex
 
 
 def dedupe_rows(indices: jax.Array, row_grads: jax.Array, num_rows: int
@@ -68,3 +72,71 @@ def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, indices: jax.
   return (table.at[unique].set(new_rows.astype(table.dtype), mode="drop"),
           mu.at[unique].set(m_rows.astype(mu.dtype), mode="drop"),
           nu.at[unique].set(v_rows.astype(nu.dtype), mode="drop"))
+
+
+# ----------------------------------------------------------------- wiring into a train step
+#
+# A train step with row-sparse tables (config.optim.table_update='row_sparse'):
+#   1. attach(model, b, l): every layer with ``row_tables`` gets zero RowDeltas
+#      [b, l, h, k, d] and a RowIndex; its forward adds the deltas to the gathered rows;
+#   2. differentiate w.r.t. non-table Params and RowDeltas (tables get no gradient);
+#   3. TableAdam.update: lazy Adam on each table from (RowIndex, RowDelta gradient);
+#   4. detach(model), then the usual optax update of every other parameter.
+
+
+class TableMoment(nnx.Variable):
+  """First or second Adam moment of a TableParam, sharded like it."""
+
+
+def row_layers(model: nnx.Module):
+  """(path, layer) of every layer that declares ``row_tables``."""
+  return [(path, m) for path, m in nnx.iter_modules(model) if getattr(m, "row_tables", ())]
+
+
+def _key(path, name: str) -> str:
+  return "/".join(str(p) for p in path) + "/" + name
+
+
+def attach(model: nnx.Module, batch: int, length: int) -> None:
+  for _, layer in row_layers(model):
+    shape = layer.row_index_shape(batch, length)
+    layer.row_deltas = nnx.Dict({
+        name: RowDelta(jnp.zeros(shape + (getattr(layer, name).shape[-1],), jnp.float32))
+        for name in layer.row_tables})
+    layer.row_index = RowIndex(jnp.zeros(shape, jnp.int32))
+
+
+def detach(model: nnx.Module) -> None:
+  for _, layer in row_layers(model):
+    del layer.row_deltas
+    del layer.row_index
+
+
+class TableAdam(nnx.Object):
+  """Lazy-Adam moments of every row-sparse table of ``model``, keyed by path."""
+
+  def __init__(self, model: nnx.Module, *, lr_schedule, b1: float, b2: float, eps: float):
+    moments = {}
+    for path, layer in row_layers(model):
+      for name in layer.row_tables:
+        table = getattr(layer, name)
+        names = table.get_metadata().get("out_sharding")
+        zeros = jnp.zeros(table.shape, jnp.float32)
+        moments[_key(path, name)] = (sharding.param(zeros, names, kind=TableMoment) if names
+                                     else TableMoment(zeros))
+    self.mu = nnx.Dict({k: v for k, v in moments.items()})
+    self.nu = nnx.Dict({k: TableMoment(jnp.zeros_like(v[...]), **v.get_metadata())
+                        for k, v in moments.items()})
+    self.lr_schedule = lr_schedule
+    self.b1, self.b2, self.eps = b1, b2, eps
+
+  def update(self, model: nnx.Module, delta_grads: nnx.State, count: jax.Array) -> None:
+    """Applies lazy Adam to each table. ``count``: the 1-based global step."""
+    nnx.update(model, delta_grads)          # RowDeltas now hold the row gradients
+    lr = self.lr_schedule(count - 1)
+    for path, layer in row_layers(model):
+      for name in layer.row_tables:
+        key, table = _key(path, name), getattr(layer, name)
+        table[...], self.mu[key][...], self.nu[key][...] = lazy_adam_rows(
+            table[...], self.mu[key][...], self.nu[key][...], layer.row_index[...],
+            layer.row_deltas[name][...], count=count, lr=lr, b1=self.b1, b2=self.b2, eps=self.eps)

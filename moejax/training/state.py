@@ -21,7 +21,9 @@ from flax import nnx
 from moejax import sharding
 from moejax.config import parse_rules
 from moejax.model import Transformer
-from moejax.training.optimizer import make_optimizer
+from moejax.layers.base import RowDelta
+from moejax.training import row_sparse
+from moejax.training.optimizer import make_optimizer, make_table_adam, trained_by_optax
 
 MODEL_STATE = (nnx.Param, nnx.BatchStat)   # what an export holds (no optimizer, no RNG)
 
@@ -73,15 +75,32 @@ class TrainState:
 
 
 def _create(config: ml_collections.ConfigDict):
+  """(model, optimizer) or, with row-sparse tables, (model, optimizer, table_adam)."""
   model = Transformer(config, rngs=nnx.Rngs(params=config.seed, router=config.seed + 1,
                                             dropout=config.seed + 2))
-  return model, make_optimizer(config, model)
+  table_adam = make_table_adam(config, model)
+  optimizer = make_optimizer(config, model)
+  return (model, optimizer) if table_adam is None else (model, optimizer, table_adam)
+
+
+def _check_tables_unsharded(mesh, rules) -> None:
+  from moejax.errors import ConfigError
+  for name, axes in rules:
+    if name in ("table_rows", "table_embed") and axes is not None:
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      if any(mesh.shape[a] > 1 for a in axes):
+        raise ConfigError(
+            f"config.optim.table_update='row_sparse': needs unsharded tables, but {name} maps to "
+            f"mesh axes {axes} of size > 1 (set --config.mesh.rules=table_rows=,table_embed= "
+            "or --config.optim.table_update=dense)")
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh=None) -> TrainState:
   """Initialises (model, optimizer) directly sharded on ``mesh``."""
   mesh = mesh or make_mesh(config)
   rules = axis_rules(config)
+  if config.optim.table_update == "row_sparse":
+    _check_tables_unsharded(mesh, rules)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     abstract = nnx.eval_shape(lambda: _create(config))
     graphdef, abstract_state = nnx.split(abstract)
@@ -112,8 +131,12 @@ def make_train_step(ts: TrainState):
 
   @_in_context(ts.mesh, ts.rules)
   def step(state, batch):
-    model, optimizer = nnx.merge(graphdef, state)
+    model, optimizer, *table_adam = nnx.merge(graphdef, state)
     mask = batch["weights"] > 0
+    wrt = trained_by_optax(ts.config)
+    if table_adam:
+      row_sparse.attach(model, *batch["inputs"].shape)
+      wrt = nnx.Any(wrt, RowDelta)
 
     def loss_fn(model):
       logits, auxes = model(batch["inputs"], mask=mask)
@@ -124,10 +147,15 @@ def make_train_step(ts: TrainState):
                  **{f"{k}_loss": v for k, v in flatten_aux(auxes, "losses").items()}}
       return loss + aux_loss, metrics
 
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt),
+                                             has_aux=True)(model)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    if table_adam:
+      grads, delta_grads = nnx.split_state(grads, nnx.Not(RowDelta), RowDelta)
+      table_adam[0].update(model, delta_grads, optimizer.step[...] + 1)
+      row_sparse.detach(model)
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), metrics
+    return nnx.state((model, optimizer, *table_adam)), metrics
 
   batch_sh = sharding.batch_sharding(ts.mesh)
   return jax.jit(step, in_shardings=(ts.shardings, batch_sh),
