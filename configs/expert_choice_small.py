@@ -10,7 +10,6 @@ depends on later tokens of the same group (not causal) -- as in the paper.
   python train.py --config=configs/expert_choice_small.py --workdir=/tmp/ec_small
 """
 
-import moejax.layers.moe  # noqa: F401  (registers 'moe' before default_config)
 from moejax.config import default_config
 
 

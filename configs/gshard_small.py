@@ -7,7 +7,6 @@ capacity factor 2.0 (C = 2 * 2 * S / E per group). Trains on 2 CPU cores in a fe
   python train.py --config=configs/gshard_small.py --workdir=/tmp/gshard_small
 """
 
-import moejax.layers.moe  # noqa: F401  (registers 'moe' before default_config)
 from moejax.config import default_config
 
 

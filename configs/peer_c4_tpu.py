@@ -18,7 +18,6 @@ shard them by feature instead: --config.mesh.rules=table_rows=,table_embed=model
   python train.py --config=configs/peer_c4_tpu.py --workdir=gs://YOUR_BUCKET/runs/peer_c4
 """
 
-import moejax.layers.peer  # noqa: F401  (registers 'peer' before default_config)
 from moejax.config import default_config
 
 

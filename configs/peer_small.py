@@ -6,7 +6,6 @@ query BatchNorm (paper). ~4.2M expert-table parameters against ~0.9M for the res
   python train.py --config=configs/peer_small.py --workdir=/tmp/peer_small
 """
 
-import moejax.layers.peer  # noqa: F401  (registers 'peer' before default_config)
 from moejax.config import default_config
 
 

@@ -10,7 +10,6 @@ default, or by feature with --config.mesh.rules=table_rows=,table_embed=model.
   python train.py --config=configs/pkm_c4_tpu.py --workdir=gs://YOUR_BUCKET/runs/pkm_c4
 """
 
-import moejax.layers.pkm  # noqa: F401  (registers 'pkm' before default_config)
 from moejax.config import default_config
 
 

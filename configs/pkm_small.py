@@ -6,7 +6,6 @@ query BatchNorm.
   python train.py --config=configs/pkm_small.py --workdir=/tmp/pkm_small
 """
 
-import moejax.layers.pkm  # noqa: F401  (registers 'pkm' before default_config)
 from moejax.config import default_config
 
 

@@ -20,7 +20,6 @@ in a bucket; pass it and the tokenizer on the command line, e.g.
       --config.data.tokenizer=gs://YOUR_BUCKET/spm/c4_32k.model
 """
 
-import moejax.layers.moe  # noqa: F401  (registers 'moe' before default_config)
 from moejax.config import default_config
 
 

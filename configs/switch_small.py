@@ -7,7 +7,6 @@ CPU cores in a few minutes.
   python train.py --config=configs/switch_small.py --workdir=/tmp/switch_small
 """
 
-import moejax.layers.moe  # noqa: F401  (registers 'moe' before default_config)
 from moejax.config import default_config
 
 

@@ -62,3 +62,17 @@ def test_round_trip_through_dict():
 def test_mesh_rules(spec):
   rules = config_lib.parse_rules(spec)
   assert rules.get("table_rows", 1) is None or rules.get("batch") == ("data", "expert")
+
+
+def test_every_shipped_config_validates():
+  import glob
+  import importlib.util
+  import os
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  files = sorted(glob.glob(os.path.join(root, "*.py")))
+  assert len(files) >= 9
+  for path in files:
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config_lib.validate(module.get_config())

@@ -44,14 +44,16 @@ def expert_load(block: str, load: np.ndarray, path: str) -> str:
 def sorted_usage(block: str, scores: np.ndarray, path: str) -> str:
   """Accumulated router score per expert, sorted, on log axes (PEER/PKM)."""
   z = np.sort(scores)[::-1] / max(scores.sum(), 1e-30)
+  used = z[z > 0]   # log axes: experts never retrieved are reported as usage, not drawn
   fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.plot(np.arange(1, len(z) + 1), np.maximum(z, 1e-12))
+  ax.plot(np.arange(1, len(used) + 1), used)
   ax.axhline(1.0 / len(z), color="k", linestyle="--", linewidth=1, label="uniform")
   ax.set_xscale("log")
   ax.set_yscale("log")
+  ax.set_xlim(1, len(z))
   ax.set_xlabel("expert rank")
   ax.set_ylabel("share of router score")
-  ax.set_title(f"{block}: sorted expert usage")
+  ax.set_title(f"{block}: sorted expert usage ({len(used)}/{len(z)} = {len(used) / len(z):.1%} used)")
   ax.legend()
   return _save(fig, path)
 
