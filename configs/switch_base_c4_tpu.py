@@ -20,13 +20,11 @@ in a bucket; pass it and the tokenizer on the command line, e.g.
       --config.data.tokenizer=gs://YOUR_BUCKET/spm/c4_32k.model
 """
 
-from moejax.config import default_config
+from moejax.config import c4_tpu_base
 
 
 def get_config():
-  c = default_config()
-  c.model.update(dict(vocab_size=0, d_model=768, num_layers=12, num_heads=12, head_dim=64,
-                      d_ff=3072, dtype="bfloat16"))
+  c = c4_tpu_base(seq_len=512, batch_size=256, steps=100000, warmup_steps=10000)
   c.model.sparse_ffn = "moe"
   c.model.sparse_layers = "every:2:1"
 
@@ -43,25 +41,7 @@ def get_config():
   c.moe.z_loss_weight = 1e-3
   c.moe.dispatch = "expert_parallel"
 
-  c.data.dataset = "c4/en:3.1.0"
-  c.data.data_dir = ""                      # gs://YOUR_BUCKET/tensorflow_datasets (placeholder)
-  c.data.tokenizer = "byte"                 # gs://YOUR_BUCKET/spm/c4_32k.model (placeholder)
-  c.data.text_key = "text"
-  c.data.eval_split = "validation"
-  c.data.seq_len = 512
-  c.data.batch_size = 256
-  c.data.worker_count = 8
-
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 10000
-  c.optim.schedule = "cosine"
-  c.train.steps = 100000
-  c.train.log_every = 100
-  c.train.eval_every = 2000
-  c.train.checkpoint_every = 2000
-
   c.mesh.data = -1
   c.mesh.expert = 16
   c.mesh.model = 1
-  c.eval.datasets = "c4/en:3.1.0"
   return c

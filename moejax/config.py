@@ -100,6 +100,26 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def c4_tpu_base(*, seq_len: int, batch_size: int, steps: int, warmup_steps: int
+                ) -> ml_collections.ConfigDict:
+  """The shared trunk of the TPU configs: a 12 x 768 bf16 LM on c4/en (TFDS, array_record).
+
+  ``data.data_dir`` and ``data.tokenizer`` are placeholders to set on the command line:
+  ``--config.data.data_dir=gs://BUCKET/tensorflow_datasets
+  --config.data.tokenizer=gs://BUCKET/spm/c4_32k.model``.
+  """
+  c = default_config()
+  c.model.update(dict(vocab_size=0, d_model=768, num_layers=12, num_heads=12, head_dim=64,
+                      d_ff=3072, dtype="bfloat16"))
+  c.data.update(dict(dataset="c4/en:3.1.0", data_dir="", tokenizer="byte", text_key="text",
+                     eval_split="validation", seq_len=seq_len, batch_size=batch_size,
+                     worker_count=8))
+  c.optim.update(dict(lr=1e-3, warmup_steps=warmup_steps, schedule="cosine"))
+  c.train.update(dict(steps=steps, log_every=100, eval_every=2000, checkpoint_every=2000))
+  c.eval.datasets = "c4/en:3.1.0"
+  return c
+
+
 def parse_sparse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
   """Block indices that use ``model.sparse_ffn``."""
   spec = spec.strip()
