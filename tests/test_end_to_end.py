@@ -106,3 +106,12 @@ def test_bad_config_is_one_line(tmp_path, flag, field):
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"error: {field}"), proc.stderr[-2000:]
+
+
+def test_profile_trace_on_request(tmp_path, text_dir):
+  workdir = tmp_path / "wd"
+  _run("train.py", *TINY, *_data_flags(tmp_path, text_dir), f"--workdir={workdir}",
+       "--config.train.steps=4", "--config.train.profile=true", "--config.train.profile_start=1",
+       "--config.train.profile_steps=2")
+  traces = list((workdir / "profile").rglob("*.xplane.pb"))
+  assert traces and traces[0].stat().st_size > 0
