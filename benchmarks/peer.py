@@ -88,7 +88,7 @@ def bench_retrieval(a):
   del full
   print(f"\n## Retrieval, N = {n}² = {n * n:,}, d_key = {d}, h = {h}, k = {k}, "
         f"{a.retrieval_tokens} tokens ({a.retrieval_tokens * h} queries)")
-  print(f"| method | ms / call | queries / s | ratio |\n|---|---|---|---|")
+  print("| method | ms / call | queries / s | ratio |\n|---|---|---|---|")
   qn = a.retrieval_tokens * h
   print(f"| exhaustive top-k over N (stored keys) | {t_exh * 1e3:.1f} | {qn / t_exh:,.0f} | 1.0 |")
   print(f"| product keys | {t_fast * 1e3:.2f} | {qn / t_fast:,.0f} | {t_exh / t_fast:.0f}x faster |")

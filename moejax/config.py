@@ -23,7 +23,7 @@ from typing import Any
 
 import ml_collections
 
-from moejax.errors import ConfigError
+from moejax.errors import ConfigError, config_error
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -150,8 +150,7 @@ def parse_rules(spec: str) -> dict[str, Any]:
   return out
 
 
-def _fail(field: str, value: Any, why: str, fix: str) -> ConfigError:
-  return ConfigError(f"config.{field}={value!r}: {why} ({fix})")
+_fail = config_error
 
 
 def _check_schema(cfg, ref, prefix: str = "") -> None:
@@ -244,11 +243,16 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if [cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model].count(-1) > 1:
     raise _fail("mesh", (cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model), "at most one axis may be -1",
                 "set the others to explicit sizes")
-  try:
-    parse_rules(cfg.mesh.rules)
-  except ValueError:
-    raise _fail("mesh.rules", cfg.mesh.rules, "not 'name=axis,...'",
-                "e.g. --config.mesh.rules=table_rows=,table_embed=model") from None
+  from moejax.sharding import BASE_RULES, MESH_AXES
+  names = {n for n, _ in BASE_RULES}
+  for name, axes in parse_rules(cfg.mesh.rules).items():
+    bad_axes = [a for a in (() if axes is None else (axes,) if isinstance(axes, str) else axes)
+                if a not in MESH_AXES]
+    if name not in names or bad_axes:
+      why = (f"unknown logical name {name!r} (one of {sorted(names)})" if name not in names
+             else f"unknown mesh axis {bad_axes[0]!r} (one of {list(MESH_AXES)})")
+      raise _fail("mesh.rules", cfg.mesh.rules, why,
+                  "e.g. --config.mesh.rules=table_rows=,table_embed=model")
 
   data.validate(cfg.data, cfg)
   return cfg

@@ -15,3 +15,8 @@ class DataError(ValueError):
 
 class CheckpointError(ValueError):
   """A checkpoint cannot be read or does not match the model."""
+
+
+def config_error(field: str, value, why: str, fix: str) -> ConfigError:
+  """``config.FIELD=VALUE: WHY (FIX)`` -- the one shape of every config error."""
+  return ConfigError(f"config.{field}={value!r}: {why} ({fix})")

@@ -113,6 +113,21 @@ def logical_to_spec(names: Sequence[str | None]) -> P:
   return P(*(None if n is None else rules[n] for n in names))
 
 
+def as_axes(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, 'axis' or a tuple of axes) as a tuple of axis names."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def mesh_axes(name: str) -> tuple[str, ...]:
+  """Mesh axes of size > 1 that logical ``name`` maps to, under the active mesh and rules."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  return tuple(a for a in as_axes(logical_to_spec((name,))[0]) if mesh.shape.get(a, 1) > 1)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a ``[batch, ...]`` input: batch over (data, expert)."""
   return NamedSharding(mesh, P(("data", "expert"), *([None] * (ndim - 1))))

@@ -58,10 +58,18 @@ def test_round_trip_through_dict():
     config_lib.from_dict({"model": {"width": 3}})
 
 
-@pytest.mark.parametrize("spec", ["table_rows=,table_embed=model", "batch=data+expert"])
-def test_mesh_rules(spec):
-  rules = config_lib.parse_rules(spec)
-  assert rules.get("table_rows", 1) is None or rules.get("batch") == ("data", "expert")
+def test_mesh_rules_parse_exactly():
+  assert config_lib.parse_rules("table_rows=,table_embed=model") == {"table_rows": None,
+                                                                     "table_embed": "model"}
+  assert config_lib.parse_rules("batch=data+expert") == {"batch": ("data", "expert")}
+
+
+@pytest.mark.parametrize("spec,word", [("tabel_rows=model", "logical name"), ("table_rows=foo", "mesh axis")])
+def test_bad_mesh_rules(spec, word):
+  def bad(c):
+    c.mesh.rules = spec
+  message = _error(bad)
+  assert message.startswith("config.mesh.rules=") and word in message
 
 
 def test_every_shipped_config_validates():

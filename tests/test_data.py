@@ -5,15 +5,17 @@ import json
 import os
 import pickle
 import re
+import types
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import tensorflow_datasets as tfds
+from etils import epath
 
 from moejax import data
 from moejax.config import default_config, validate
-from moejax.data import local_text
+from moejax.data import local_text, tokenizers
 from moejax.data.tokenizers import ByteTokenizer
 from moejax.errors import ConfigError, DataError
 
@@ -90,7 +92,7 @@ def test_byte_tokenizer_round_trip_and_bytes():
   assert (tok.pad_id, tok.eos_id, tok.vocab_size) == (0, 1, 258)
 
 
-def test_sentencepiece_tokenizer(tmp_path):
+def write_spm_model(path):
   lines = [f"The quick brown fox {i} jumps over the lazy dog; judge my vow {7 * i}."
            for i in range(200)]
   model = io.BytesIO()
@@ -98,8 +100,12 @@ def test_sentencepiece_tokenizer(tmp_path):
       sentence_iterator=iter(lines), model_writer=model, vocab_size=300, pad_id=0, unk_id=1,
       bos_id=-1, eos_id=2, byte_fallback=True, add_dummy_prefix=False,
       normalization_rule_name="identity", hard_vocab_limit=False, minloglevel=2)
-  path = tmp_path / "spm.model"
   path.write_bytes(model.getvalue())
+  return path
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+  path = write_spm_model(tmp_path / "spm.model")
   tok = data.load_tokenizer(str(path))
   assert isinstance(tok, data.SentencePieceTokenizer) and isinstance(tok, data.Tokenizer)
   assert (tok.pad_id, tok.eos_id) == (0, 2) and tok.vocab_size >= 259
@@ -118,6 +124,35 @@ def test_load_tokenizer_missing_file(tmp_path):
   with pytest.raises(DataError, match=r"config\.data\.tokenizer=.*no such file") as e:
     data.load_tokenizer(str(tmp_path / "nope.model"))
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content", [b"not a sentencepiece model\n", b"", b"\x0a\x00"])
+def test_load_tokenizer_corrupt_file_is_one_line_data_error(tmp_path, content):
+  path = tmp_path / "bad.model"
+  path.write_bytes(content)
+  with pytest.raises(DataError, match=r"^config\.data\.tokenizer='.*bad\.model': not a "
+                                      r"SentencePiece model .*set --config\.data\.tokenizer") as e:
+    data.load_tokenizer(str(path))
+  assert "\n" not in str(e.value)
+
+
+def test_load_tokenizer_reads_through_epath(tmp_path, monkeypatch):
+  """A gs:// model path reaches etils.epath unchanged (no os.path / open on it)."""
+  local = write_spm_model(tmp_path / "spm.model")
+  url = "gs://bucket/tok/spm.model"
+  seen = []
+
+  def fake_path(p):
+    seen.append(str(p))
+    return epath.Path(local if str(p) == url else p)
+
+  monkeypatch.setattr(tokenizers, "epath", types.SimpleNamespace(Path=fake_path))
+  tok = data.load_tokenizer(url)
+  assert seen and set(seen) == {url}
+  assert repr(tok) == f"SentencePieceTokenizer({url!r})" and tok.eos_id == 2
+  # A local path is an epath-compatible string too (read through the same code).
+  assert data.load_tokenizer(str(local)).vocab_size == tok.vocab_size
+  assert seen[-1] == str(local)
 
 
 # ---------------------------------------------------------------- local_text
@@ -295,6 +330,39 @@ def test_generic_tfds_dataset_with_mock_data(tmp_path):
     assert sum(b["weights"].sum() for b in batches) == n_tokens - windows
     with pytest.raises(DataError, match="text_key='body'"):
       data.make_train_iterator(make_cfg(tmp_path, "", dataset="lm1b", text_key="body"), tok)
+
+
+def test_gcs_data_dir_reaches_tfds_unchanged(tmp_path, monkeypatch):
+  """A gs:// data_dir is handed to TFDS as is (no os.path.abspath / makedirs on it)."""
+  url = "gs://bucket/tfds"
+  seen = []
+
+  def fake_data_source(name, *, split, data_dir, **kw):
+    seen.append((name, split, data_dir))
+    return [{"text": f"doc{i:02d} some words".encode()} for i in range(8)]
+
+  monkeypatch.setattr(tfds, "data_source", fake_data_source)
+  cfg = make_cfg(tmp_path, "", dataset="c4/en:3.1.0", data_dir=url)
+  tok = ByteTokenizer()
+  for p in range(2):  # two processes of a multi-host run
+    assert next(data.make_train_iterator(cfg, tok, process_index=p, process_count=2))[
+        "inputs"].shape == (2, 16)
+  assert len(list(data.make_eval_iterator(cfg, tok))) >= 1
+  assert seen == [("c4/en:3.1.0", "train", url)] * 2 + [("c4/en:3.1.0", "validation", url)]
+  assert not os.path.exists("gs:") and not (tmp_path / "gs:").exists()
+
+  # local_text passes data_dir to its builder unchanged too (text_dir stays local).
+  class Stop(Exception):
+    pass
+
+  def fake_builder(text_dir, pattern, data_dir):
+    seen.append(data_dir)
+    raise Stop  # before TFDS would touch the bucket
+
+  monkeypatch.setattr(local_text, "builder", fake_builder)
+  with pytest.raises(Stop):
+    data.make_source(make_cfg(tmp_path, "", data_dir=url), "train")
+  assert seen[-1] == url
 
 
 @pytest.mark.parametrize("name", ["lm1b", "no_such_dataset", "c4/en:3.1.0"])

@@ -42,17 +42,29 @@ def _data_flags(tmp_path, text_dir):
 def test_train_resume_then_eval(tmp_path, text_dir):
   workdir = str(tmp_path / "wd")
   common = [*TINY, *_data_flags(tmp_path, text_dir), f"--workdir={workdir}",
-            "--config.mesh.data=4", "--config.mesh.model=2", "--config.train.checkpoint_every=10"]
+            "--config.mesh.data=4", "--config.mesh.model=2", "--config.train.checkpoint_every=10",
+            "--config.optim.schedule=constant", "--config.optim.warmup_steps=5"]  # not train.steps-dependent
   _run("train.py", *common, "--config.train.steps=20", "--config.train.eval_every=10")
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   train = [r["loss"] for r in rows if r["split"] == "train"]
   assert train[-1] < train[0]
   assert {"config.json", "checkpoints", "export", "tensorboard"} <= set(os.listdir(workdir))
 
-  # Same command with more steps resumes at 20 (model, optimizer and data position).
+  # Same command with more steps resumes at 20 (model, optimizer and data position) and
+  # logs the same losses as one uninterrupted 30-step run.
   out = _run("train.py", *common, "--config.train.steps=30").stdout
   assert "steps 20->30" in out
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "30"]
+  straight = str(tmp_path / "straight")
+  _run("train.py", *[a for a in common if not a.startswith("--workdir")], f"--workdir={straight}",
+       "--config.train.steps=30", "--config.train.eval_every=10")
+  def train_losses(wd):
+    rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+  resumed, uninterrupted = train_losses(workdir), train_losses(straight)
+  assert sorted(resumed) == sorted(uninterrupted) == [5, 10, 15, 20, 25, 30]
+  for step in (25, 30):
+    assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4)
 
   # Evaluate the export on a different device count.
   proc = _run("eval.py", f"--checkpoint={workdir}/export", "--max_batches=3", "--json", env_devices=2)
@@ -60,7 +72,7 @@ def test_train_resume_then_eval(tmp_path, text_dir):
   result = report["datasets"]["local_text"]
   assert result["loss"] > 0 and abs(result["perplexity"] - 2.718281828 ** result["loss"]) < 1e-3 * result["perplexity"]
   assert 0 < result["bits_per_byte"] < 8
-  assert os.path.exists(os.path.join(workdir, "export", "eval", "loss_curve.png"))
+  assert os.path.exists(os.path.join(workdir, "eval", "loss_curve.png"))
 
   # A training checkpoint evaluates too, and gives the same numbers as the export of that step.
   proc = _run("eval.py", f"--checkpoint={workdir}", "--max_batches=3", "--json", env_devices=1)
@@ -96,6 +108,10 @@ def test_sigterm_saves_and_resumes(tmp_path, text_dir):
   assert "preempted" in out
   steps = os.listdir(os.path.join(workdir, "checkpoints"))
   assert len(steps) == 1 and int(steps[0]) >= 1
+  saved = int(steps[0])
+  # The same command, now with an end in sight, continues from the saved step.
+  out = _run("train.py", *args[2:], "--config.train.steps=" + str(saved + 2)).stdout
+  assert f"steps {saved}->{saved + 2}" in out
 
 
 @pytest.mark.parametrize("flag,field", [("--config.model.num_heads=0", "config.model.num_heads"),

@@ -33,17 +33,11 @@ class UsageTest(chex.TestCase):
                                math.log(2), rtol=1e-6)
 
 
-def test_accumulate_and_summarize():
-  batch = {"block_2_peer": {"score_sum": jnp.array([1.0, 0.0, 1.0, 0.0])},
-           "block_1_moe": {"load": jnp.array([2.0, 2.0])}}
-  total = eu.accumulate(None, batch)
-  total = eu.accumulate(total, {"block_2_peer": {"score_sum": jnp.array([0.0, 2.0, 0.0, 0.0])},
-                                "block_1_moe": {"load": jnp.array([2.0, 2.0])}})
-  out = eu.summarize(total)
-  assert out["block_2_peer/usage"] == 0.75
-  np.testing.assert_allclose(out["block_2_peer/unevenness"],
-                             2 * 0.25 * math.log(1.0) + 0.5 * math.log(2.0), rtol=1e-6)
-  assert out["block_2_peer/num_experts"] == 4
-  assert out["block_1_moe/load_usage"] == 1.0 and out["block_1_moe/load_unevenness"] == 0.0
-  assert eu.summarize({"score_sum": jnp.ones(3)}) == {"usage": 1.0, "unevenness": 0.0,
-                                                     "num_experts": 3.0}
+def test_evaluation_summary_per_block():
+  from moejax.evaluation import expert_stats
+  out = expert_stats.summarize({"block_2_peer/score_sum": np.array([0.0, 2.0, 0.0, 0.0]),
+                                "block_1_moe/load": np.array([1.0, 1.0])})
+  assert out["block_2_peer"]["score_sum_usage"] == 0.25
+  assert abs(out["block_2_peer"]["score_sum_kl_uniform"] - np.log(4)) < 1e-6   # float32
+  assert out["block_1_moe"]["load_kl_uniform"] == 0.0
+  assert out["block_1_moe"]["load_max_over_mean"] == 1.0

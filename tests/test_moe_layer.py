@@ -50,7 +50,8 @@ def reference(m, x, mask):
 
   Token choice: groups = sequences; first every token's 1st choice in position order,
   then every token's 2nd choice, ... each fills its expert's buffer up to capacity C;
-  weights = top-k probabilities renormalised over the k choices. Expert choice: each
+  weights = top-k probabilities renormalised over the k choices when k > 1, the raw
+  top-1 probability when k = 1 (Switch). Expert choice: each
   expert takes its C most probable real tokens, weight = probability.
   """
   x, mask = np.asarray(x), np.asarray(mask)
@@ -79,7 +80,7 @@ def reference(m, x, mask):
           fill[e] += 1
           kept[(s, slot)] = e
     for s in real:
-      tot = sum(p[s, e] for e in choices[s])
+      tot = sum(p[s, e] for e in choices[s]) if k > 1 else 1.0
       for slot in range(k):
         if (s, slot) in kept:
           e = kept[(s, slot)]
@@ -131,7 +132,11 @@ def test_dropless_equals_einsum_with_full_capacity():
     dict(router="hash", top_k=1),
 ])
 def test_gradients_finite_in_training(kw):
-  m = moe.MoE(_cfg(**kw), d_model=D, d_ff=F, rngs=nnx.Rngs(params=0, router=1))
+  # No aux losses: the router's gradient must come through the combine weights alone
+  # (with top_k=1 and renormalize=True a renormalised weight g/g = 1 would give ~1e-8).
+  cfg = _cfg(balance_loss_weight=0.0, z_loss_weight=0.0, **kw)
+  assert cfg.renormalize
+  m = moe.MoE(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(params=0, router=1))
   m.train()
   x, mask = _inputs()
 
@@ -143,9 +148,12 @@ def test_gradients_finite_in_training(kw):
   assert np.isfinite(float(val))
   leaves = jax.tree.leaves(nnx.to_pure_dict(grads))
   assert all(bool(jnp.isfinite(g).all()) for g in leaves)
-  assert float(jnp.abs(grads["experts"]["wi"][...]).sum()) > 0
+  expert_grad = float(jnp.abs(grads["experts"]["wi"][...]).sum())
+  assert expert_grad > 0
   if kw["router"] != "hash":
-    assert float(jnp.abs(jax.tree.leaves(nnx.to_pure_dict(grads["router"]))[0]).sum()) > 0
+    router_grad = sum(float(jnp.abs(g).sum())
+                      for g in jax.tree.leaves(nnx.to_pure_dict(grads["router"])))
+    assert router_grad > 1e-2 * expert_grad, (router_grad, expert_grad)   # 0.03 .. 0.6 here
 
 
 def test_aux_record_and_jit_traces_once():
@@ -198,6 +206,36 @@ def test_expert_parallel_equals_single_device():
   chex.assert_trees_all_close(y1, y0, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(aux1.metrics, aux0.metrics, atol=1e-6, rtol=1e-5)
   chex.assert_trees_all_close(nnx.to_pure_dict(g1), nnx.to_pure_dict(g0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mesh_shape,kw,batch,match", [
+    # 6 sequences = 6 groups over 2 x 4 shards
+    ((2, 4), {}, 6, r"config\.data\.batch_size=6: dispatch=expert_parallel splits the 6 routing "
+                    r"groups .* \(set --config\.data\.batch_size to a multiple of 8 or "
+                    r"--config\.moe\.group_size=6\)"),
+    ((2, 4), dict(group_size=16), 8, r"config\.moe\.group_size=16: .* 4 routing groups .*"
+                                     r"\(set --config\.moe\.group_size=8\)"),
+])
+def test_expert_parallel_uneven_split_is_config_error(mesh_shape, kw, batch, match):
+  cfg = _cfg(top_k=1, dispatch="expert_parallel", **kw)
+  x = jnp.ones((batch, L, D))
+  mesh = sharding.make_mesh(data=mesh_shape[0], expert=mesh_shape[1])
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules()):
+    m = moe.MoE(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=match) as e:   # raised while jit traces
+      nnx.jit(lambda m, x: m(x)[0])(m, x)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "expert_parallel"])
+def test_experts_not_divisible_by_expert_shards_is_config_error(dispatch):
+  # mesh.expert=-1 (8 expert shards): validate cannot see that 4 experts do not divide.
+  cfg = _cfg(dispatch=dispatch)
+  with jax.set_mesh(sharding.make_mesh(data=1, expert=-1)), \
+       nnx.logical_axis_rules(sharding.logical_rules()):
+    with pytest.raises(ConfigError, match=r"^config\.moe\.num_experts=4: must be a multiple of the "
+                                          r"8 expert shards .*num_experts=8"):
+      nnx.eval_shape(lambda: moe.MoE(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(0)))
 
 
 def test_registered_and_config_section():

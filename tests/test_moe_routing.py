@@ -29,8 +29,9 @@ def test_capacity_formula():
 def test_top1_capacity_drops_later_tokens():
   # 4 tokens, all prefer expert 0; capacity 2 -> tokens 0, 1 kept, 2, 3 dropped.
   p = [[0.7, 0.2, 0.1]] * 4
+  # renormalize=True (the default) leaves k=1 alone: the weight is the raw gate 0.7, not 1.
   plan = routing.top_k_route(_logits([p]), jnp.ones((1, 4), bool), k=1, capacity=2,
-                             renormalize=False)
+                             renormalize=True)
   np.testing.assert_array_equal(plan.expert_index[0, :, 0], [0, 0, 0, 0])
   np.testing.assert_array_equal(plan.position[0, :, 0], [0, 1, 2, 3])
   np.testing.assert_array_equal(plan.kept[0, :, 0], [True, True, False, False])
@@ -41,6 +42,23 @@ def test_top1_capacity_drops_later_tokens():
   chex.assert_shape(dispatch, (1, 4, 3, 2))
   assert dispatch[0, 0, 0, 0] and dispatch[0, 1, 0, 1] and not dispatch[0, 2].any()
   np.testing.assert_allclose(combine.sum((2, 3))[0], [0.7, 0.7, 0, 0], rtol=1e-6)
+
+
+def test_top1_combine_weight_carries_router_gradient():
+  # With k=1 a renormalised weight would be g/g = 1 (zero gradient); the raw gate is used.
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 4))
+  mask = jnp.ones((2, 5), bool)
+
+  def total_weight(logits, renormalize):
+    return routing.top_k_route(logits, mask, k=1, capacity=None,
+                               renormalize=renormalize).weight.sum()
+
+  g_renorm = jax.grad(total_weight)(logits, True)
+  np.testing.assert_allclose(g_renorm, jax.grad(total_weight)(logits, False))
+  assert float(jnp.abs(g_renorm).sum()) > 0.1
+  # k=2 still renormalises: the weights of each token sum to 1.
+  plan = routing.top_k_route(logits, mask, k=2, capacity=None)
+  np.testing.assert_allclose(plan.weight.sum(-1), 1.0, rtol=1e-6)
 
 
 def test_top2_first_choices_take_capacity_before_second_choices():
@@ -148,7 +166,7 @@ def test_balance_loss_top2_counts_both_choices():
   probs = np.array([[0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1]])
   logits = jnp.log(jnp.asarray(probs, jnp.float32))[None]
   plan = routing.top_k_route(logits, jnp.ones((1, 2), bool), k=2, capacity=None)
-  p_mean = probs.mean(0)                               # (0.45, 0.2, 0.25, 0.1)
+  # P = mean probs = (0.45, 0.2, 0.25, 0.1)
   want = 4 * (0.5 * 0.45 + 0.25 * 0.2 + 0.25 * 0.25 + 0.0)
   np.testing.assert_allclose(
       losses.load_balance_loss(jax.nn.softmax(logits), plan.routed_fraction(),

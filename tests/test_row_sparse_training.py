@@ -30,10 +30,13 @@ def _one_step(config):
   return ts.state[0]
 
 
-@pytest.mark.parametrize("kind", ["peer", "pkm"])
-def test_first_step_equals_dense_adam(kind):
-  dense = _one_step(_config(kind, update="dense"))
-  sparse = _one_step(_config(kind, update="row_sparse"))
+@pytest.mark.parametrize("kind,clip", [("peer", 0.0), ("pkm", 0.0), ("peer", 0.05)])
+def test_first_step_equals_dense_adam(kind, clip):
+  """With clip=0.05 clipping is active: the global norm must include the table rows."""
+  dense_config, sparse_config = _config(kind, update="dense"), _config(kind, update="row_sparse")
+  dense_config.optim.grad_clip = sparse_config.optim.grad_clip = clip
+  dense = _one_step(dense_config)
+  sparse = _one_step(sparse_config)
   for a, b in zip(jax.tree.leaves(dense), jax.tree.leaves(sparse)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
 

@@ -61,3 +61,21 @@ def test_warmup_then_cosine():
   assert float(sched(0)) == 0.0
   assert float(sched(10)) == pytest.approx(1.0)
   assert float(sched(110)) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_no_weight_decay_on_norms_of_sparse_layers():
+  """PEER's query-norm scale/bias are [heads, d_key]: rank 2, still not decayed."""
+  config = tiny_config()
+  config.model.update(sparse_ffn="peer", sparse_layers="1")
+  config.peer.update(num_experts_sqrt=8, heads=2, top_k=2, d_key=8)
+  config.optim.update(lr=0.1, weight_decay=0.5, warmup_steps=0, schedule="constant", grad_clip=0.0)
+  from moejax.model import Transformer
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  opt = make_optimizer(config, model)
+  norm = model.blocks[1].ffn.retrieval.norm
+  before = np.asarray(norm.scale[...]).copy()
+  assert before.ndim == 2
+  query_before = np.asarray(model.blocks[1].ffn.retrieval.query[...]).copy()
+  opt.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+  np.testing.assert_array_equal(norm.scale[...], before)
+  np.testing.assert_allclose(model.blocks[1].ffn.retrieval.query[...], query_before * (1 - 0.05), rtol=1e-6)

@@ -51,25 +51,31 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
-  from moejax.errors import ConfigError
+  from moejax.errors import config_error
   if cfg.seq_len < 2:
-    raise ConfigError(f"config.data.seq_len={cfg.seq_len!r}: must be >= 2 (set --config.data.seq_len=128)")
+    raise config_error("data.seq_len", cfg.seq_len, "must be >= 2", "set --config.data.seq_len=128")
   if cfg.batch_size < 1:
-    raise ConfigError(f"config.data.batch_size={cfg.batch_size!r}: must be >= 1 (set --config.data.batch_size=16)")
+    raise config_error("data.batch_size", cfg.batch_size, "must be >= 1",
+                       "set --config.data.batch_size=16")
   if cfg.worker_count < 0:
-    raise ConfigError(f"config.data.worker_count={cfg.worker_count!r}: must be >= 0 (set --config.data.worker_count=0)")
+    raise config_error("data.worker_count", cfg.worker_count, "must be >= 0",
+                       "set --config.data.worker_count=0")
   if not cfg.dataset.strip():
-    raise ConfigError("config.data.dataset='': must name a TFDS dataset (set --config.data.dataset=local_text)")
+    raise config_error("data.dataset", cfg.dataset, "must name a TFDS dataset",
+                       "set --config.data.dataset=local_text")
   if not cfg.tokenizer.strip():
-    raise ConfigError("config.data.tokenizer='': must be \"byte\" or a SentencePiece .model path "
-                      "(set --config.data.tokenizer=byte)")
+    raise config_error("data.tokenizer", cfg.tokenizer,
+                       'must be "byte" or a SentencePiece .model path',
+                       "set --config.data.tokenizer=byte")
   if not cfg.text_key.strip():
-    raise ConfigError("config.data.text_key='': must name the text feature (set --config.data.text_key=text)")
+    raise config_error("data.text_key", cfg.text_key, "must name the text feature",
+                       "set --config.data.text_key=text")
   if not 0 <= cfg.seed < 2**32:
-    raise ConfigError(f"config.data.seed={cfg.seed!r}: must be in [0, 2**32) (set --config.data.seed=0)")
+    raise config_error("data.seed", cfg.seed, "must be in [0, 2**32)", "set --config.data.seed=0")
   if cfg.text_dir and cfg.dataset != "local_text":
-    raise ConfigError(f"config.data.text_dir={cfg.text_dir!r}: only used by dataset local_text, "
-                      f"not {cfg.dataset!r} (unset it or set --config.data.dataset=local_text)")
+    raise config_error("data.text_dir", cfg.text_dir,
+                       f"only used by dataset local_text, not {cfg.dataset!r}",
+                       "unset it or set --config.data.dataset=local_text")
 
 
 __all__ = [

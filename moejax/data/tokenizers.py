@@ -12,6 +12,7 @@ import os
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from etils import epath
 
 from moejax.errors import DataError
 
@@ -75,13 +76,19 @@ class SentencePieceTokenizer:
 
   def __init__(self, path: str):
     self._path = str(path)
-    with open(self._path, "rb") as f:
-      self._load(f.read())
+    self._load(epath.Path(self._path).read_bytes())  # local or gs://
 
   def _load(self, proto: bytes) -> None:
     import sentencepiece as spm
     self._proto = proto
-    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(proto)
+    except (RuntimeError, OSError) as e:
+      cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise DataError(
+          f"config.data.tokenizer={self._path!r}: not a SentencePiece model ({cause[:120]}); "
+          "set --config.data.tokenizer to a .model file written by spm_train, or \"byte\"") from None
     if self._sp.pad_id() != 0 or self._sp.eos_id() < 0:
       raise DataError(
           f"config.data.tokenizer={self._path!r}: SentencePiece model has pad_id="
@@ -136,11 +143,12 @@ class SentencePieceTokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-  """``config.data.tokenizer`` -> a tokenizer: "byte" or a SentencePiece ``.model`` path."""
+  """``config.data.tokenizer`` -> a tokenizer: "byte" or a SentencePiece ``.model`` path
+  (local, or any ``etils.epath`` URL such as ``gs://bucket/spm.model``)."""
   if spec == "byte":
     return ByteTokenizer()
-  path = os.path.expanduser(spec)
-  if not os.path.isfile(path):
+  path = spec if "://" in spec else os.path.expanduser(spec)
+  if not epath.Path(path).is_file():
     raise DataError(
         f"config.data.tokenizer={spec!r}: no such file (use \"byte\" or the path of a "
         "SentencePiece .model file, e.g. --config.data.tokenizer=/path/spm.model)")

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 
+from moejax.errors import DataError
 from moejax.evaluation import expert_stats
 from moejax.training.state import device_batch
 
@@ -28,7 +29,8 @@ def evaluate(eval_step: Callable, model_state, batches: Iterable[dict], mesh) ->
     total = out if total is None else add(total, out)
     n += 1
   if total is None:
-    raise ValueError("evaluation dataset produced no batches")
+    raise DataError("the evaluation split produced no batches (check --dataset/--split, "
+                    "or config.data.eval_split)")
   total = jax.device_get(total)
   tokens = float(total["weight_sum"])
   loss = float(total["loss_sum"]) / max(tokens, 1.0)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from moejax import paths  # noqa: E402
 
 
 def loss_curve(rows: list[dict], path: str) -> str | None:
@@ -59,8 +61,9 @@ def sorted_usage(block: str, scores: np.ndarray, path: str) -> str:
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  buffer = io.BytesIO()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(buffer, format="png", dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, buffer.getvalue())   # local or a bucket
   return path

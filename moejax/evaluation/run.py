@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from moejax import data
+from moejax import data, paths
 from moejax.errors import CheckpointError
 from moejax.evaluation import perplexity, plots
 from moejax.training import checkpoint as ckpt_lib
@@ -20,86 +17,93 @@ from moejax.training.writers import read_metrics
 
 def locate(path: str) -> tuple[str, str]:
   """-> ('export', dir) or ('train', workdir) for an export dir, a workdir or its checkpoints/."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "model")) and os.path.exists(os.path.join(path, "config.json")):
+  path = paths.absolute(path).rstrip("/")
+  if paths.isdir(paths.join(path, "model")) and paths.exists(paths.join(path, "config.json")):
     return "export", path
-  if os.path.basename(path) == "checkpoints":
-    path = os.path.dirname(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if path.endswith("/checkpoints"):
+    path = path[:-len("/checkpoints")]
+  if paths.isdir(paths.join(path, "checkpoints")):
     return "train", path
-  if os.path.isdir(os.path.join(path, "export", "model")):
-    return "export", os.path.join(path, "export")
+  if paths.isdir(paths.join(path, "export", "model")):
+    return "export", paths.join(path, "export")
   raise CheckpointError(f"--checkpoint={path}: neither an export (config.json + model/) "
                         "nor a workdir with checkpoints/ (pass WORKDIR or WORKDIR/export)")
 
 
-def load(path: str, mesh_overrides: dict | None = None):
+def workdir_of(path: str) -> str:
+  """The training workdir an export or checkpoint belongs to (for its metrics and plots)."""
+  kind, where = locate(path)
+  return where[:-len("/export")] if kind == "export" and where.endswith("/export") else where
+
+
+def load(path: str, mesh_overrides: dict | None = None
+         ) -> tuple[ml_collections.ConfigDict, state_lib.ModelState, int | None]:
   """Builds the model of ``path`` on this host's devices and loads its variables.
 
-  Returns (config, train_state) with the model variables restored.
+  Returns (config, model state in eval mode, training step or None for an export).
   """
   kind, where = locate(path)
   config = ckpt_lib.read_config(where)
   # Evaluate on whatever devices are here: all of them on the data axis by default.
   config.mesh.update(mesh_overrides or {"data": -1, "expert": 1, "model": 1})
-  ts = state_lib.create_train_state(config)
   if kind == "export":
-    ckpt_lib.load_model_state(where, ts.state[0], ts.shardings[0])
-  else:
-    ckptr = ckpt_lib.Checkpointer(where, keep=10**6, async_save=False)
-    if ckptr.latest_step() is None:
-      raise CheckpointError(f"--checkpoint={path}: no checkpoint in {ckptr.directory}")
-    ts.state, _ = ckptr.restore(ts.state, ts.shardings)
-    ckptr.close()
-  return config, ts
+    ms = state_lib.create_model_state(config)
+    ckpt_lib.load_model_state(where, ms.state, ms.shardings)
+    return config, ms, None
+  ts = state_lib.create_train_state(config)   # a train checkpoint restores as a whole
+  ckptr = ckpt_lib.Checkpointer(where, keep=10**6, async_save=False)
+  if ckptr.latest_step() is None:
+    raise CheckpointError(f"--checkpoint={path}: no checkpoint in {ckptr.directory}")
+  ts.state, _ = ckptr.restore(ts.state, ts.shardings)
+  ckptr.close()
+  return config, state_lib.ModelState(ts.mesh, ts.rules, ts.eval_graphdef, ts.state[0],
+                                      ts.shardings[0]), ts.step
 
 
 def evaluate(path: str, *, datasets: list[str] | None = None, split: str | None = None,
              max_batches: int | None = None, data_dir: str | None = None, out_dir: str | None = None,
              mesh_overrides: dict | None = None) -> dict:
   """Loss / perplexity / bits-per-byte per dataset and expert statistics; writes JSON and PNGs."""
-  config, ts = load(path, mesh_overrides)
+  config, ms, step = load(path, mesh_overrides)
   if data_dir is not None:
     config.data.data_dir = data_dir
   tokenizer = data.load_tokenizer(config.data.tokenizer)
   names = datasets or [n for n in config.eval.datasets.split(",") if n] or [config.data.dataset]
   split = split or config.eval.split
   max_batches = config.eval.max_batches if max_batches is None else max_batches
-  eval_step = state_lib.make_eval_step(ts.eval_graphdef, ts.shardings[0], ts.mesh, ts.rules)
-  out_dir = out_dir or os.path.join(locate(path)[1], "eval")
-  os.makedirs(out_dir, exist_ok=True)
+  eval_step = state_lib.make_eval_step(ms.graphdef, ms.shardings, ms.mesh, ms.rules)
+  workdir = workdir_of(path)
+  out_dir = out_dir or paths.join(workdir, "eval")
+  paths.makedirs(out_dir)
 
   results = {}
-  with jax.set_mesh(ts.mesh), nnx.logical_axis_rules(ts.rules):
+  with jax.set_mesh(ms.mesh), nnx.logical_axis_rules(ms.rules):
     for name in names:
       batches = data.make_eval_iterator(config.data, tokenizer, dataset=name, split=split,
                                         max_batches=max_batches, process_index=jax.process_index(),
                                         process_count=jax.process_count())
-      results[name] = perplexity.evaluate(eval_step, ts.state[0], batches, ts.mesh)
+      results[name] = perplexity.evaluate(eval_step, ms.state, batches, ms.mesh)
 
-  files = _plots(results, path, out_dir)
-  report = {"checkpoint": os.path.abspath(path), "step": ts.step, "split": split,
+  files = _plots(results, workdir, out_dir) if jax.process_index() == 0 else []
+  report = {"checkpoint": paths.absolute(path), "step": step, "split": split,
             "datasets": {n: _jsonable(r) for n, r in results.items()}, "plots": files}
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-      json.dump(report, f, indent=1)
+    paths.write_json(paths.join(out_dir, "eval.json"), report)
   return report
 
 
-def _plots(results: dict, path: str, out_dir: str) -> list[str]:
+def _plots(results: dict, workdir: str, out_dir: str) -> list[str]:
   files = []
-  workdir = locate(path)[1]
-  workdir = os.path.dirname(workdir) if os.path.basename(workdir) == "export" else workdir
-  curve = plots.loss_curve(read_metrics(workdir), os.path.join(out_dir, "loss_curve.png"))
+  curve = plots.loss_curve(read_metrics(workdir), paths.join(out_dir, "loss_curve.png"))
   if curve:
     files.append(curve)
   first = next(iter(results.values()))
   for block, stats in first["experts"].items():
     if "load" in stats:
-      files.append(plots.expert_load(block, stats["load"], os.path.join(out_dir, f"{block}_load.png")))
+      files.append(plots.expert_load(block, stats["load"], paths.join(out_dir, f"{block}_load.png")))
     if "score_sum" in stats:
       files.append(plots.sorted_usage(block, stats["score_sum"],
-                                      os.path.join(out_dir, f"{block}_usage.png")))
+                                      paths.join(out_dir, f"{block}_usage.png")))
   return files
 
 

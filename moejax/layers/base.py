@@ -52,6 +52,16 @@ class Aux:
     return sum(self.losses.values(), jnp.zeros((), jnp.float32))
 
 
+def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Mean of ``x [b, l, ...]`` over real tokens (``mask [b, l]``) and all trailing axes."""
+  x = x.astype(jnp.float32)
+  if mask is None:
+    return jnp.mean(x)
+  m = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x.shape)
+  m = m.astype(jnp.float32)
+  return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
 class TableParam(nnx.Param):
   """A large row-addressed table (PEER expert tables, PKM values).
 

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
+from moejax.layers import base
 
 QUERY_NORMS = ("batch", "layer", "none")
 
@@ -211,14 +212,6 @@ gather_weighted_sum.defvjp(_gather_weighted_sum_fwd, _gather_weighted_sum_bwd)
 # ------------------------------------------------------------------- the expert / value mix
 
 
-def _rule_axes(name: str) -> tuple[str, ...]:
-  """Mesh axes (of size > 1) that logical ``name`` maps to under the active rules."""
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = sharding.logical_to_spec((name,))[0]
-  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-  return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
-
-
 def _divides(size: int, axes: tuple[str, ...]) -> bool:
   mesh = jax.sharding.get_abstract_mesh()
   return size % math.prod(mesh.shape[a] for a in axes) == 0
@@ -278,13 +271,14 @@ def table_mix(x: jax.Array | None, indices: jax.Array, scores: jax.Array, *, up:
   """
   mesh = jax.sharding.get_abstract_mesh()
   if deltas is not None:
-    if not mesh.empty and (_rule_axes("table_rows") or _rule_axes("table_embed")):
+    if not mesh.empty and (sharding.mesh_axes("table_rows") or sharding.mesh_axes("table_embed")):
       raise ValueError("row-sparse table updates need unsharded tables (table_rows and "
                        "table_embed on mesh axes of size 1)")
     return _row_sparse_mix(x, indices, scores, down, up, activation, deltas)
   if mesh.empty:
     return _local_mix(x, indices, scores, down, up, activation)
-  rows_ax, feat_ax, batch_ax = _rule_axes("table_rows"), _rule_axes("table_embed"), _rule_axes("batch")
+  rows_ax, feat_ax = sharding.mesh_axes("table_rows"), sharding.mesh_axes("table_embed")
+  batch_ax = sharding.mesh_axes("batch")
   if (not rows_ax and not feat_ax) or not _divides(indices.shape[0], batch_ax) or not (
       _divides(up.shape[0], rows_ax) and _divides(up.shape[1], feat_ax)):
     return _local_mix(x, indices, scores, down, up, activation)   # GSPMD handles (or pads) it
@@ -345,7 +339,7 @@ def topk_batch_parallel(queries: jax.Array, keys1: jax.Array, keys2: jax.Array,
   """:func:`product_key_topk` run per batch shard under a mesh (GSPMD would otherwise
   all-gather the half-scores and candidates of the whole batch around the top-k sorts)."""
   mesh = jax.sharding.get_abstract_mesh()
-  batch_ax = () if mesh.empty else _rule_axes("batch")
+  batch_ax = () if mesh.empty else sharding.mesh_axes("batch")
   if not batch_ax or not _divides(queries.shape[0], batch_ax):
     return product_key_topk(queries, keys1, keys2, k)
   spec = P(batch_ax)
@@ -366,13 +360,7 @@ def score_sum(indices: jax.Array, scores: jax.Array, num_rows: int,
                                                                          mode="drop")
 
 
-def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Mean of ``x [b, l, ...]`` over real tokens (and all trailing axes)."""
-  x = x.astype(jnp.float32)
-  if mask is None:
-    return jnp.mean(x)
-  m = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - 2)), x.shape).astype(jnp.float32)
-  return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+masked_mean = base.masked_mean
 
 
 # ------------------------------------------------------------------ query normalisation
@@ -504,10 +492,10 @@ class ProductKeyQuery(nnx.Module):
 
 def validate_common(section: str, cfg, *, n_field: str) -> None:
   """Checks the fields PEER and PKM share; raises ConfigError (one line)."""
-  from moejax.errors import ConfigError
+  from moejax.errors import config_error
 
   def fail(field, why, fix):
-    return ConfigError(f"config.{section}.{field}={cfg[field]!r}: {why} ({fix})")
+    return config_error(f"{section}.{field}", cfg[field], why, fix)
 
   n = cfg[n_field]
   if n < 1:

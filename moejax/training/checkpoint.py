@@ -15,7 +15,6 @@ Nothing here deletes a checkpoint except orbax's keep-N policy.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -25,10 +24,17 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from moejax import config as config_lib
+from moejax import paths
 from moejax.errors import CheckpointError
 
-# Fields that change the shapes of the state; a resumed run must match them.
-_SHAPE_SECTIONS = ("model",)
+# What a resumed run must keep: the model (shapes of the state) and the data fields
+# that define the iterator position (a different batch, order or tokenizer would resume
+# at a wrong place silently).
+_RESUME_FIELDS = {
+    "model": None,   # all fields
+    "data": ("dataset", "text_dir", "text_glob", "text_key", "train_split", "tokenizer",
+             "seq_len", "batch_size", "shuffle", "seed"),
+}
 
 
 def _abstract(tree, shardings):
@@ -36,15 +42,17 @@ def _abstract(tree, shardings):
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
-  """Raises CheckpointError naming the first model field that differs."""
+  """Raises CheckpointError naming the first model / data field that differs."""
   current = config.to_dict()
   kinds = {current["model"]["ffn"], current["model"]["sparse_ffn"]}
-  for section in (*_SHAPE_SECTIONS, *sorted(kinds)):
-    for key, value in current.get(section, {}).items():
+  sections = {**_RESUME_FIELDS, **{k: None for k in sorted(kinds)}}
+  for section, fields in sections.items():
+    for key in fields or current.get(section, {}):
+      value = current.get(section, {}).get(key)
       old = saved.get(section, {}).get(key, value)
       if old != value:
         raise CheckpointError(
-            f"{where} holds a model with config.{section}.{key}={old!r}, this run has {value!r} "
+            f"{where} holds a run with config.{section}.{key}={old!r}, this run has {value!r} "
             f"(use the same config to resume, or a new --workdir)")
 
 
@@ -65,7 +73,7 @@ class Checkpointer:
   """Async, keep-N, resumable checkpoints of a TrainState and its data iterator."""
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = paths.join(workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -111,30 +119,32 @@ class Checkpointer:
 
 def export(path: str, model_state: nnx.State, config: ml_collections.ConfigDict) -> str:
   """Writes model variables (no optimizer) and the config for evaluation."""
-  path = os.path.abspath(path)
+  path = paths.absolute(path)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(path, "model"), model_state.to_pure_dict(), force=True)
+  ckptr.save(paths.join(path, "model"), model_state.to_pure_dict(), force=True)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(path, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=1)
+    paths.write_json(paths.join(path, "config.json"), config.to_dict())
   return path
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:
   """The config.json in ``path`` (an export dir or a workdir)."""
-  file = os.path.join(path, "config.json")
-  if not os.path.exists(file):
+  file = paths.join(path, "config.json")
+  if not paths.exists(file):
     raise CheckpointError(f"--checkpoint={path}: no config.json there (pass a workdir or its export/ dir)")
-  with open(file) as f:
-    return config_lib.from_dict(json.load(f))
+  try:
+    saved = paths.read_json(file)
+  except ValueError as e:
+    raise CheckpointError(f"{file}: not valid JSON ({e}); restore it or pass another --checkpoint") from e
+  return config_lib.from_dict(saved)
 
 
 def load_model_state(path: str, model_state: nnx.State, shardings) -> nnx.State:
   """Fills ``model_state`` from an export at ``path``, resharded to ``shardings``."""
   target = _abstract(model_state.to_pure_dict(), shardings.to_pure_dict())
   try:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "model"), target)
+    restored = ocp.StandardCheckpointer().restore(paths.join(path, "model"), target)
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     raise CheckpointError(f"export {path} cannot be loaded into this model ({first})") from e

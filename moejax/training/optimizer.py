@@ -20,6 +20,13 @@ def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+def _decays(path, v) -> bool:
+  """Weight decay for weight matrices only: not vectors, norm parameters or biases."""
+  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  in_norm = any("norm" in n.lower() for n in names)
+  return v.ndim >= 2 and not in_norm and names[-1] not in ("bias", "scale")
+
+
 def learning_rate(o: ml_collections.ConfigDict, peak: float, steps: int) -> optax.Schedule:
   warmup = min(o.warmup_steps, max(steps - 1, 0))
   if o.schedule == "constant":
@@ -54,13 +61,13 @@ def make_tx(config: ml_collections.ConfigDict, params: nnx.State) -> optax.Gradi
   # Static label / mask trees: inside tx.update optax sees bare arrays, not Variable types.
   labels = jax.tree.map(lambda v: "table" if isinstance(v, TableParam) else "default", params,
                         is_leaf=_is_var)
-  decay_mask = jax.tree.map(lambda v: v.ndim >= 2, params, is_leaf=_is_var)
+  decay_mask = jax.tree_util.tree_map_with_path(_decays, params, is_leaf=_is_var)
   table_peak = o.table_lr or o.lr
   tx = optax.multi_transform({
       "default": _base(o, learning_rate(o, o.lr, steps), o.weight_decay, decay_mask),
       "table": _base(o, learning_rate(o, table_peak, steps), 0.0, None),
   }, labels)
-  if o.grad_clip > 0:
+  if o.grad_clip > 0 and o.table_update != "row_sparse":   # row-sparse: clipped in the step
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   return tx
 

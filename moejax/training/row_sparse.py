@@ -60,8 +60,14 @@ def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, indices: jax.
   Returns:
     the new (table, mu, nu).
   """
-  n, d = table.shape
-  unique, g = dedupe_rows(indices.reshape(-1), row_grads.reshape(-1, d).astype(jnp.float32), n)
+  d = table.shape[-1]
+  unique, g = dedupe_rows(indices.reshape(-1), row_grads.reshape(-1, d).astype(jnp.float32),
+                          table.shape[0])
+  return adam_on_unique_rows(table, mu, nu, unique, g, count=count, lr=lr, b1=b1, b2=b2, eps=eps)
+
+
+def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps):
+  """Lazy Adam given deduplicated ``unique [M]`` row ids (N = padding) and gradients ``g [M, d]``."""
   m_rows = b1 * mu.at[unique].get(mode="fill", fill_value=0) + (1 - b1) * g
   v_rows = b2 * nu.at[unique].get(mode="fill", fill_value=0) + (1 - b2) * g * g
   count = count.astype(jnp.float32)
@@ -80,7 +86,8 @@ def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, indices: jax.
 #   1. attach(model, b, l): every layer with ``row_tables`` gets zero RowDeltas
 #      [b, l, h, k, d] and a RowIndex; its forward adds the deltas to the gathered rows;
 #   2. differentiate w.r.t. non-table Params and RowDeltas (tables get no gradient);
-#   3. TableAdam.update: lazy Adam on each table from (RowIndex, RowDelta gradient);
+#   3. TableAdam.row_grads sums each table's row gradients per row; the global norm for
+#      clipping covers them and the other gradients; TableAdam.apply does lazy Adam;
 #   4. detach(model), then the usual optax update of every other parameter.
 
 
@@ -130,13 +137,30 @@ class TableAdam(nnx.Object):
     self.lr_schedule = lr_schedule
     self.b1, self.b2, self.eps = b1, b2, eps
 
-  def update(self, model: nnx.Module, delta_grads: nnx.State, count: jax.Array) -> None:
-    """Applies lazy Adam to each table. ``count``: the 1-based global step."""
+  def row_grads(self, model: nnx.Module, delta_grads: nnx.State) -> dict[str, tuple]:
+    """{table key: (unique row ids [M], summed row gradients [M, d])} of this step."""
     nnx.update(model, delta_grads)          # RowDeltas now hold the row gradients
+    out = {}
+    for path, layer in row_layers(model):
+      for name in layer.row_tables:
+        table = getattr(layer, name)
+        out[_key(path, name)] = dedupe_rows(
+            layer.row_index[...].reshape(-1),
+            layer.row_deltas[name][...].reshape(-1, table.shape[-1]).astype(jnp.float32),
+            table.shape[0])
+    return out
+
+  def apply(self, model: nnx.Module, rows: dict[str, tuple], count: jax.Array,
+            scale: jax.Array | float = 1.0) -> None:
+    """Lazy Adam on each table from ``row_grads`` (times ``scale``, e.g. a clip factor).
+
+    ``count``: the 1-based global step.
+    """
     lr = self.lr_schedule(count - 1)
     for path, layer in row_layers(model):
       for name in layer.row_tables:
         key, table = _key(path, name), getattr(layer, name)
-        table[...], self.mu[key][...], self.nu[key][...] = lazy_adam_rows(
-            table[...], self.mu[key][...], self.nu[key][...], layer.row_index[...],
-            layer.row_deltas[name][...], count=count, lr=lr, b1=self.b1, b2=self.b2, eps=self.eps)
+        unique, g = rows[key]
+        table[...], self.mu[key][...], self.nu[key][...] = adam_on_unique_rows(
+            table[...], self.mu[key][...], self.nu[key][...], unique, g * scale, count=count,
+            lr=lr, b1=self.b1, b2=self.b2, eps=self.eps)

@@ -25,9 +25,6 @@ from moejax.layers.base import RowDelta
 from moejax.training import row_sparse
 from moejax.training.optimizer import make_optimizer, make_table_adam, trained_by_optax
 
-MODEL_STATE = (nnx.Param, nnx.BatchStat)   # what an export holds (no optimizer, no RNG)
-
-
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   m = config.mesh
   return sharding.make_mesh(m.data, m.expert, m.model)
@@ -83,25 +80,25 @@ def _create(config: ml_collections.ConfigDict):
   return (model, optimizer) if table_adam is None else (model, optimizer, table_adam)
 
 
-def _check_tables_unsharded(mesh, rules) -> None:
-  from moejax.errors import ConfigError
-  for name, axes in rules:
-    if name in ("table_rows", "table_embed") and axes is not None:
-      axes = (axes,) if isinstance(axes, str) else tuple(axes)
-      if any(mesh.shape[a] > 1 for a in axes):
-        raise ConfigError(
-            f"config.optim.table_update='row_sparse': needs unsharded tables, but {name} maps to "
-            f"mesh axes {axes} of size > 1 (set --config.mesh.rules=table_rows=,table_embed= "
-            "or --config.optim.table_update=dense)")
+def _check_tables_unsharded() -> None:
+  """Row-sparse updates gather/scatter whole rows on every device: tables must be unsharded."""
+  from moejax.errors import config_error
+  for name in ("table_rows", "table_embed"):
+    if sharding.mesh_axes(name):
+      raise config_error("optim.table_update", "row_sparse",
+                         f"needs unsharded tables, but {name} maps to mesh axes "
+                         f"{sharding.mesh_axes(name)}",
+                         "set --config.mesh.rules=table_rows=,table_embed= or "
+                         "--config.optim.table_update=dense")
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh=None) -> TrainState:
   """Initialises (model, optimizer) directly sharded on ``mesh``."""
   mesh = mesh or make_mesh(config)
   rules = axis_rules(config)
-  if config.optim.table_update == "row_sparse":
-    _check_tables_unsharded(mesh, rules)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    if config.optim.table_update == "row_sparse":
+      _check_tables_unsharded()
     abstract = nnx.eval_shape(lambda: _create(config))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = nnx.get_named_sharding(abstract_state, mesh)
@@ -123,6 +120,30 @@ def _in_context(mesh, rules):
     return wrapped
 
   return wrap
+
+
+@dataclasses.dataclass
+class ModelState:
+  """An eval-mode model alone (no optimizer): what evaluating an export needs."""
+
+  mesh: jax.sharding.Mesh
+  rules: Any
+  graphdef: Any
+  state: nnx.State
+  shardings: Any
+
+
+def create_model_state(config: ml_collections.ConfigDict, mesh=None) -> ModelState:
+  mesh = mesh or make_mesh(config)
+  rules = axis_rules(config)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    make = lambda: Transformer(config, rngs=nnx.Rngs(params=config.seed, router=config.seed + 1))
+    abstract = nnx.eval_shape(make)
+    abstract.eval()
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = nnx.get_named_sharding(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+  return ModelState(mesh, rules, graphdef, state, shardings)
 
 
 def make_train_step(ts: TrainState):
@@ -149,11 +170,19 @@ def make_train_step(ts: TrainState):
 
     (_, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt),
                                              has_aux=True)(model)
-    metrics["grad_norm"] = optax.tree.norm(grads)
     if table_adam:
       grads, delta_grads = nnx.split_state(grads, nnx.Not(RowDelta), RowDelta)
-      table_adam[0].update(model, delta_grads, optimizer.step[...] + 1)
+      rows = table_adam[0].row_grads(model, delta_grads)
+      # One global norm over all gradients, tables' (row sums) included, as dense clipping.
+      sq = optax.tree.norm(grads, squared=True) + sum(jnp.sum(g * g) for _, g in rows.values())
+      metrics["grad_norm"] = jnp.sqrt(sq)
+      clip = ts.config.optim.grad_clip
+      scale = jnp.minimum(1.0, clip / (metrics["grad_norm"] + 1e-12)) if clip > 0 else 1.0
+      grads = jax.tree.map(lambda g: g * scale, grads)
+      table_adam[0].apply(model, rows, optimizer.step[...] + 1, scale)
       row_sparse.detach(model)
+    else:
+      metrics["grad_norm"] = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return nnx.state((model, optimizer, *table_adam)), metrics
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import time
 
 import jax
 import numpy as np
+from etils import epath
+
+from moejax import paths
 
 
 def _scalar(v) -> float:
@@ -15,23 +18,41 @@ def _scalar(v) -> float:
 
 
 class MetricWriter:
-  """Appends ``{"step": s, "split": ..., name: value}`` lines to metrics.jsonl; mirrors to TensorBoard."""
+  """Appends ``{"step": s, "split": ..., name: value}`` lines to metrics.jsonl; mirrors to TensorBoard.
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  On resume (``resume_step``), rows logged after that step by the interrupted run are
+  dropped, so the file reads as one run. On a bucket (no appends) the file is rewritten.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self.rows = [r for r in read_metrics(workdir) if r["step"] <= resume_step] if resume_step else []
     self.tb = None
-    if self.active and tensorboard:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if not self.active:
+      return
+    self._rewrite()
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(paths.join(workdir, "tensorboard"))
+      except Exception as e:  # e.g. a bucket without a tensorboardX filesystem for it
+        logging.warning("no TensorBoard events (%s); metrics.jsonl has everything", e)
+
+  def _rewrite(self) -> None:
+    epath.Path(self.path).write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
   def write(self, step: int, metrics: dict, split: str = "train") -> None:
     if not self.active:
       return
     row = {"step": int(step), "split": split, "time": time.time(),
            **{k: _scalar(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    self.rows.append(row)
+    if paths.is_remote(self.path):
+      self._rewrite()
+    else:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
     if self.tb is not None:
       for k, v in row.items():
         if k not in ("step", "split", "time"):
@@ -44,11 +65,10 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
 
 class Progress:

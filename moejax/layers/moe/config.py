@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from moejax.errors import ConfigError
+from moejax.errors import config_error
 from moejax.layers.dense import ACTIVATIONS
 
 ROUTERS = ("top_k", "expert_choice", "hash")
@@ -27,7 +27,9 @@ def default_config() -> ml_collections.ConfigDict:
       "second_policy": "all",        # slots 2..k in training: all | sampling | random (GShard)
       "second_policy_eval": "all",   # the same in evaluation (deterministic by default)
       "second_threshold": 0.5,       # random: keep slot i with prob min(1, renormalised gate / threshold)
-      "renormalize": True,           # combine weights renormalised over the chosen experts
+      "renormalize": True,           # combine weights renormalised over the chosen experts; only
+                                     # for top_k > 1 (top_k=1 keeps the raw gate, as in Switch,
+                                     # else the weight is g/g = 1 and the router gets no LM gradient)
       "capacity_factor_train": 1.25,  # C = ceil(k * group_size * factor / E); <= 0: no dropping (C = S)
       "capacity_factor_eval": 2.0,    # expert_choice: factor = average experts per token
       "min_capacity": 4,
@@ -48,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _err(field, value, why, fix):
-  return ConfigError(f"config.moe.{field}={value!r}: {why} ({fix})")
+  return config_error(f"moe.{field}", value, why, fix)
 
 
 def validate(cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:

@@ -26,17 +26,11 @@ from moejax.layers.moe.experts import expert_mlp
 from moejax.layers.moe.routing import TokenChoicePlan
 
 
-def _axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _buffer_spec() -> P:
   """PartitionSpec of an expert buffer ``[experts, groups, capacity, embed]``: experts on
   their mesh axes, groups on whatever of the ``groups`` axes the experts do not use."""
   e_ax, g_ax, c_ax, d_ax = sharding.logical_to_spec(("expert", "groups", "capacity", "embed"))
-  g_rest = tuple(a for a in _axes(g_ax) if a not in _axes(e_ax))
+  g_rest = tuple(a for a in sharding.as_axes(g_ax) if a not in sharding.as_axes(e_ax))
   return P(e_ax, g_rest or None, c_ax, d_ax)
 
 
@@ -187,18 +181,18 @@ def expert_parallel_dispatch(x: jax.Array, plan, weights, activation: str) -> ja
   Without a mesh, or with a single expert shard, this is :func:`einsum_dispatch`
   (same result).
   """
+  if not sharding.mesh_axes("expert"):
+    return einsum_dispatch(x, plan, weights, activation)
   mesh = jax.sharding.get_abstract_mesh()
   e_ax = sharding.logical_to_spec(("expert",))[0]
-  if mesh.empty or e_ax is None or all(mesh.shape[a] == 1 for a in _axes(e_ax)):
-    return einsum_dispatch(x, plan, weights, activation)
   g_ax = sharding.logical_to_spec(("groups",))[0]
-  if not set(_axes(e_ax)) <= set(_axes(g_ax)):
+  if not set(sharding.as_axes(e_ax)) <= set(sharding.as_axes(g_ax)):
     raise ValueError(f"expert parallelism needs the 'groups' rule ({g_ax}) to include the "
                      f"'expert' rule's mesh axes ({e_ax})")
   wi, wg, wo = weights
   spec_in = sharding.logical_to_spec(("expert", "embed", "expert_mlp"))
   spec_out = sharding.logical_to_spec(("expert", "expert_mlp", "embed"))
-  mlp_axes = _axes(spec_in[2])
+  mlp_axes = sharding.as_axes(spec_in[2])
   gated = wg is not None
 
   def local(x, plan, wi, wg, wo):

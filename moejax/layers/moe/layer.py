@@ -9,12 +9,15 @@ Flow of one call (B batch, L length, D embed, G groups, S tokens per group, E ex
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from moejax import sharding
+from moejax.errors import config_error
 from moejax.layers.base import Aux, register_ffn
 from moejax.layers.dense import DenseFFN
 from moejax.layers.moe import config as moe_config
@@ -56,6 +59,7 @@ class MoE(nnx.Module):
     self.activation = cfg.activation
     self.dtype = dtype
     self.deterministic = False
+    self._check_mesh()
     expert_ff = cfg.d_ff or d_ff
     self.router = (None if cfg.router == "hash" else
                    routing.RouterScores(d_model, cfg.num_experts, kind=cfg.router_scores,
@@ -136,6 +140,7 @@ class MoE(nnx.Module):
       y = dispatch_lib.dropless_dispatch(xg, plan, weights, self.activation,
                                          impl=self.dropless_impl, block=self.dropless_block)
     elif self.dispatch == "expert_parallel":
+      self._check_mesh(b, l, g)
       y = dispatch_lib.expert_parallel_dispatch(xg, plan, weights, self.activation)
     else:
       y = dispatch_lib.einsum_dispatch(xg, plan, weights, self.activation)
@@ -143,6 +148,40 @@ class MoE(nnx.Module):
     if self.shared is not None:
       y = y + self.shared(x, mask=mask)[0]
     return y.astype(self.dtype), self._aux(plan, logits, mg)
+
+  def _check_mesh(self, b: int = 0, l: int = 0, g: int = 0) -> None:
+    """Raises ConfigError unless the experts split evenly over the ``expert`` shards and,
+    for ``dispatch=expert_parallel`` (``g > 0``), shard_map can split the ``g`` routing
+    groups over the ``groups`` (data x expert) shards. Runs under the active mesh, at
+    construction and at trace time: ``validate`` cannot resolve ``mesh.expert=-1``."""
+    e_axes = sharding.mesh_axes("expert")
+    if not e_axes:
+      return  # experts not sharded (expert_parallel falls back to einsum)
+    shape = jax.sharding.get_abstract_mesh().shape
+    n_e = math.prod(shape[a] for a in e_axes)
+    n_g = math.prod(shape[a] for a in sharding.mesh_axes("groups"))
+    if self.num_experts % n_e:
+      raise config_error(
+          "moe.num_experts", self.num_experts,
+          f"must be a multiple of the {n_e} expert shards (mesh axis {' x '.join(e_axes)})",
+          f"set --config.moe.num_experts={n_e * max(1, self.num_experts // n_e)} "
+          f"or --config.mesh.expert to a divisor of {self.num_experts}")
+    if g and g % n_g:
+      per_shard = b * l // n_g if (b * l) % n_g == 0 else 0
+      # a group size that gives a multiple of n_g groups (at most one sequence long)
+      size = max((d for d in range(1, l + 1) if per_shard % d == 0), default=0) if per_shard else 0
+      batch_fix = f"--config.data.batch_size to a multiple of {n_g}"
+      if self.group_size:
+        field, value = "moe.group_size", self.group_size
+        fix = (f"set --config.moe.group_size={size}" if size else
+               f"set {batch_fix} and --config.moe.group_size=0")
+      else:
+        field, value = "data.batch_size", b
+        fix = f"set {batch_fix}" + (f" or --config.moe.group_size={size}" if size else "")
+      raise config_error(
+          field, value,
+          f"dispatch=expert_parallel splits the {g} routing groups of {self.group_size or l} "
+          f"tokens over {n_g} data x expert shards, which must divide {g}", fix)
 
   def _aux(self, plan, logits, mask) -> Aux:
     load = plan.load()

@@ -5,10 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-  m = mask.astype(jnp.float32)
-  return jnp.sum(x * m) / jnp.maximum(m.sum(), 1.0)
+from moejax.layers.base import masked_mean
 
 
 def load_balance_loss(probs: jax.Array, routed_fraction: jax.Array, mask: jax.Array) -> jax.Array:
@@ -32,7 +29,7 @@ def load_balance_loss(probs: jax.Array, routed_fraction: jax.Array, mask: jax.Ar
 def z_loss(logits: jax.Array, mask: jax.Array) -> jax.Array:
   """Router z-loss (ST-MoE, Zoph et al. 2022): mean over real tokens of ``logsumexp(logits)^2``."""
   lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-  return _masked_mean(lse ** 2, mask)
+  return masked_mean(lse ** 2, mask)
 
 
 def routing_metrics(load: jax.Array, token_kept: jax.Array, mask: jax.Array,
@@ -52,10 +49,10 @@ def routing_metrics(load: jax.Array, token_kept: jax.Array, mask: jax.Array,
   """
   mean = jnp.maximum(load.mean(), 1e-9)
   out = {
-      "dropped_fraction": _masked_mean(1.0 - token_kept.astype(jnp.float32), mask),
+      "dropped_fraction": masked_mean(1.0 - token_kept.astype(jnp.float32), mask),
       "load_cv": jnp.std(load) / mean,
       "load_max_over_mean": load.max() / mean,
   }
   if probs is not None:
-    out["router_confidence"] = _masked_mean(probs.max(-1), mask)
+    out["router_confidence"] = masked_mean(probs.max(-1), mask)
   return out

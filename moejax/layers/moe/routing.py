@@ -184,10 +184,13 @@ def token_choice_plan(expert_index, gates, routed, *, num_experts, capacity=None
   """Builds a :class:`TokenChoicePlan` from chosen experts and their gates ``[G, S, K]``.
 
   ``renormalize`` divides the gates of the routed slots by their sum (before capacity
-  dropping); else the raw router probabilities are the combine weights.
+  dropping); else the raw router probabilities are the combine weights. It applies only
+  when K > 1: with one expert per token the renormalised weight would be g / g = 1 and
+  the router would get no gradient from the main loss, so K = 1 always combines with
+  the raw gate (Switch Transformer, Fedus et al. 2021; flaxformer).
   """
   gates = gates.astype(jnp.float32) * routed
-  if renormalize:
+  if renormalize and expert_index.shape[-1] > 1:
     gates = gates / jnp.maximum(gates.sum(-1, keepdims=True), 1e-9)
   position = _priority_positions(expert_index, routed, num_experts, priority_score)
   plan = TokenChoicePlan(expert_index.astype(jnp.int32), gates, routed, position,
@@ -209,7 +212,8 @@ def top_k_route(logits: jax.Array, mask: jax.Array, *, k: int, capacity: int | N
     mask: bool ``[groups, tokens]``; padding tokens are not routed and take no capacity.
     k: experts per token.
     capacity: buffer slots per expert and group, None for dropless.
-    renormalize: combine weights = gates renormalised over the routed slots.
+    renormalize: combine weights = gates renormalised over the routed slots (k > 1 only;
+      k = 1 keeps the raw gate, see :func:`token_choice_plan`).
     second_policy: how slots 2..k are chosen (GShard, Lepikhin et al. 2020; Praxis
       ``gshard_utils.top2_gating_on_logits``):
       ``all``: greedily, the next best experts;
