@@ -1,0 +1,104 @@
+"""Pallas kernels for product-key layers, each beside the plain-JAX reference it must equal.
+
+Imports only jax (no Flax): layers call these through :func:`get`.
+
+Modules:
+  activations          named activations with derivatives (shared by kernels and references)
+  retrieval_reference  product-key top-k in plain JAX (``product_key_topk``)
+  lookup_reference     the PEER / PKM lookup in plain JAX (dense and row-sparse gradients)
+  row_plan             retrievals sorted by row: the deterministic backward's plan
+  retrieval_tpu / retrieval_gpu, lookup_tpu / lookup_gpu   the Pallas kernels
+
+Selection (``peer.kernel`` / ``pkm.kernel``):
+  auto       Pallas on TPU and GPU, the reference on CPU
+  reference  plain JAX everywhere
+  pallas     Pallas for the target platform (TPU: Mosaic, GPU: Triton); an error on CPU
+  interpret  the TPU kernels in Pallas interpret mode (runs on CPU; tests, debugging)
+
+The *target* platform is the default backend, or the one set by :func:`target_platform`
+while compiling ahead of time for a TPU from a CPU machine (``moejax.compile``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+from collections.abc import Callable
+
+import jax
+
+CHOICES = ("auto", "reference", "pallas", "interpret")
+
+_TARGET: list[str] = []
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+  """Within this context, kernels are chosen for ``platform`` ('tpu', 'gpu', 'cpu')."""
+  _TARGET.append(platform)
+  try:
+    yield
+  finally:
+    _TARGET.pop()
+
+
+def current_platform() -> str:
+  if _TARGET:
+    return _TARGET[-1]
+  backend = jax.default_backend()
+  return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+  """One implementation of the product-key ops (same signatures as the references).
+
+  topk(queries [..., h, d_key], keys1, keys2 [h|1, n, d_key/2], k) -> (scores, indices) [..., h, k]
+  lookup(x, indices, scores, up, down=None, *, activation) -> y
+  lookup_sparse(x, indices, scores, up, down, taps, *, activation) -> y
+  """
+
+  name: str
+  topk: Callable
+  lookup: Callable
+  lookup_sparse: Callable
+
+
+# impl name -> (module of topk, module of lookup, extra kwargs)
+_IMPLS = {
+    "reference": ("retrieval_reference", "lookup_reference", {}),
+    "tpu": ("retrieval_tpu", "lookup_tpu", {}),
+    "gpu": ("retrieval_gpu", "lookup_gpu", {}),
+    "interpret": ("retrieval_tpu", "lookup_tpu", {"interpret": True}),
+}
+
+
+def resolve(choice: str, platform: str | None = None) -> str:
+  """Config choice -> implementation name (``reference`` | ``tpu`` | ``gpu`` | ``interpret``).
+
+  Raises ValueError (one line, with the fix) for a choice that cannot run on ``platform``.
+  """
+  platform = platform or current_platform()
+  if choice not in CHOICES:
+    raise ValueError(f"kernel={choice!r} is not one of {list(CHOICES)}")
+  if choice == "reference" or choice == "interpret":
+    return choice
+  if choice == "auto":
+    return platform if platform in ("tpu", "gpu") else "reference"
+  if platform not in ("tpu", "gpu"):
+    raise ValueError(f"kernel='pallas' needs a TPU or GPU, but the platform is {platform!r} "
+                     "(use kernel=auto or reference, or kernel=interpret to run the TPU "
+                     "kernels in interpret mode)")
+  return platform
+
+
+@functools.lru_cache(maxsize=None)
+def get(impl: str) -> Ops:
+  """The :class:`Ops` of an implementation name from :func:`resolve`."""
+  topk_mod, lookup_mod, kwargs = _IMPLS[impl]
+  r = importlib.import_module(f"{__name__}.{topk_mod}")
+  lk = importlib.import_module(f"{__name__}.{lookup_mod}")
+  bind = (lambda f: functools.partial(f, **kwargs)) if kwargs else (lambda f: f)
+  return Ops(impl, bind(r.product_key_topk), bind(lk.lookup), bind(lk.lookup_sparse))

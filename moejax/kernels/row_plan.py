@@ -1,0 +1,49 @@
+"""The row-major view of a batch of retrievals, shared by every backward pass.
+
+A lookup's table gradient is a sum over retrievals per table row. Sorting the M = T·h·k
+retrieved row ids once gives, for each distinct row, the contiguous run of retrievals
+that touched it; a backward kernel then sums each run into one row without atomics
+(deterministic on every backend), writing either a dense ``[N, d]`` gradient or the
+compact ``[U, d]`` rows that lazy Adam consumes. Integers only: O(M log M), no ``d``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moejax.kernels.lookup_reference import num_unique_slots
+
+
+class RowPlan(NamedTuple):
+  """Retrievals sorted by row. M = number of retrievals, U = ``num_unique_slots(M, N)``.
+
+  order:  ``[M]`` int32, flat retrieval ids (``t·hk + j`` of ``indices [T, hk]``) sorted by row
+          (stable: ties keep token order, so sums are taken in a fixed order).
+  rows:   ``[M]`` int32, ``indices.reshape(-1)[order]`` (ascending).
+  unique: ``[U]`` int32, the distinct rows ascending, padded with N (= ``unique_rows``).
+  starts: ``[U + 1]`` int32, run of ``unique[u]`` is ``order[starts[u]:starts[u+1]]``;
+          padding slots have empty runs (start = end = M).
+  """
+
+  order: jax.Array
+  rows: jax.Array
+  unique: jax.Array
+  starts: jax.Array
+
+
+def row_plan(indices: jax.Array, num_rows: int) -> RowPlan:
+  """``indices [..., h, k]`` (or any shape) of rows in ``[0, num_rows)`` -> :class:`RowPlan`."""
+  flat = indices.reshape(-1).astype(jnp.int32)
+  m = flat.shape[0]
+  u = num_unique_slots(m, num_rows)
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  rows = flat[order]
+  is_new = jnp.concatenate([jnp.ones((1,), bool), rows[1:] != rows[:-1]])
+  seg = jnp.cumsum(is_new.astype(jnp.int32)) - 1
+  unique = jnp.full((u,), num_rows, jnp.int32).at[seg].set(rows, mode="drop")
+  starts = jnp.searchsorted(rows, unique, side="left").astype(jnp.int32)
+  starts = jnp.concatenate([starts, jnp.full((1,), m, jnp.int32)])
+  return RowPlan(order, rows, unique, starts)
