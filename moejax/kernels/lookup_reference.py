@@ -24,18 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.kernels import activations
-
-
-def num_unique_slots(num_entries: int, num_rows: int) -> int:
-  """Static size U of :func:`unique_rows`: no more rows than entries or than the table."""
-  return min(num_entries, num_rows)
-
-
-def unique_rows(indices: jax.Array, num_rows: int) -> jax.Array:
-  """The distinct rows of ``indices`` ascending, padded with ``num_rows``: ``[U]`` int32."""
-  flat = indices.reshape(-1)
-  u = num_unique_slots(flat.shape[0], num_rows)
-  return jnp.unique(flat, size=u, fill_value=num_rows).astype(jnp.int32)
+from moejax.kernels.row_plan import unique_rows
 
 
 # ------------------------------------------------------------- gathered-row contractions
@@ -150,6 +139,8 @@ def lookup_sparse(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up
   ``taps = (tap_down or None, tap_up)``, each ``[U, d]`` with ``U = num_unique_slots``: rows
   ``table[unique_rows(indices)[s]] + tap[s]`` are used, tables are not differentiated.
   The gradient of a tap is the table gradient of its row (summed over every retrieval).
+  Taps are zeros (row-sparse training attaches fresh ones each step); this reference adds
+  them, the Pallas kernels do not read their values (only their gradients are defined).
   Plain autodiff: the gathered ``[..., h, k, d]`` rows are kept for the backward pass.
   """
   tap_down, tap_up = taps

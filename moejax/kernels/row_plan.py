@@ -14,7 +14,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.lookup_reference import num_unique_slots
+
+
+def num_unique_slots(num_entries: int, num_rows: int) -> int:
+  """Static size U of the distinct rows: no more than the retrievals or the table rows."""
+  return min(num_entries, num_rows)
+
+
+def unique_rows(indices: jax.Array, num_rows: int) -> jax.Array:
+  """The distinct rows of ``indices`` ascending, padded with ``num_rows``: ``[U]`` int32."""
+  flat = indices.reshape(-1)
+  u = num_unique_slots(flat.shape[0], num_rows)
+  return jnp.unique(flat, size=u, fill_value=num_rows).astype(jnp.int32)
 
 
 class RowPlan(NamedTuple):

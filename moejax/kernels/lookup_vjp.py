@@ -1,0 +1,164 @@
+"""The lookup's forward / backward structure, shared by every kernel backend.
+
+A backend supplies three pieces (:class:`LookupKernels`) on token-flattened arrays
+(T tokens, H = h·k retrievals per token, M = T·H):
+
+* ``forward(x, idx, scores, up, down, activation) -> y [T, d]``
+    PEER ``y_t = Σ_j scores[t,j] · σ(x_t · down[idx[t,j]]) · up[idx[t,j]]``; PKM
+    (``down`` and ``x`` None) ``y_t = Σ_j scores[t,j] · up[idx[t,j]]``.
+* ``token_backward(x, idx, scores, up, down, dy, activation) -> (dx, dscores, alpha, beta)``
+    pass 1, token-major: regathers the rows of each token and returns ``dx [T, d]`` (None
+    for PKM), ``dscores [T, H]`` and the per-retrieval row coefficients: the gradient of
+    row ``down[idx[t,j]]`` is ``alpha[t,j] · x_t`` (None for PKM), that of ``up[idx[t,j]]``
+    is ``beta[t,j] · dy_t``.
+* ``row_backward(plan, vectors, coefs, num_rows, dense) -> [N or U, d]``
+    pass 2, row-major: for each distinct row ``u`` of ``plan``,
+    ``G[u] = Σ_{e in run u} coefs[e] · vectors[e // H]`` (``coefs [M]`` flat in retrieval
+    order), written at ``plan.unique[u]`` of a zero ``[N, d]`` gradient (``dense``) or as
+    the compact ``[U, d]`` rows lazy Adam consumes. No atomics: each row is one sum in a
+    fixed order.
+
+so nothing of size ``[T, H, d]`` exists in forward or backward. :func:`make_lookup` turns
+the pieces into ``lookup`` / ``lookup_sparse`` with the signatures of
+:mod:`~moejax.kernels.lookup_reference`. :data:`JAX_PIECES` are the pieces in plain JAX
+(they do build ``[M, d]`` temporaries): a check of this structure and a model for kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moejax.kernels import activations
+from moejax.kernels.lookup_reference import match_vma
+from moejax.kernels.row_plan import RowPlan, row_plan
+
+
+class LookupKernels(NamedTuple):
+  forward: Callable
+  token_backward: Callable
+  row_backward: Callable
+
+
+# ------------------------------------------------------------------ plain-JAX pieces
+
+
+def _jax_forward(x, idx, scores, up, down, activation):
+  dt = jnp.float32
+  w = scores.astype(dt)
+  if down is not None:
+    act, _ = activations.get(activation)
+    a = jnp.einsum("td,tjd->tj", x.astype(dt), down[idx].astype(dt))
+    w = act(a) * w
+  return jnp.einsum("tj,tjd->td", w, up[idx].astype(dt)).astype(scores.dtype)
+
+
+def _jax_token_backward(x, idx, scores, up, down, dy, activation):
+  dt = jnp.float32
+  g, dy = scores.astype(dt), dy.astype(dt)
+  dw = jnp.einsum("td,tjd->tj", dy, up[idx].astype(dt))
+  if down is None:
+    return None, dw.astype(scores.dtype), None, g
+  act, dact = activations.get(activation)
+  rows = down[idx].astype(dt)
+  a = jnp.einsum("td,tjd->tj", x.astype(dt), rows)
+  s = act(a)
+  da = dw * g * dact(a)
+  dx = jnp.einsum("tj,tjd->td", da, rows)
+  return dx.astype(x.dtype), (dw * s).astype(scores.dtype), da, g * s
+
+
+def _jax_row_backward(plan: RowPlan, vectors, coefs, num_rows, dense):
+  h = plan.order.shape[0] // vectors.shape[0]
+  contrib = coefs[plan.order][:, None] * vectors[plan.order // h].astype(jnp.float32)
+  seg = jnp.searchsorted(plan.starts[1:], jnp.arange(plan.order.shape[0]), side="right")
+  compact = jax.ops.segment_sum(contrib, seg, num_segments=plan.unique.shape[0],
+                                indices_are_sorted=True)
+  if not dense:
+    return compact
+  return jnp.zeros((num_rows, vectors.shape[-1]), jnp.float32).at[plan.unique].set(
+      compact, mode="drop")
+
+
+JAX_PIECES = LookupKernels(_jax_forward, _jax_token_backward, _jax_row_backward)
+
+
+# --------------------------------------------------------------------------- the glue
+
+
+def _flatten(x, indices, scores):
+  lead = indices.shape[:-2]
+  t = 1
+  for s in lead:
+    t *= s
+  hh = indices.shape[-2] * indices.shape[-1]
+  xf = None if x is None else x.reshape(t, x.shape[-1])
+  return lead, xf, indices.reshape(t, hh).astype(jnp.int32), scores.reshape(t, hh)
+
+
+def make_lookup(kernels: LookupKernels):
+  """(lookup, lookup_sparse) built on ``kernels``; see lookup_reference for the contract."""
+
+  def forward(x, indices, scores, up, down, activation):
+    lead, xf, idx, sc = _flatten(x, indices, scores)
+    y = kernels.forward(xf, idx, sc, up, down, activation)
+    return y.reshape(lead + (up.shape[-1],))
+
+  def backward(x, indices, scores, up, down, dy, activation, dense):
+    lead, xf, idx, sc = _flatten(x, indices, scores)
+    dyf = dy.reshape(-1, dy.shape[-1])
+    dx, dsc, alpha, beta = kernels.token_backward(xf, idx, sc, up, down, dyf, activation)
+    plan = row_plan(idx, up.shape[0])
+    d_up = kernels.row_backward(plan, dyf, beta.reshape(-1), up.shape[0], dense)
+    d_down = None if down is None else kernels.row_backward(
+        plan, xf, alpha.reshape(-1), up.shape[0], dense)
+    dx = None if dx is None else dx.reshape(x.shape).astype(x.dtype)
+    return dx, dsc.reshape(scores.shape).astype(scores.dtype), d_up, d_down
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+  def _dense(x, indices, scores, up, down, activation):
+    return forward(x, indices, scores, up, down, activation)
+
+  def _dense_fwd(x, indices, scores, up, down, activation):
+    return forward(x, indices, scores, up, down, activation), (x, indices, scores, up, down)
+
+  def _dense_bwd(activation, res, dy):
+    x, indices, scores, up, down = res
+    dx, dsc, d_up, d_down = backward(x, indices, scores, up, down, dy, activation, True)
+    return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores),
+            match_vma(d_up.astype(up.dtype), up),
+            None if down is None else match_vma(d_down.astype(down.dtype), down))
+
+  _dense.defvjp(_dense_fwd, _dense_bwd)
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+  def _sparse(x, indices, scores, up, down, tap_up, tap_down, activation):
+    del tap_up, tap_down   # gradient sinks: zeros, values not read
+    return forward(x, indices, scores, up, down, activation)
+
+  def _sparse_fwd(x, indices, scores, up, down, tap_up, tap_down, activation):
+    return (forward(x, indices, scores, up, down, activation),
+            (x, indices, scores, up, down, tap_up, tap_down))
+
+  def _sparse_bwd(activation, res, dy):
+    x, indices, scores, up, down, tap_up, tap_down = res
+    dx, dsc, d_up, d_down = backward(x, indices, scores, up, down, dy, activation, False)
+    return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores),
+            jnp.zeros_like(up), None if down is None else jnp.zeros_like(down),
+            d_up.astype(tap_up.dtype),
+            None if tap_down is None else d_down.astype(tap_down.dtype))
+
+  _sparse.defvjp(_sparse_fwd, _sparse_bwd)
+
+  def lookup(x, indices, scores, up, down=None, *, activation="gelu_tanh"):
+    return _dense(x, indices, scores, up, down, activation)
+
+  def lookup_sparse(x, indices, scores, up, down, taps, *, activation="gelu_tanh"):
+    tap_down, tap_up = taps
+    return _sparse(x, indices, scores, up, down, tap_up, tap_down, activation)
+
+  return lookup, lookup_sparse
