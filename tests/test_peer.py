@@ -13,7 +13,8 @@ from moejax import config as config_lib
 from moejax import sharding
 from moejax.errors import ConfigError
 from moejax.layers import peer
-from moejax.layers import product_keys as pk
+from moejax.kernels import retrieval_reference as pk
+from moejax.layers import query as pkq
 from moejax.layers.base import FFN_REGISTRY, TableParam, build_ffn
 
 D = 16
@@ -56,7 +57,7 @@ def paper_peer_forward(x, params, *, top_k, activation, query_norm, eps=1e-5):
 def _params(m):
   p = dict(query=m.retrieval.query[...], keys1=m.retrieval.keys1[...],
            keys2=m.retrieval.keys2[...], u=m.u[...], v=m.v[...])
-  if isinstance(m.retrieval.norm, pk.MaskedBatchNorm):
+  if isinstance(m.retrieval.norm, pkq.MaskedBatchNorm):
     p.update(bn_scale=m.retrieval.norm.scale[...], bn_bias=m.retrieval.norm.bias[...])
   return p
 
@@ -81,7 +82,7 @@ class AlgorithmOneTest(chex.TestCase):
       return y, aux
 
     y, aux = fwd(state, x)
-    ref = paper_peer_forward(x, _params(m), top_k=3, activation=peer.ACTIVATIONS[act],
+    ref = paper_peer_forward(x, _params(m), top_k=3, activation={"gelu": jax.nn.gelu, "relu": jax.nn.relu}[act],
                              query_norm=norm)
     chex.assert_shape(y, (2, 5, D))
     chex.assert_trees_all_close(y, ref, atol=1e-5, rtol=1e-5)
@@ -225,7 +226,7 @@ def _sharded_vs_single(mesh, rules, kw):
     u_spec = m.u[...].sharding.spec
   chex.assert_trees_all_close(jax.tree.leaves(jax.device_get(out)),
                               jax.tree.leaves(jax.device_get(ref)), atol=1e-4, rtol=1e-4)
-  if isinstance(m.retrieval.norm, pk.MaskedBatchNorm):     # global (masked) batch statistics
+  if isinstance(m.retrieval.norm, pkq.MaskedBatchNorm):     # global (masked) batch statistics
     chex.assert_trees_all_close(m.retrieval.norm.mean[...], single.retrieval.norm.mean[...],
                                 atol=1e-5)
   return u_spec

@@ -12,7 +12,8 @@ from moejax import config as config_lib
 from moejax import sharding
 from moejax.errors import ConfigError
 from moejax.layers import pkm
-from moejax.layers import product_keys as pk
+from moejax.kernels import retrieval_reference as pk
+from moejax.layers import query as pkq
 from moejax.layers.base import TableParam, build_ffn
 
 D = 16

@@ -133,18 +133,20 @@ def lookup(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up: jax.A
 
 def lookup_sparse(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up: jax.Array,
                   down: jax.Array | None, taps: tuple[jax.Array | None, jax.Array], *,
-                  activation: str = "gelu_tanh") -> jax.Array:
+                  activation: str = "gelu_tanh", rows: jax.Array | None = None) -> jax.Array:
   """:func:`lookup` with row taps instead of table gradients (row-sparse training).
 
   ``taps = (tap_down or None, tap_up)``, each ``[U, d]`` with ``U = num_unique_slots``: rows
-  ``table[unique_rows(indices)[s]] + tap[s]`` are used, tables are not differentiated.
+  ``table[rows[s]] + tap[s]`` are used, tables are not differentiated. ``rows [U]``: the
+  distinct rows ascending, padded with N, a superset of ``indices`` (default
+  ``unique_rows(indices, N)``; a batch shard passes the rows of the whole batch).
   The gradient of a tap is the table gradient of its row (summed over every retrieval).
   Taps are zeros (row-sparse training attaches fresh ones each step); this reference adds
   them, the Pallas kernels do not read their values (only their gradients are defined).
   Plain autodiff: the gathered ``[..., h, k, d]`` rows are kept for the backward pass.
   """
   tap_down, tap_up = taps
-  unique = unique_rows(indices, up.shape[0])
+  unique = unique_rows(indices, up.shape[0]) if rows is None else rows
   slots = jnp.searchsorted(unique, indices).astype(jnp.int32)        # [..., h, k]
   dt = scores.dtype
 

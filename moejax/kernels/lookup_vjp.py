@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from moejax.kernels import activations
 from moejax.kernels.lookup_reference import match_vma
-from moejax.kernels.row_plan import RowPlan, row_plan
+from moejax.kernels.row_plan import RowPlan, row_plan, unique_rows
 
 
 class LookupKernels(NamedTuple):
@@ -117,7 +117,7 @@ def make_lookup(kernels: LookupKernels):
     d_down = None if down is None else kernels.row_backward(
         plan, xf, alpha.reshape(-1), up.shape[0], dense)
     dx = None if dx is None else dx.reshape(x.shape).astype(x.dtype)
-    return dx, dsc.reshape(scores.shape).astype(scores.dtype), d_up, d_down
+    return dx, dsc.reshape(scores.shape).astype(scores.dtype), d_up, d_down, plan.unique
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
   def _dense(x, indices, scores, up, down, activation):
@@ -128,37 +128,44 @@ def make_lookup(kernels: LookupKernels):
 
   def _dense_bwd(activation, res, dy):
     x, indices, scores, up, down = res
-    dx, dsc, d_up, d_down = backward(x, indices, scores, up, down, dy, activation, True)
+    dx, dsc, d_up, d_down, _ = backward(x, indices, scores, up, down, dy, activation, True)
     return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores),
             match_vma(d_up.astype(up.dtype), up),
             None if down is None else match_vma(d_down.astype(down.dtype), down))
 
   _dense.defvjp(_dense_fwd, _dense_bwd)
 
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-  def _sparse(x, indices, scores, up, down, tap_up, tap_down, activation):
-    del tap_up, tap_down   # gradient sinks: zeros, values not read
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+  def _sparse(x, indices, scores, up, down, tap_up, tap_down, rows, activation):
+    del tap_up, tap_down, rows   # gradient sinks: zeros, values not read
     return forward(x, indices, scores, up, down, activation)
 
-  def _sparse_fwd(x, indices, scores, up, down, tap_up, tap_down, activation):
+  def _sparse_fwd(x, indices, scores, up, down, tap_up, tap_down, rows, activation):
     return (forward(x, indices, scores, up, down, activation),
-            (x, indices, scores, up, down, tap_up, tap_down))
+            (x, indices, scores, up, down, tap_up, tap_down, rows))
 
   def _sparse_bwd(activation, res, dy):
-    x, indices, scores, up, down, tap_up, tap_down = res
-    dx, dsc, d_up, d_down = backward(x, indices, scores, up, down, dy, activation, False)
+    x, indices, scores, up, down, tap_up, tap_down, rows = res
+    dx, dsc, d_up, d_down, plan_unique = backward(x, indices, scores, up, down, dy, activation,
+                                                  False)
+    # The kernels' compact rows are this call's distinct rows; the taps' slots are ``rows``
+    # (e.g. of the whole batch when this is one batch shard): place them, sum the shards.
+    slots = jnp.searchsorted(rows, plan_unique)
+    place = lambda g, tap: match_vma(jnp.zeros(tap.shape, jnp.float32).at[slots].add(
+        g.astype(jnp.float32), mode="drop").astype(tap.dtype), tap)
     return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores),
             jnp.zeros_like(up), None if down is None else jnp.zeros_like(down),
-            d_up.astype(tap_up.dtype),
-            None if tap_down is None else d_down.astype(tap_down.dtype))
+            place(d_up, tap_up), None if tap_down is None else place(d_down, tap_down), None)
 
   _sparse.defvjp(_sparse_fwd, _sparse_bwd)
 
   def lookup(x, indices, scores, up, down=None, *, activation="gelu_tanh"):
     return _dense(x, indices, scores, up, down, activation)
 
-  def lookup_sparse(x, indices, scores, up, down, taps, *, activation="gelu_tanh"):
+  def lookup_sparse(x, indices, scores, up, down, taps, *, activation="gelu_tanh", rows=None):
     tap_down, tap_up = taps
-    return _sparse(x, indices, scores, up, down, tap_up, tap_down, activation)
+    if rows is None:
+      rows = unique_rows(indices, up.shape[0])
+    return _sparse(x, indices, scores, up, down, tap_up, tap_down, rows, activation)
 
   return lookup, lookup_sparse

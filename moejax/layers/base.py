@@ -69,24 +69,27 @@ class TableParam(nnx.Param):
   (``config.optim.table_lr``), as PKM and memory-layer implementations do.
 
   A layer whose tables support row-sparse updates names them in a class attribute
-  ``row_tables`` (e.g. ``('u', 'v')``), gives the shape of its retrieval indices by
-  ``row_index_shape(batch, length)`` and, when ``self.row_deltas`` (``{name:
-  RowDelta}``) is attached, adds them to the gathered rows and stores the indices
-  in ``self.row_index`` (a :class:`RowIndex`).
+  ``row_tables`` (e.g. ``('u', 'v')``), gives the shape ``(U,)`` of the distinct rows a
+  step can retrieve by ``row_index_shape(batch, length)`` and, when ``self.row_deltas``
+  (``{name: RowDelta}``, each ``[U, d]``) is attached, stores the distinct rows it
+  retrieved in ``self.row_index`` (a :class:`RowIndex`) and hands the deltas to its
+  lookup as row taps.
   """
 
 
 class RowDelta(nnx.Variable):
-  """Zeros added to the rows a layer gathers from one of its tables ``[..., d]``.
+  """A zero tap ``[U, d]`` on the distinct rows a layer retrieves from one of its tables.
 
   Row-sparse training attaches these before the forward pass and differentiates
-  with respect to them instead of the table: the gradient of a delta is the
-  gradient of exactly the retrieved rows (see ``moejax.training.row_sparse``).
+  with respect to them instead of the table: the gradient of slot ``s`` is the
+  gradient of table row ``row_index[s]``, summed over all its retrievals (see
+  ``moejax.training.row_sparse``).
   """
 
 
 class RowIndex(nnx.Variable):
-  """The table rows a layer gathered in its last forward pass ``[...]`` (int32)."""
+  """The distinct table rows a layer retrieved in its last forward pass ``[U]`` (int32,
+  ascending, padded with the table's row count)."""
 
 
 @dataclasses.dataclass(frozen=True)

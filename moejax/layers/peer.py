@@ -10,8 +10,10 @@ scores (paper) or ``sigmoid``; head outputs are summed::
     y = Σ_h Σ_{i ∈ topk_h(x)} g_{h,i}(x) · σ(u_iᵀ x) · v_i
 
 Compute follows the paper's einsums (``bld,blhkd->blhk``, σ, × g, ``blhk,blhkd->bld``)
-through :func:`~moejax.layers.product_keys.table_mix` (custom-VJP gathered contractions; under
-a mesh a ``shard_map`` that keeps row- or feature-sharded tables local, see there).
+through :func:`~moejax.layers.table_mix.table_mix` (under a mesh a ``shard_map`` that keeps
+row- or feature-sharded tables local, see there). ``kernel`` picks the implementation of
+the top-k and of the lookup (:mod:`moejax.kernels`): ``auto`` = fused Pallas kernels on
+TPU and GPU, the plain-JAX reference on CPU.
 
 Memory (b·l = tokens T): materialised are the per-head queries ``[T, h, d_key]``, the
 half-scores ``[T, h, n]`` (×2), candidates ``[T, h, ~k ln k]``, scores / indices / activations
@@ -25,7 +27,7 @@ kernel (as the paper notes) would remove the ``[T, h, k, d]`` tensors altogether
 
 Initialisation (x is assumed to have ~unit-variance components, as after the block's
 pre-norm):
-  * query projection and sub-keys: see :class:`~moejax.layers.product_keys.ProductKeyQuery`.
+  * query projection and sub-keys: see :class:`~moejax.layers.query.ProductKeyQuery`.
   * u ~ N(0, u_init_scale² / d_model): the pre-activation u_iᵀx is ~N(0, 1), as for the
     first matrix of a LeCun-initialised dense FFN.
   * v ~ N(0, v_init_scale² · c): chosen so the layer's initial output variance per
@@ -48,10 +50,16 @@ import ml_collections
 from flax import nnx
 
 from moejax import sharding
-from moejax.layers import product_keys as pk
+from moejax import kernels
+from moejax.kernels.row_plan import num_unique_slots, unique_rows
+from moejax.layers import query as pkq
+from moejax.layers import table_mix as tm
+from moejax.layers.base import masked_mean
 from moejax.layers.base import Aux, TableParam, register_ffn
 
-ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}
+# Config name -> kernels.activations name ("gelu" here is the tanh approximation, as
+# jax.nn.gelu's default that moejax has always used).
+ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu"}
 SCORES = ("softmax", "sigmoid")
 
 
@@ -62,7 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
       "heads": 8,                # h retrieval heads (own query projections), outputs summed
       "top_k": 16,               # k experts per head; active experts per token = h·k
       "d_key": 128,              # query / product-key dim (even); not given by the paper
-      "activation": "gelu",      # gelu | relu
+      "activation": "gelu",      # gelu (tanh approximation) | relu
+      "kernel": "auto",          # auto (Pallas on TPU/GPU, reference on CPU) | reference | pallas | interpret
       "score": "softmax",        # softmax (over the k retrieved, paper) | sigmoid
       "query_norm": "batch",     # batch (paper) | layer (causal-safe) | none
       "per_head_keys": False,    # each head its own sub-keys (paper: shared)
@@ -78,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(cfg, config):
   from moejax.errors import ConfigError
-  pk.validate_common("peer", cfg, n_field="num_experts_sqrt")
+  pkq.validate_common("peer", cfg, n_field="num_experts_sqrt")
   if cfg.activation not in ACTIVATIONS:
     raise ConfigError(f"config.peer.activation={cfg.activation!r}: must be one of "
                       f"{sorted(ACTIVATIONS)} (set --config.peer.activation=gelu)")
@@ -108,10 +117,11 @@ class PEER(nnx.Module):
                per_head_experts: bool = False, bn_momentum: float = 0.99,
                norm_epsilon: float = 1e-5, query_init_scale: float = 1.0,
                key_init_scale: float = 1.0, u_init_scale: float = 1.0, v_init_scale: float = 1.0,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               kernel: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
     if activation not in ACTIVATIONS or score not in SCORES:
       raise ValueError(f"activation={activation!r} / score={score!r}")
-    self.retrieval = pk.ProductKeyQuery(
+    self.kernel = kernel
+    self.retrieval = pkq.ProductKeyQuery(
         d_model, num_keys_sqrt=num_experts_sqrt, heads=heads, top_k=top_k, d_key=d_key,
         per_head_keys=per_head_keys, query_norm=query_norm, bn_momentum=bn_momentum,
         norm_epsilon=norm_epsilon, query_init_scale=query_init_scale,
@@ -133,30 +143,33 @@ class PEER(nnx.Module):
   row_tables = ("u", "v")
 
   def row_index_shape(self, batch: int, length: int) -> tuple[int, ...]:
-    return (batch, length, self.heads, self.top_k)
+    """Shape of the distinct rows a row-sparse step can touch: ``(U,)``."""
+    return (num_unique_slots(batch * length * self.heads * self.top_k, self.u.shape[0]),)
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
-    raw, idx = self.retrieval(x, mask)                     # [b, l, h, k] float32 / int32
+    ops = kernels.get(kernels.resolve(self.kernel))
+    raw, idx = self.retrieval(x, mask, ops=ops)            # [b, l, h, k] float32 / int32
     g = jax.nn.softmax(raw, axis=-1) if self.score == "softmax" else jax.nn.sigmoid(raw)
     if self.per_head_experts:
       idx = idx + (jnp.arange(self.heads, dtype=idx.dtype) * self.num_experts)[:, None]
     x = x.astype(self.dtype)
     # bld,blhkd->blhk; σ; × g; blhk,blhkd->bld
-    deltas = None
+    taps = rows = None
     if getattr(self, "row_deltas", None) is not None:   # row-sparse training step
-      deltas = (self.row_deltas["u"][...], self.row_deltas["v"][...])
-      self.row_index[...] = idx
-    y = pk.table_mix(x, idx, g.astype(self.dtype), down=self.u[...], up=self.v[...],
-                     activation=ACTIVATIONS[self.activation], deltas=deltas)
+      taps = (self.row_deltas["u"][...], self.row_deltas["v"][...])
+      self.row_index[...] = rows = unique_rows(idx, self.u.shape[0])
+    y = tm.table_mix(x, idx, g.astype(self.dtype), down=self.u[...], up=self.v[...],
+                     activation=ACTIVATIONS[self.activation], ops=ops, taps=taps,
+                     rows=rows)
     y = sharding.constrain(y, ("batch", "length", "embed"))
 
-    sums = pk.score_sum(idx, g, self.u.shape[0], mask)
+    sums = tm.score_sum(idx, g, self.u.shape[0], mask)
     ent = -jnp.sum(g * jnp.log(jnp.maximum(g, 1e-30)), axis=-1) if self.score == "softmax" \
         else jnp.zeros(g.shape[:-1])
     metrics = {
         "experts_hit_frac": jnp.mean((sums > 0).astype(jnp.float32)),
-        "max_score": pk.masked_mean(jax.lax.stop_gradient(g[..., 0]), mask),  # g is sorted
-        "score_entropy": pk.masked_mean(jax.lax.stop_gradient(ent), mask),
+        "max_score": masked_mean(jax.lax.stop_gradient(g[..., 0]), mask),  # g is sorted
+        "score_entropy": masked_mean(jax.lax.stop_gradient(ent), mask),
     }
     return y, Aux(metrics=metrics, counts={"score_sum": sums})
 
@@ -170,4 +183,4 @@ def build(cfg, *, d_model, d_ff, dtype, rngs):
               per_head_experts=cfg.per_head_experts, bn_momentum=cfg.bn_momentum,
               norm_epsilon=cfg.norm_epsilon, query_init_scale=cfg.query_init_scale,
               key_init_scale=cfg.key_init_scale, u_init_scale=cfg.u_init_scale,
-              v_init_scale=cfg.v_init_scale, dtype=dtype, rngs=rngs)
+              v_init_scale=cfg.v_init_scale, kernel=cfg.kernel, dtype=dtype, rngs=rngs)

@@ -7,11 +7,12 @@ outputs are summed::
 
     y = Σ_h Σ_{i ∈ topk_h(x)} softmax_h(s)_i · value_i
 
-Retrieval is :class:`~moejax.layers.product_keys.ProductKeyQuery` (shared with PEER). The
-read is :func:`~moejax.layers.product_keys.gather_weighted_sum`: the forward materialises
-one ``[T, h, k, d]`` gathered tensor (transient, like XLM's EmbeddingBag avoids even that)
-and saves none for the backward, which regathers and scatter-adds one ``[T, h, k, d]``
-row-gradient into a dense ``[N, d]`` gradient.
+Retrieval is :class:`~moejax.layers.query.ProductKeyQuery` (shared with PEER). The read is
+the PEER lookup without its down-projection (:func:`~moejax.layers.table_mix.table_mix`).
+``kernel=reference``: the forward materialises one ``[T, h, k, d]`` gathered tensor and
+saves none for the backward, which regathers and scatter-adds one ``[T, h, k, d]``
+row-gradient into a dense ``[N, d]`` gradient. ``kernel=pallas`` (``auto`` on TPU/GPU):
+fused kernels that fetch rows by DMA and sum gradients per row, no ``[T, h, k, d]`` tensor.
 
 Init: values ~ N(0, value_init_scale² · k / h). With roughly flat softmax weights at init
 Σ_k g² ≈ 1/k per head, so Var(y_j) ≈ Var(value) · h / k ≈ value_init_scale²: an output of
@@ -30,7 +31,11 @@ import ml_collections
 from flax import nnx
 
 from moejax import sharding
-from moejax.layers import product_keys as pk
+from moejax import kernels
+from moejax.kernels.row_plan import num_unique_slots, unique_rows
+from moejax.layers import query as pkq
+from moejax.layers import table_mix as tm
+from moejax.layers.base import masked_mean
 from moejax.layers.base import Aux, TableParam, register_ffn
 
 
@@ -41,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
       "heads": 8,
       "top_k": 32,
       "d_key": 128,              # even
+      "kernel": "auto",          # auto (Pallas on TPU/GPU, reference on CPU) | reference | pallas | interpret
       "query_norm": "batch",     # batch (paper) | layer (causal-safe) | none
       "per_head_keys": True,     # PKM: each head its own sub-keys
       "bn_momentum": 0.99,
@@ -52,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(cfg, config):
-  pk.validate_common("pkm", cfg, n_field="num_keys_sqrt")
+  pkq.validate_common("pkm", cfg, n_field="num_keys_sqrt")
 
 
 class PKM(nnx.Module):
@@ -66,8 +72,10 @@ class PKM(nnx.Module):
                d_key: int = 128, query_norm: str = "batch", per_head_keys: bool = True,
                bn_momentum: float = 0.99, norm_epsilon: float = 1e-5,
                query_init_scale: float = 1.0, key_init_scale: float = 1.0,
-               value_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.retrieval = pk.ProductKeyQuery(
+               value_init_scale: float = 1.0, kernel: str = "auto", dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.kernel = kernel
+    self.retrieval = pkq.ProductKeyQuery(
         d_model, num_keys_sqrt=num_keys_sqrt, heads=heads, top_k=top_k, d_key=d_key,
         per_head_keys=per_head_keys, query_norm=query_norm, bn_momentum=bn_momentum,
         norm_epsilon=norm_epsilon, query_init_scale=query_init_scale,
@@ -82,21 +90,25 @@ class PKM(nnx.Module):
   row_tables = ("values",)
 
   def row_index_shape(self, batch: int, length: int) -> tuple[int, ...]:
-    return (batch, length, self.retrieval.heads, self.retrieval.top_k)
+    """Shape of the distinct rows a row-sparse step can touch: ``(U,)``."""
+    r = self.retrieval
+    return (num_unique_slots(batch * length * r.heads * r.top_k, self.num_slots),)
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
-    raw, idx = self.retrieval(x, mask)
+    ops = kernels.get(kernels.resolve(self.kernel))
+    raw, idx = self.retrieval(x, mask, ops=ops)
     g = jax.nn.softmax(raw, axis=-1)
-    deltas = None
+    taps = rows = None
     if getattr(self, "row_deltas", None) is not None:   # row-sparse training step
-      deltas = (None, self.row_deltas["values"][...])
-      self.row_index[...] = idx
-    y = pk.table_mix(None, idx, g.astype(self.dtype), up=self.values[...], deltas=deltas)
+      taps = (None, self.row_deltas["values"][...])
+      self.row_index[...] = rows = unique_rows(idx, self.num_slots)
+    y = tm.table_mix(None, idx, g.astype(self.dtype), up=self.values[...], ops=ops, taps=taps,
+                     rows=rows)
     y = sharding.constrain(y, ("batch", "length", "embed"))
-    sums = pk.score_sum(idx, g, self.num_slots, mask)
+    sums = tm.score_sum(idx, g, self.num_slots, mask)
     metrics = {
         "slots_hit_frac": jnp.mean((sums > 0).astype(jnp.float32)),
-        "max_score": pk.masked_mean(jax.lax.stop_gradient(g[..., 0]), mask),
+        "max_score": masked_mean(jax.lax.stop_gradient(g[..., 0]), mask),
     }
     return y, Aux(metrics=metrics, counts={"score_sum": sums})
 
@@ -108,4 +120,4 @@ def build(cfg, *, d_model, d_ff, dtype, rngs):
              d_key=cfg.d_key, query_norm=cfg.query_norm, per_head_keys=cfg.per_head_keys,
              bn_momentum=cfg.bn_momentum, norm_epsilon=cfg.norm_epsilon,
              query_init_scale=cfg.query_init_scale, key_init_scale=cfg.key_init_scale,
-             value_init_scale=cfg.value_init_scale, dtype=dtype, rngs=rngs)
+             value_init_scale=cfg.value_init_scale, kernel=cfg.kernel, dtype=dtype, rngs=rngs)

@@ -6,8 +6,10 @@ Adam still reads and writes all N rows of the table and of both moments every st
 Lazy Adam — as in XLM's sparse PKM values and ``torch.optim.SparseAdam`` — updates
 only the rows retrieved in the step:
 
-* gradients arrive as ``(indices [M], row_grads [M, d])`` (M = tokens · h · k, one
-  row per retrieval; duplicates are summed here);
+* gradients arrive as ``(unique rows [U], row_grads [U, d])``: each distinct row retrieved
+  in the step once, its gradient summed over every retrieval (the layer's lookup computes
+  these directly, see ``moejax.kernels.lookup_reference.lookup_sparse``; the Pallas kernels
+  never build a per-retrieval ``[tokens, h, k, d]`` gradient);
 * for those rows only: ``m = b1·m + (1-b1)·g``, ``v = b2·v + (1-b2)·g²``,
   ``row -= lr · m̂ / (√v̂ + eps)`` with the bias correction of the global step;
 * every other row, and its moments, is left as it is.
@@ -16,7 +18,8 @@ How it differs from dense Adam: an untouched row's moments do not decay and it
 does not keep moving on its old momentum; when it is next retrieved its moments
 pick up where they were. After the first step the two agree only on rows that
 were touched every step. Cost: O(M·d + M log M) per table, independent of N
-(the table and moments are updated in place when donated).
+(the table and moments are updated in place when donated); U = min(M, N) with
+M = tokens · h · k.
 """
 
 from __future__ import annotations
@@ -83,11 +86,13 @@ def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps):
 # ----------------------------------------------------------------- wiring into a train step
 #
 # A train step with row-sparse tables (config.optim.table_update='row_sparse'):
-#   1. attach(model, b, l): every layer with ``row_tables`` gets zero RowDeltas
-#      [b, l, h, k, d] and a RowIndex; its forward adds the deltas to the gathered rows;
+#   1. attach(model, b, l): every layer with ``row_tables`` gets zero RowDeltas ("taps")
+#      [U, d] and a RowIndex [U]; its forward stores the distinct rows it retrieved in the
+#      RowIndex and hands the taps to its lookup, whose gradient w.r.t. a tap is the
+#      summed gradient of row RowIndex[s] of the table;
 #   2. differentiate w.r.t. non-table Params and RowDeltas (tables get no gradient);
-#   3. TableAdam.row_grads sums each table's row gradients per row; the global norm for
-#      clipping covers them and the other gradients; TableAdam.apply does lazy Adam;
+#   3. TableAdam.row_grads pairs each table's rows with its tap gradients; the global norm
+#      for clipping covers them and the other gradients; TableAdam.apply does lazy Adam;
 #   4. detach(model), then the usual optax update of every other parameter.
 
 
@@ -138,16 +143,13 @@ class TableAdam(nnx.Object):
     self.b1, self.b2, self.eps = b1, b2, eps
 
   def row_grads(self, model: nnx.Module, delta_grads: nnx.State) -> dict[str, tuple]:
-    """{table key: (unique row ids [M], summed row gradients [M, d])} of this step."""
+    """{table key: (unique row ids [U] (N = padding), summed row gradients [U, d])}."""
     nnx.update(model, delta_grads)          # RowDeltas now hold the row gradients
     out = {}
     for path, layer in row_layers(model):
       for name in layer.row_tables:
-        table = getattr(layer, name)
-        out[_key(path, name)] = dedupe_rows(
-            layer.row_index[...].reshape(-1),
-            layer.row_deltas[name][...].reshape(-1, table.shape[-1]).astype(jnp.float32),
-            table.shape[0])
+        out[_key(path, name)] = (layer.row_index[...],
+                                 layer.row_deltas[name][...].astype(jnp.float32))
     return out
 
   def apply(self, model: nnx.Module, rows: dict[str, tuple], count: jax.Array,

@@ -1,4 +1,5 @@
-"""Product-key retrieval == exhaustive top-k over all N keys; gathered contractions' VJPs."""
+"""The plain-JAX references: product-key top-k == exhaustive top-k over all N keys; the
+gathered contractions' VJPs; per-row score sums."""
 
 import chex
 import jax
@@ -9,7 +10,10 @@ from absl.testing import parameterized
 from jax import enable_x64
 from jax.test_util import check_grads
 
-from moejax.layers import product_keys as pk
+from moejax.kernels import lookup_reference as lr
+from moejax.kernels import retrieval_reference as pk
+from moejax.layers import table_mix
+from moejax.layers.base import masked_mean
 
 
 def _inputs(seed, n, h, hk, d, batch=(3, 5)):
@@ -23,8 +27,8 @@ def _inputs(seed, n, h, hk, d, batch=(3, 5)):
 def _decomposed_brute(q, keys1, keys2, k):
   """All N scores as the same two half-sums the fast path adds (bitwise equal sums)."""
   d, n = q.shape[-1], keys1.shape[1]
-  s1 = pk._half_scores(q[..., : d // 2], keys1)
-  s2 = pk._half_scores(q[..., d // 2:], keys2)
+  s1 = pk.half_scores(q[..., : d // 2], keys1)
+  s2 = pk.half_scores(q[..., d // 2:], keys2)
   full = (s1[..., :, None] + s2[..., None, :]).reshape(*s1.shape[:-1], n * n)
   return jax.lax.top_k(full, k)
 
@@ -57,7 +61,7 @@ class TopKTest(chex.TestCase):
       # Against the materialised N x d_key keys: scores equal; indices where no near-ties.
       bs, bi = pk.brute_force_topk(q, keys1, keys2, k)
       chex.assert_trees_all_close(s, bs, atol=1e-4, rtol=1e-5)
-      full = pk._half_scores(q, pk.full_product_keys(keys1, keys2))
+      full = pk.half_scores(q, pk.full_product_keys(keys1, keys2))
       chex.assert_trees_all_close(jnp.take_along_axis(full, i, -1), s, atol=1e-4, rtol=1e-5)
       top = jax.lax.top_k(full, min(k + 1, n * n))[0]
       gaps = -jnp.diff(top, axis=-1).max(-1)                  # smallest gap, [3, 5, h]
@@ -74,16 +78,16 @@ class TopKTest(chex.TestCase):
     idx = idx.at[0, 0, 0, 1].set(idx[0, 0, 0, 0])        # a repeated row
     x = jax.random.normal(kx, (2, 3, 6))
     w = jax.random.normal(kw, (2, 3, 2, 4))
-    dot = self.variant(pk.gather_dot)
-    wsum = self.variant(pk.gather_weighted_sum)
+    dot = self.variant(lr.gather_dot)
+    wsum = self.variant(lr.gather_weighted_sum)
     chex.assert_trees_all_close(dot(table, idx, x), jnp.einsum("bld,blhkd->blhk", x, table[idx]),
                                 atol=1e-5)
     chex.assert_trees_all_close(wsum(table, idx, w),
                                 jnp.einsum("blhk,blhkd->bld", w, table[idx]), atol=1e-5)
     with enable_x64():
       t64, x64, w64 = (a.astype(jnp.float64) for a in (table, x, w))
-      check_grads(lambda t, x: pk.gather_dot(t, idx, x), (t64, x64), order=1, modes=("rev",))
-      check_grads(lambda t, w: pk.gather_weighted_sum(t, idx, w), (t64, w64), order=1,
+      check_grads(lambda t, x: lr.gather_dot(t, idx, x), (t64, x64), order=1, modes=("rev",))
+      check_grads(lambda t, w: lr.gather_weighted_sum(t, idx, w), (t64, w64), order=1,
                   modes=("rev",))
 
 
@@ -125,6 +129,6 @@ def test_score_sum_and_masked_mean():
   idx = jnp.array([[[[0, 1]], [[1, 2]]]])                 # [1, 2, 1, 2]
   g = jnp.array([[[[0.75, 0.25]], [[0.5, 0.5]]]])
   mask = jnp.array([[True, False]])
-  np.testing.assert_allclose(pk.score_sum(idx, g, 4), [0.75, 0.75, 0.5, 0.0])
-  np.testing.assert_allclose(pk.score_sum(idx, g, 4, mask), [0.75, 0.25, 0.0, 0.0])
-  np.testing.assert_allclose(pk.masked_mean(g[..., 0], mask), 0.75)
+  np.testing.assert_allclose(table_mix.score_sum(idx, g, 4), [0.75, 0.75, 0.5, 0.0])
+  np.testing.assert_allclose(table_mix.score_sum(idx, g, 4, mask), [0.75, 0.25, 0.0, 0.0])
+  np.testing.assert_allclose(masked_mean(g[..., 0], mask), 0.75)
