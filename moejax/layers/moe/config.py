@@ -11,7 +11,7 @@ ROUTERS = ("top_k", "expert_choice", "hash")
 ROUTER_SCORES = ("linear", "attention")
 SECOND_POLICIES = ("all", "sampling", "random")
 PRIORITIES = ("position", "batch")
-DISPATCHES = ("einsum", "dropless", "expert_parallel")
+DISPATCHES = ("einsum", "dropless", "expert_parallel", "dropless_ep")
 DROPLESS_IMPLS = ("auto", "blocked", "ragged_dot", "gmm")
 NOISES = ("none", "jitter", "gaussian")
 
@@ -36,9 +36,14 @@ def default_config() -> ml_collections.ConfigDict:
       "group_size": 0,               # tokens per routing group; 0: one group per sequence
       "priority": "position",        # capacity goes to: position (first tokens) | batch (BPR, top-1 prob)
       "dispatch": "einsum",          # einsum (GShard masks) | dropless (sorted, grouped matmul) |
-                                     # expert_parallel (all_to_all in shard_map)
+                                     # expert_parallel (all_to_all in shard_map) |
+                                     # dropless_ep (ragged_all_to_all; TPU/GPU, on CPU it
+                                     # runs expert_parallel, with a note in the log)
       "dropless_impl": "auto",       # auto | blocked (CPU) | ragged_dot | gmm (megablox, TPU)
       "dropless_block": 0,           # rows per block of the blocked path; 0: auto
+      "ep_buffer_factor": 0.0,       # dropless_ep receive buffer: <= 0: worst case (never
+                                     # drops; grows with the expert shards); > 0: this times
+                                     # the balanced load, overflow rows dropped
       "balance_loss_weight": 0.01,   # Switch load balancing loss weight
       "z_loss_weight": 0.001,        # router z-loss weight
       "d_ff": 0,                     # hidden size of each expert; 0: model.d_ff
@@ -84,7 +89,7 @@ def validate(cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict) 
       if cfg[f] <= 0:
         raise _err(f, cfg[f], "expert_choice needs a capacity factor > 0 (average experts per token)",
                    f"set --config.moe.{f}=2.0")
-    if cfg.dispatch == "dropless":
+    if cfg.dispatch in ("dropless", "dropless_ep"):
       raise _err("dispatch", cfg.dispatch, "expert_choice is capacity-based, it has no dropless form",
                  "set --config.moe.dispatch=einsum")
   if cfg.router == "hash" and cfg.router_noise != "none":

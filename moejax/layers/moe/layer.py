@@ -3,7 +3,8 @@
 Flow of one call (B batch, L length, D embed, G groups, S tokens per group, E experts)::
 
   x [B, L, D] -> groups [G, S, D] -> router logits [G, S, E] (float32)
-    -> plan (routing.py) -> dispatch (einsum | dropless | expert_parallel) -> [G, S, D]
+    -> plan (routing.py) -> dispatch (einsum | dropless | expert_parallel | dropless_ep,
+       dispatch.DISPATCH_MODES) -> [G, S, D]
     -> + shared experts -> y [B, L, D],  aux (losses, metrics, counts['load'] [E])
 """
 
@@ -53,6 +54,7 @@ class MoE(nnx.Module):
     self.dispatch = cfg.dispatch
     self.dropless_impl = cfg.dropless_impl
     self.dropless_block = cfg.dropless_block
+    self.ep_buffer_factor = cfg.ep_buffer_factor
     self.balance_loss_weight = cfg.balance_loss_weight
     self.z_loss_weight = cfg.z_loss_weight
     self.hash_seed = cfg.hash_seed
@@ -80,7 +82,7 @@ class MoE(nnx.Module):
       self.rngs = nnx.data(None)
 
   def _capacity(self, group_size: int, train: bool) -> int | None:
-    if self.dispatch == "dropless":
+    if dispatch_lib.resolve_dispatch(self.dispatch)[1].dropless:
       return None
     factor = self.capacity_factor_train if train else self.capacity_factor_eval
     k = 1 if self.router_kind == "expert_choice" else self.top_k
@@ -136,14 +138,12 @@ class MoE(nnx.Module):
     plan, logits = self.route(xg, mg, tg)
 
     weights = self.experts.weights(self.dtype)
-    if self.dispatch == "dropless":
-      y = dispatch_lib.dropless_dispatch(xg, plan, weights, self.activation,
-                                         impl=self.dropless_impl, block=self.dropless_block)
-    elif self.dispatch == "expert_parallel":
+    _, mode = dispatch_lib.resolve_dispatch(self.dispatch)
+    if mode.splits_groups:
       self._check_mesh(b, l, g)
-      y = dispatch_lib.expert_parallel_dispatch(xg, plan, weights, self.activation)
-    else:
-      y = dispatch_lib.einsum_dispatch(xg, plan, weights, self.activation)
+    opts = dispatch_lib.DispatchOptions(impl=self.dropless_impl, block=self.dropless_block,
+                                        buffer_factor=self.ep_buffer_factor)
+    y, plan = mode.apply(xg, plan, weights, self.activation, opts)
     y = sharding.constrain(y, ("groups", None, "embed")).reshape(b, l, d)
     if self.shared is not None:
       y = y + self.shared(x, mask=mask)[0]
@@ -151,7 +151,7 @@ class MoE(nnx.Module):
 
   def _check_mesh(self, b: int = 0, l: int = 0, g: int = 0) -> None:
     """Raises ConfigError unless the experts split evenly over the ``expert`` shards and,
-    for ``dispatch=expert_parallel`` (``g > 0``), shard_map can split the ``g`` routing
+    for the shard_map dispatches (``g > 0``), shard_map can split the ``g`` routing
     groups over the ``groups`` (data x expert) shards. Runs under the active mesh, at
     construction and at trace time: ``validate`` cannot resolve ``mesh.expert=-1``."""
     e_axes = sharding.mesh_axes("expert")
@@ -180,7 +180,7 @@ class MoE(nnx.Module):
         fix = f"set {batch_fix}" + (f" or --config.moe.group_size={size}" if size else "")
       raise config_error(
           field, value,
-          f"dispatch=expert_parallel splits the {g} routing groups of {self.group_size or l} "
+          f"dispatch={self.dispatch} splits the {g} routing groups of {self.group_size or l} "
           f"tokens over {n_g} data x expert shards, which must divide {g}", fix)
 
   def _aux(self, plan, logits, mask) -> Aux:
