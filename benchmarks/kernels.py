@@ -19,7 +19,7 @@ token) and N = n² table rows for each n of --ns (skipped when the estimate does
 4. if ``moejax.kernels.retrieval_gpu`` imports: product-key top-k kernel vs reference, and
    the PEER layer core = retrieval + softmax + lookup, fwd+bwd, kernels vs references.
 
-TPU section: :func:`tpu_section` (a stub for now).
+TPU section (``--section tpu``, any machine with libtpu): compiled per-device memory of the\nPEER layer core fwd+bwd for v5e:2x2 and v5p:2x2x1, Pallas vs reference; last line: the ratio.
 """
 
 from __future__ import annotations
@@ -357,14 +357,62 @@ def gpu_section(a):
 # -------------------------------------------------------------------------- TPU
 
 
-def tpu_section(a):
-  """TPU section: a stub for now.
+def _layer_core_loss(topk, lookup, k, activation):
+  """PEER layer core: retrieval + softmax + lookup; loss = Σ y·dy (its grads = fwd + bwd)."""
+  f32 = jnp.float32
 
-  To fill in: compiled memory (``jax.jit(f).lower(...).compile().memory_analysis()``) of
-  the lookup / retrieval kernels per TPU topology (AOT, see moejax.kernels.aot).
+  def loss(q, k1, k2, x, up, down, dy):
+    s, i = topk(q, k1, k2, k)
+    w = jax.nn.softmax(s.astype(f32), -1).astype(x.dtype)
+    y = lookup(x, i, w, up, down, activation=activation)
+    return jnp.sum(y.astype(f32) * dy.astype(f32))
+  return loss
+
+
+def tpu_section(a):
+  """Compiled per-device memory of the PEER layer core fwd+bwd for TPU slices (libtpu AOT
+  from this host, nothing runs): Pallas TPU kernels vs the plain-JAX references.
+
+  Shape: --tokens, --d, --heads, --top_k, --d_key and the first n of --ns; f32 tables and
+  activations (moejax keeps tables in f32). The last line is the memory ratio on v5p.
   """
-  del a
-  print("\n# TPU section\nnot implemented yet (stub: compiled memory per TPU topology)")
+  from moejax.kernels import aot, lookup_reference, lookup_tpu, retrieval_reference
+  from moejax.kernels import retrieval_tpu
+  print("\n# TPU section: compiled memory per device (libtpu AOT, no TPU needed)")
+  if not aot.libtpu_available():
+    print("no libtpu (pip install 'jax[tpu]'): skipped")
+    return
+  t, h, k, d, dk = a.tokens, a.heads, a.top_k, a.d, a.d_key
+  f32 = jnp.float32
+  sds = jax.ShapeDtypeStruct
+  impls = {"pallas": (retrieval_tpu.product_key_topk, lookup_tpu.lookup),
+           "reference": (retrieval_reference.product_key_topk, lookup_reference.lookup)}
+  print(f"PEER layer core fwd+bwd, T={t}, d={d}, h={h}, k={k}, d_key={dk}, f32")
+  print("| topology | N | kernels | compile | temp GiB | args GiB | compile s |")
+  print("|---|---|---|---|---|---|---|")
+  temps = {}
+  n0 = int(a.ns.split(",")[0])
+  # A v5e chip (16 GiB) cannot hold two f32 [N, d] tables and their gradients at N = 1024²,
+  # d = 1024 whatever the kernels: it gets a quarter of the rows.
+  for topology, n in (("v5e:2x2", n0 // 2), ("v5p:2x2x1", n0)):
+    args = (sds((t, h, dk), f32), sds((1, n, dk // 2), f32), sds((1, n, dk // 2), f32),
+            sds((t, d), f32), sds((n * n, d), f32), sds((n * n, d), f32), sds((t, d), f32))
+    for name, (topk, lookup) in impls.items():
+      fn = jax.grad(_layer_core_loss(topk, lookup, k, a.activation), argnums=tuple(range(6)))
+      t0 = time.perf_counter()
+      try:
+        mem = aot.memory(aot.compile_for_tpu(fn, *args, topology=topology, per_device=True))
+        temps[topology, name] = mem["temp"]
+        print(f"| {topology} | {n}² | {name} | ok | {mem['temp'] / GiB:.2f} | "
+              f"{mem['argument'] / GiB:.2f} | {time.perf_counter() - t0:.0f} |")
+      except Exception as e:  # noqa: BLE001  (out of HBM is a compile error)
+        why = "out of HBM" if "RESOURCE_EXHAUSTED" in str(e) else type(e).__name__
+        print(f"| {topology} | {n}² | {name} | FAILED: {why} | - | - | "
+              f"{time.perf_counter() - t0:.0f} |")
+  ref, fused = temps.get(("v5p:2x2x1", "reference")), temps.get(("v5p:2x2x1", "pallas"))
+  if ref and fused is not None:
+    print(f"TPU memory ratio (pallas / reference temp, PEER layer fwd+bwd, v5p:2x2x1): "
+          f"{fused / ref:.4f}")
 
 
 def main(argv=None):

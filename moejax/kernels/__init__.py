@@ -10,7 +10,8 @@ Modules:
   retrieval_tpu / retrieval_gpu, lookup_tpu / lookup_gpu   the Pallas kernels
 
 Selection (``peer.kernel`` / ``pkm.kernel``):
-  auto       Pallas on TPU and GPU, the reference on CPU
+  auto       Pallas on TPU and GPU, the reference on CPU (and on TPU for table widths that
+             are not a multiple of 128)
   reference  plain JAX everywhere
   pallas     Pallas for the target platform (TPU: Mosaic, GPU: Triton); an error on CPU
   interpret  the TPU kernels in Pallas interpret mode (runs on CPU; tests, debugging)
@@ -75,23 +76,39 @@ _IMPLS = {
 }
 
 
-def resolve(choice: str, platform: str | None = None) -> str:
+# Table widths the TPU lookup kernel takes (rows are DMA'd into lane-aligned VMEM tiles).
+TPU_WIDTH_MULTIPLE = 128
+
+
+def resolve(choice: str, platform: str | None = None, *, width: int | None = None) -> str:
   """Config choice -> implementation name (``reference`` | ``tpu`` | ``gpu`` | ``interpret``).
 
-  Raises ValueError (one line, with the fix) for a choice that cannot run on ``platform``.
+  ``width``: the table row length (d_model); ``auto`` falls back to the reference where the
+  kernel cannot take it. Raises ValueError (one line, with the fix) for a choice that cannot
+  run on ``platform`` or at that width.
   """
   platform = platform or current_platform()
   if choice not in CHOICES:
     raise ValueError(f"kernel={choice!r} is not one of {list(CHOICES)}")
-  if choice == "reference" or choice == "interpret":
+  if choice == "reference":
     return choice
   if choice == "auto":
-    return platform if platform in ("tpu", "gpu") else "reference"
-  if platform not in ("tpu", "gpu"):
-    raise ValueError(f"kernel='pallas' needs a TPU or GPU, but the platform is {platform!r} "
+    impl = platform if platform in ("tpu", "gpu") else "reference"
+  elif choice == "interpret":
+    impl = "interpret"
+  elif platform not in ("tpu", "gpu"):
+    raise ValueError(f"kernel={choice!r} needs a TPU or GPU, but the platform is {platform!r} "
                      "(use kernel=auto or reference, or kernel=interpret to run the TPU "
                      "kernels in interpret mode)")
-  return platform
+  else:
+    impl = platform
+  if impl in ("tpu", "interpret") and width is not None and width % TPU_WIDTH_MULTIPLE:
+    if choice == "auto":
+      return "reference"
+    raise ValueError(f"kernel={choice!r} needs a table width (d_model) that is a multiple of "
+                     f"{TPU_WIDTH_MULTIPLE} on TPU, got {width} (use kernel=auto, which falls "
+                     "back to the reference, or pad d_model)")
+  return impl
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,10 +8,17 @@ executable reports per-device memory and cost, and Mosaic kernels are checked fo
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+  # Compiling for TPU from a CPU host: several processes (tests, tools) may load libtpu at
+  # once, which its machine-wide lock file would refuse. Never set on a TPU VM.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def libtpu_available() -> bool:
@@ -30,11 +37,13 @@ def topology_devices(topology: str) -> tuple:
 
 
 def compile_for_tpu(fn, *args, topology: str = "v5e:2x2", in_specs=None, out_specs=None,
-                    mesh_axes: tuple[str, ...] = ("x",)):
+                    mesh_axes: tuple[str, ...] = ("x",), per_device: bool = False):
   """``jax.jit(fn)`` compiled for ``topology``; ``args`` are arrays or ShapeDtypeStructs.
 
   Without specs every argument is replicated on a 1-D mesh of all the topology's devices
-  (per-device memory is then that of one device running ``fn`` alone).
+  (per-device memory is then that of one device running ``fn`` alone). ``per_device``:
+  run ``fn`` inside ``shard_map`` on every device (what a Pallas TPU kernel, which GSPMD
+  cannot partition, needs when ``fn`` does not place one in a ``shard_map`` itself).
   """
   devices = np.array(topology_devices(topology))
   mesh = Mesh(devices.reshape(-1) if len(mesh_axes) == 1 else devices.reshape(
@@ -45,6 +54,8 @@ def compile_for_tpu(fn, *args, topology: str = "v5e:2x2", in_specs=None, out_spe
   kw = {}
   if out_specs is not None:
     kw["out_shardings"] = jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs)
+  if per_device:
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=P(), check_vma=False)
   from moejax import kernels
   with kernels.target_platform("tpu"):
     return jax.jit(fn, **kw).lower(*abstract).compile()

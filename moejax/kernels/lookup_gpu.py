@@ -383,13 +383,15 @@ def _row_backward_kernel(*refs, h, m, u_slots, n, d, bu, be, bd, dense):
   if dense:
     rows = _ld1(unique_ref, ui, um, n)
     rm = um & (rows >= 0) & (rows < n)
-    _st(out_ref, rows[:, None], cols[None, :], acc, rm[:, None] & cm[None, :])
+    _st(out_ref, rows[:, None], cols[None, :], acc.astype(out_ref.dtype),
+        rm[:, None] & cm[None, :])
   else:
-    _st(out_ref, ui[:, None], cols[None, :], acc, um[:, None] & cm[None, :])
+    _st(out_ref, ui[:, None], cols[None, :], acc.astype(out_ref.dtype),
+        um[:, None] & cm[None, :])
 
 
-def _gpu_row_backward(plan: RowPlan, vectors, coefs, num_rows, dense, *, config,
-                      interpret):
+def _gpu_row_backward(plan: RowPlan, vectors, coefs, num_rows, dense, out_dtype=jnp.float32, *,
+                      config, interpret):
   m = plan.order.shape[0]
   u_slots = plan.unique.shape[0]
   t, d = vectors.shape
@@ -403,13 +405,14 @@ def _gpu_row_backward(plan: RowPlan, vectors, coefs, num_rows, dense, *, config,
   order = plan.order.astype(jnp.int32)
   starts = plan.starts.astype(jnp.int32)
   if dense:
-    zeros = jnp.zeros((num_rows, d), jnp.float32)
+    # Rows are summed in f32 and stored once in the table's dtype (no f32 [N, d] + cast).
+    zeros = jnp.zeros((num_rows, d), out_dtype)
     args = (order, starts, plan.unique.astype(jnp.int32), vectors, coefs, zeros)
-    out_shape = jax.ShapeDtypeStruct((num_rows, d), jnp.float32)
+    out_shape = jax.ShapeDtypeStruct((num_rows, d), out_dtype)
     aliases = {5: 0}
   else:
     args = (order, starts, vectors, coefs)
-    out_shape = jax.ShapeDtypeStruct((u_slots, d), jnp.float32)
+    out_shape = jax.ShapeDtypeStruct((u_slots, d), out_dtype)
     aliases = {}
   return pl.pallas_call(
       kernel,

@@ -393,7 +393,11 @@ def _row_kernel(vid_ref, coef_ref, dest_ref, last_ref, vec_hbm, zeros_hbm, out_h
         emit_wait(k)
 
 
-def _row_backward(plan: RowPlan, vectors, coefs, num_rows, dense, *, interpret=False):
+def _row_backward(plan: RowPlan, vectors, coefs, num_rows, dense, out_dtype=None, *,
+                  interpret=False):
+  # Rows are written as f32 (one-row DMAs of bf16 would need row pairs); ``out_dtype`` is
+  # left to the caller's cast.
+  del out_dtype
   m = plan.order.shape[0]
   t, d = vectors.shape
   _check_width(d)
@@ -453,7 +457,8 @@ def lookup(x, indices, scores, up, down=None, *, activation="gelu_tanh", interpr
   return _ops(interpret)[0](x, indices, scores, up, down, activation=activation)
 
 
-def lookup_sparse(x, indices, scores, up, down, taps, *, activation="gelu_tanh",
+def lookup_sparse(x, indices, scores, up, down, taps, *, activation="gelu_tanh", rows=None,
                   interpret=False):
   """:func:`moejax.kernels.lookup_reference.lookup_sparse` with TPU kernels (tap grads)."""
-  return _ops(interpret)[1](x, indices, scores, up, down, taps, activation=activation)
+  return _ops(interpret)[1](x, indices, scores, up, down, taps, activation=activation,
+                            rows=rows)

@@ -11,12 +11,12 @@ A backend supplies three pieces (:class:`LookupKernels`) on token-flattened arra
     for PKM), ``dscores [T, H]`` and the per-retrieval row coefficients: the gradient of
     row ``down[idx[t,j]]`` is ``alpha[t,j] · x_t`` (None for PKM), that of ``up[idx[t,j]]``
     is ``beta[t,j] · dy_t``.
-* ``row_backward(plan, vectors, coefs, num_rows, dense) -> [N or U, d]``
+* ``row_backward(plan, vectors, coefs, num_rows, dense, out_dtype) -> [N or U, d]``
     pass 2, row-major: for each distinct row ``u`` of ``plan``,
     ``G[u] = Σ_{e in run u} coefs[e] · vectors[e // H]`` (``coefs [M]`` flat in retrieval
     order), written at ``plan.unique[u]`` of a zero ``[N, d]`` gradient (``dense``) or as
     the compact ``[U, d]`` rows lazy Adam consumes. No atomics: each row is one sum in a
-    fixed order.
+    fixed order (in f32; stored as ``out_dtype`` where the backend can, else f32).
 
 so nothing of size ``[T, H, d]`` exists in forward or backward. :func:`make_lookup` turns
 the pieces into ``lookup`` / ``lookup_sparse`` with the signatures of
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from moejax.kernels import activations
 from moejax.kernels.lookup_reference import match_vma
-from moejax.kernels.row_plan import RowPlan, row_plan, unique_rows
+from moejax.kernels.row_plan import RowPlan, row_plan
 
 
 class LookupKernels(NamedTuple):
@@ -72,7 +72,8 @@ def _jax_token_backward(x, idx, scores, up, down, dy, activation):
   return dx.astype(x.dtype), (dw * s).astype(scores.dtype), da, g * s
 
 
-def _jax_row_backward(plan: RowPlan, vectors, coefs, num_rows, dense):
+def _jax_row_backward(plan: RowPlan, vectors, coefs, num_rows, dense, out_dtype=jnp.float32):
+  del out_dtype   # f32; the glue casts
   h = plan.order.shape[0] // vectors.shape[0]
   contrib = coefs[plan.order][:, None] * vectors[plan.order // h].astype(jnp.float32)
   seg = jnp.searchsorted(plan.starts[1:], jnp.arange(plan.order.shape[0]), side="right")
@@ -113,9 +114,10 @@ def make_lookup(kernels: LookupKernels):
     dyf = dy.reshape(-1, dy.shape[-1])
     dx, dsc, alpha, beta = kernels.token_backward(xf, idx, sc, up, down, dyf, activation)
     plan = row_plan(idx, up.shape[0])
-    d_up = kernels.row_backward(plan, dyf, beta.reshape(-1), up.shape[0], dense)
+    out_dtype = up.dtype if dense else jnp.float32
+    d_up = kernels.row_backward(plan, dyf, beta.reshape(-1), up.shape[0], dense, out_dtype)
     d_down = None if down is None else kernels.row_backward(
-        plan, xf, alpha.reshape(-1), up.shape[0], dense)
+        plan, xf, alpha.reshape(-1), up.shape[0], dense, out_dtype)
     dx = None if dx is None else dx.reshape(x.shape).astype(x.dtype)
     return dx, dsc.reshape(scores.shape).astype(scores.dtype), d_up, d_down, plan.unique
 
@@ -135,24 +137,27 @@ def make_lookup(kernels: LookupKernels):
 
   _dense.defvjp(_dense_fwd, _dense_bwd)
 
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-  def _sparse(x, indices, scores, up, down, tap_up, tap_down, rows, activation):
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+  def _sparse(x, indices, scores, up, down, tap_up, tap_down, rows, activation, own_rows):
     del tap_up, tap_down, rows   # gradient sinks: zeros, values not read
     return forward(x, indices, scores, up, down, activation)
 
-  def _sparse_fwd(x, indices, scores, up, down, tap_up, tap_down, rows, activation):
+  def _sparse_fwd(x, indices, scores, up, down, tap_up, tap_down, rows, activation, own_rows):
     return (forward(x, indices, scores, up, down, activation),
             (x, indices, scores, up, down, tap_up, tap_down, rows))
 
-  def _sparse_bwd(activation, res, dy):
+  def _sparse_bwd(activation, own_rows, res, dy):
     x, indices, scores, up, down, tap_up, tap_down, rows = res
     dx, dsc, d_up, d_down, plan_unique = backward(x, indices, scores, up, down, dy, activation,
                                                   False)
-    # The kernels' compact rows are this call's distinct rows; the taps' slots are ``rows``
-    # (e.g. of the whole batch when this is one batch shard): place them, sum the shards.
-    slots = jnp.searchsorted(rows, plan_unique)
-    place = lambda g, tap: match_vma(jnp.zeros(tap.shape, jnp.float32).at[slots].add(
-        g.astype(jnp.float32), mode="drop").astype(tap.dtype), tap)
+    if own_rows:   # the taps' slots are this call's distinct rows: the compact grads as they are
+      place = lambda g, tap: match_vma(g.astype(tap.dtype), tap)
+    else:
+      # The taps' slots are ``rows`` (e.g. of the whole batch when this call is one batch
+      # shard): place this call's compact rows there; the shards' cotangents are summed.
+      slots = jnp.searchsorted(rows, plan_unique)
+      place = lambda g, tap: match_vma(jnp.zeros(tap.shape, jnp.float32).at[slots].add(
+          g.astype(jnp.float32), mode="drop").astype(tap.dtype), tap)
     return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores),
             jnp.zeros_like(up), None if down is None else jnp.zeros_like(down),
             place(d_up, tap_up), None if tap_down is None else place(d_down, tap_down), None)
@@ -164,8 +169,9 @@ def make_lookup(kernels: LookupKernels):
 
   def lookup_sparse(x, indices, scores, up, down, taps, *, activation="gelu_tanh", rows=None):
     tap_down, tap_up = taps
-    if rows is None:
-      rows = unique_rows(indices, up.shape[0])
-    return _sparse(x, indices, scores, up, down, tap_up, tap_down, rows, activation)
+    own_rows = rows is None
+    if own_rows:
+      rows = jnp.zeros((0,), jnp.int32)    # unused: the slots are this call's distinct rows
+    return _sparse(x, indices, scores, up, down, tap_up, tap_down, rows, activation, own_rows)
 
   return lookup, lookup_sparse

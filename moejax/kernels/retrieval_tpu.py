@@ -216,7 +216,8 @@ def topk_forward(queries, keys1, keys2, k: int, *, interpret=False,
 
 def with_rescore_vjp(forward):
   """Wrap ``forward(queries, keys1, keys2) -> (scores, indices)`` in a custom VJP whose
-  backward is the VJP of :func:`retrieval_reference.rescore` at the returned indices."""
+  backward is the VJP of :func:`retrieval_reference.rescore` at the returned indices
+  (chunked over tokens: :func:`retrieval_reference.rescore_vjp`)."""
 
   @jax.custom_vjp
   def f(queries, keys1, keys2):
@@ -229,8 +230,7 @@ def with_rescore_vjp(forward):
   def bwd(res, cts):
     queries, keys1, keys2, idx = res
     g_scores, _ = cts
-    _, vjp = jax.vjp(lambda q, a, b: ref.rescore(q, a, b, idx), queries, keys1, keys2)
-    return vjp(g_scores.astype(jnp.float32))
+    return ref.rescore_vjp(queries, keys1, keys2, idx, g_scores)
 
   f.defvjp(fwd, bwd)
   return f

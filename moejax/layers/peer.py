@@ -87,7 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(cfg, config):
   from moejax.errors import ConfigError
-  pkq.validate_common("peer", cfg, n_field="num_experts_sqrt")
+  pkq.validate_common("peer", cfg, n_field="num_experts_sqrt",
+                      width=config.model.d_model)
   if cfg.activation not in ACTIVATIONS:
     raise ConfigError(f"config.peer.activation={cfg.activation!r}: must be one of "
                       f"{sorted(ACTIVATIONS)} (set --config.peer.activation=gelu)")
@@ -147,7 +148,7 @@ class PEER(nnx.Module):
     return (num_unique_slots(batch * length * self.heads * self.top_k, self.u.shape[0]),)
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
-    ops = kernels.get(kernels.resolve(self.kernel))
+    ops = kernels.get(kernels.resolve(self.kernel, width=x.shape[-1]))
     raw, idx = self.retrieval(x, mask, ops=ops)            # [b, l, h, k] float32 / int32
     g = jax.nn.softmax(raw, axis=-1) if self.score == "softmax" else jax.nn.sigmoid(raw)
     if self.per_head_experts:

@@ -58,7 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(cfg, config):
-  pkq.validate_common("pkm", cfg, n_field="num_keys_sqrt")
+  pkq.validate_common("pkm", cfg, n_field="num_keys_sqrt",
+                      width=config.model.d_model)
 
 
 class PKM(nnx.Module):
@@ -95,7 +96,7 @@ class PKM(nnx.Module):
     return (num_unique_slots(batch * length * r.heads * r.top_k, self.num_slots),)
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
-    ops = kernels.get(kernels.resolve(self.kernel))
+    ops = kernels.get(kernels.resolve(self.kernel, width=x.shape[-1]))
     raw, idx = self.retrieval(x, mask, ops=ops)
     g = jax.nn.softmax(raw, axis=-1)
     taps = rows = None

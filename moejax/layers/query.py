@@ -163,7 +163,7 @@ class ProductKeyQuery(nnx.Module):
     return sharding.constrain(scores, names), sharding.constrain(indices, names)
 
 
-def validate_common(section: str, cfg, *, n_field: str) -> None:
+def validate_common(section: str, cfg, *, n_field: str, width: int) -> None:
   """Checks the fields PEER and PKM share; raises ConfigError (one line)."""
   from moejax.errors import config_error
 
@@ -185,7 +185,7 @@ def validate_common(section: str, cfg, *, n_field: str) -> None:
     raise fail("kernel", f"must be one of {list(kernels.CHOICES)}",
                f"set --config.{section}.kernel=auto")
   try:
-    kernels.resolve(cfg.kernel)
+    kernels.resolve(cfg.kernel, width=width)
   except ValueError as e:
     raise fail("kernel", str(e).split(" (")[0].replace(f"kernel={cfg.kernel!r} ", ""),
                f"set --config.{section}.kernel=auto, or interpret to run the TPU kernels "

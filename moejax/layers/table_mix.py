@@ -71,6 +71,9 @@ def table_mix(x: jax.Array | None, indices: jax.Array, scores: jax.Array, *, up:
       raise ValueError("row-sparse table updates need unsharded tables (table_rows and "
                        "table_embed on mesh axes of size 1)")
     tap_down, tap_up = taps
+    batch_ax = () if mesh.empty else sharding.mesh_axes("batch")
+    if not batch_ax or not _divides(indices.shape[0], batch_ax):
+      return ops.lookup_sparse(x, indices, scores, up, down, taps, activation=activation)
     return _batch_parallel(
         lambda x, i, s, up, down, t_down, t_up, rows: ops.lookup_sparse(
             x, i, s, up, down, (t_down, t_up), activation=activation, rows=rows),

@@ -132,3 +132,16 @@ def test_score_sum_and_masked_mean():
   np.testing.assert_allclose(table_mix.score_sum(idx, g, 4), [0.75, 0.75, 0.5, 0.0])
   np.testing.assert_allclose(table_mix.score_sum(idx, g, 4, mask), [0.75, 0.25, 0.0, 0.0])
   np.testing.assert_allclose(masked_mean(g[..., 0], mask), 0.75)
+
+
+@pytest.mark.parametrize("hk", [1, 2])
+def test_chunked_rescore_vjp_equals_plain_vjp(hk):
+  """The retrieval kernels' backward: gradients through the selected scores, chunked."""
+  q, keys1, keys2 = _inputs(4, 16, 2, hk, 8, batch=(3, 7))
+  _, i = pk.product_key_topk(q, keys1, keys2, 4)
+  g = jax.random.normal(jax.random.key(5), i.shape)
+  _, vjp = jax.vjp(lambda q, a, b: pk.rescore(q, a, b, i), q, keys1, keys2)
+  want = vjp(g)
+  for chunk in (1, 4, 21, 64):    # 21 tokens: exact, padded and single-chunk cases
+    chex.assert_trees_all_close(pk.rescore_vjp(q, keys1, keys2, i, g, chunk_tokens=chunk),
+                                want, atol=1e-5, rtol=1e-5)
