@@ -49,6 +49,17 @@ def default_config() -> ml_collections.ConfigDict:
       "tie_embeddings": False,
       "rope_theta": 10000.0,
       "norm_eps": 1e-6,
+      # Rematerialisation per block: none | full (save only block inputs) | save_dots (save
+      # matmul outputs without batch dims: projections, not attention scores) | save_named
+      # (save only the activations named in model.remat_names).
+      "remat": "none",
+      "remat_names": "attn_out,ffn_in",  # names for remat=save_named (see moejax.model.REMAT_NAMES)
+      # Run repeating blocks under nnx.scan (params stacked on a leading 'layers' axis);
+      # blocks that break the repetition run unscanned. Changes the checkpoint layout.
+      "scan_layers": False,
+      # Tokens per chunk of the vocabulary loss (the f32 logits of only this many tokens
+      # exist at once, recomputed in the backward); 0: plain loss on full logits.
+      "loss_chunk": 0,
   })
   for name, kind in sorted(FFN_REGISTRY.items()):
     c[name] = kind.default_config()
@@ -204,6 +215,19 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise _fail("model.sparse_layers", m.sparse_layers,
                 f"not none|all|middle|every:K[:OFFSET]|indices below num_layers={m.num_layers}",
                 "e.g. --config.model.sparse_layers=middle") from None
+  from moejax.model import REMAT_NAMES, REMAT_POLICIES
+  if m.remat not in REMAT_POLICIES:
+    raise _fail("model.remat", m.remat, f"must be one of {'|'.join(REMAT_POLICIES)}",
+                "set --config.model.remat=full (least memory) or none")
+  names = [n.strip() for n in m.remat_names.split(",") if n.strip()]
+  bad = [n for n in names if n not in REMAT_NAMES]
+  if bad or (m.remat == "save_named" and not names):
+    raise _fail("model.remat_names", m.remat_names,
+                f"must be a comma list of {','.join(REMAT_NAMES)}" + ("" if bad else " (non-empty)"),
+                "e.g. --config.model.remat_names=attn_out,ffn_in")
+  if m.loss_chunk < 0:
+    raise _fail("model.loss_chunk", m.loss_chunk, "must be >= 0 (0 = plain loss)",
+                "set --config.model.loss_chunk=0 or e.g. 4096")
   for name in {m.ffn, m.sparse_ffn}:
     if FFN_REGISTRY[name].validate is not None:
       FFN_REGISTRY[name].validate(cfg[name], cfg)

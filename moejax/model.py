@@ -3,6 +3,17 @@
 Which kind each block uses is config (``model.ffn`` everywhere, ``model.sparse_ffn``
 at the blocks named by ``model.sparse_layers``), so MoE, PEER and PKM layers plug
 in without this file knowing them.
+
+What makes big configs fit (all config, none changes the maths):
+
+* ``model.remat``: each block runs under ``nnx.remat`` with a policy (:data:`REMAT_POLICIES`);
+  ``save_named`` keeps only the activations named with ``checkpoint_name`` (:data:`REMAT_NAMES`).
+* ``model.scan_layers``: repeating blocks run under ``nnx.scan`` (:func:`plan_layout`); their
+  variables are stacked on a leading ``'layers'`` axis. The stack is built from the same
+  per-block init as the unscanned model, so both layouts start from equal weights
+  (:func:`to_layout` converts a variable tree between them).
+* :meth:`Transformer.hidden` + :meth:`Transformer.output_projection` give what a loss that
+  never holds all logits needs (``moejax.layers.vocab_loss``); ``__call__`` still gives logits.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax import sharding
 from moejax.config import parse_sparse_layers
@@ -18,6 +30,23 @@ from moejax.layers import Aux, build_ffn
 from moejax.layers.attention import Attention, RMSNorm
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Activations a block names for remat=save_named (saved; everything else is recomputed).
+REMAT_NAMES = ("attn_out", "ffn_in", "ffn_out")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_named")
+
+
+def remat_policy(name: str, names: str | tuple[str, ...] = ("attn_out", "ffn_in")):
+  """The ``jax.checkpoint`` policy of ``model.remat`` (``full``: save only block inputs)."""
+  if name == "full":
+    return None
+  if name == "save_dots":  # projections saved; attention scores and softmax recomputed
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if name == "save_named":
+    if isinstance(names, str):
+      names = tuple(n.strip() for n in names.split(",") if n.strip())
+    return jax.checkpoint_policies.save_only_these_names(*names)
+  raise ValueError(f"no remat policy for {name!r}")
 
 
 class Block(nnx.Module):
@@ -35,32 +64,174 @@ class Block(nnx.Module):
                          rngs=rngs)
 
   def __call__(self, x, positions, mask) -> tuple[jax.Array, Aux]:
-    x = x + self.attn(self.attn_norm(x), positions).astype(x.dtype)
-    y, aux = self.ffn(self.ffn_norm(x), mask=mask)
-    x = x + y.astype(x.dtype)
+    a = checkpoint_name(self.attn(self.attn_norm(x), positions).astype(x.dtype), "attn_out")
+    x = x + a
+    h = checkpoint_name(self.ffn_norm(x), "ffn_in")
+    y, aux = self.ffn(h, mask=mask)
+    x = x + checkpoint_name(y.astype(x.dtype), "ffn_out")
     return sharding.constrain(x, ("batch", "length", "embed")), aux
 
 
+class Group(nnx.Module):
+  """Consecutive blocks that repeat as a unit under ``nnx.scan`` (variables stacked)."""
+
+  def __init__(self, blocks: list[Block]):
+    self.blocks = nnx.List(blocks)
+
+
+def _has_row_tables(module: nnx.Module) -> bool:
+  return any(getattr(m, "row_tables", ()) for _, m in nnx.iter_modules(module))
+
+
+def plan_layout(kinds: list[str], scannable: list[bool] | None = None
+                ) -> list[tuple[int, int, int]]:
+  """Segments ``(start, group, repeats)`` covering the blocks in order.
+
+  ``repeats >= 2``: blocks ``start .. start + group*repeats`` are ``repeats`` copies of the
+  kinds ``kinds[start:start+group]`` and run as one scan over groups of ``group`` blocks.
+  ``repeats == 1`` (then ``group == 1``): one block run as it is. Greedy from the left,
+  each time the (group, repeats) covering most blocks, the smallest group on ties:
+  ``dense x a + sparse + dense x b`` -> scan(a) + sparse + scan(b); ``every:K`` -> a scan
+  over groups of K blocks (plus any partial group at the ends).
+  """
+  n = len(kinds)
+  scannable = scannable or [True] * n
+  out, i = [], 0
+  while i < n:
+    best_g, best_r = 1, 1
+    for g in range(1, (n - i) // 2 + 1):
+      if not all(scannable[i:i + g]):
+        break
+      r = 1
+      while (i + (r + 1) * g <= n and kinds[i + r * g:i + (r + 1) * g] == kinds[i:i + g]
+             and all(scannable[i + r * g:i + (r + 1) * g])):
+        r += 1
+      if r >= 2 and g * r > best_g * best_r:
+        best_g, best_r = g, r
+    out.append((i, best_g, best_r))
+    i += best_g * best_r
+  return out
+
+
+def _stack(modules: list[nnx.Module]) -> nnx.Module:
+  """One module whose variables stack those of ``modules`` (same graph) on a 'layers' axis."""
+  graphdef, first = nnx.split(modules[0])
+  states = [first] + [nnx.split(m)[1] for m in modules[1:]]
+
+  def stack(*vs):
+    value = jnp.stack([v[...] for v in vs])
+    meta = vs[0].get_metadata()
+    names = meta.get("out_sharding")
+    out = vs[0].replace(value)
+    if names:
+      out.set_metadata(out_sharding=("layers",) + tuple(names))
+    return out
+
+  stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, stacked)
+
+
 class Transformer(nnx.Module):
-  """tokens [batch, length] -> logits [batch, length, vocab] (float32), {block name: Aux}."""
+  """tokens [batch, length] -> logits [batch, length, vocab] (float32), {block name: Aux}.
+
+  Variables: ``embed``, ``blocks/<i>/...`` (unscanned) or ``segments/<j>/...`` (scan_layers:
+  a segment is a :class:`Block` run as it is, or a :class:`Group` whose variables carry a
+  leading ``layers`` axis of its repeats), ``final_norm``, ``head``.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m = config.model
     if m.vocab_size < 1:
       raise ValueError("config.model.vocab_size must be set (train.py takes it from the tokenizer)")
     self.dtype = DTYPES[m.dtype]
+    self.remat = m.get("remat", "none")
+    self.remat_names = m.get("remat_names", "attn_out,ffn_in")
+    self.loss_chunk = m.get("loss_chunk", 0)
+    self.scan_layers = m.get("scan_layers", False)
     sparse = set(parse_sparse_layers(m.sparse_layers, m.num_layers))
+    self.kinds = tuple(m.sparse_ffn if i in sparse else m.ffn for i in range(m.num_layers))
     self.embed = sharding.param(
         jax.random.normal(rngs.params(), (m.vocab_size, m.d_model)) * m.d_model ** -0.5,
         ("vocab", "embed"))
-    self.blocks = nnx.List([
-        Block(config, m.sparse_ffn if i in sparse else m.ffn, rngs=rngs) for i in range(m.num_layers)])
+    blocks = [Block(config, kind, rngs=rngs) for kind in self.kinds]
+    if self.scan_layers:
+      # Row-sparse training attaches per-layer buffers to table layers: those run unscanned.
+      row_sparse = config.optim.get("table_update", "dense") == "row_sparse"
+      scannable = [not (row_sparse and _has_row_tables(b)) for b in blocks]
+      self.layout = tuple(plan_layout(list(self.kinds), scannable))
+      self.segments = nnx.List([
+          blocks[i] if r == 1 else
+          _stack([Group(blocks[i + t * g:i + (t + 1) * g]) for t in range(r)])
+          for i, g, r in self.layout])
+    else:
+      self.layout = tuple((i, 1, 1) for i in range(m.num_layers))
+      self.blocks = nnx.List(blocks)
     self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps)
     self.head = None if m.tie_embeddings else sharding.param(
         nnx.initializers.lecun_normal()(rngs.params(), (m.d_model, m.vocab_size)), ("embed", "vocab"))
 
   def block_names(self) -> list[str]:
-    return [f"block_{i}_{b.ffn_kind}" for i, b in enumerate(self.blocks)]
+    return [f"block_{i}_{kind}" for i, kind in enumerate(self.kinds)]
+
+  def _remat(self, fn, prevent_cse: bool = True):
+    if self.remat == "none":
+      return fn
+    return nnx.remat(fn, prevent_cse=prevent_cse,
+                     policy=remat_policy(self.remat, self.remat_names))
+
+  def _run_blocks(self, x, positions, mask) -> tuple[jax.Array, dict[str, Aux]]:
+    names = self.block_names()
+    auxes = {}
+    call = lambda block, x, positions, mask: block(x, positions, mask)
+    if not self.scan_layers:
+      run = self._remat(call)
+      for name, block in zip(names, self.blocks):
+        x, aux = run(block, x, positions, mask)
+        if block.ffn_kind != "dense":
+          auxes[name] = aux
+      return x, auxes
+    for (start, g, r), seg in zip(self.layout, self.segments):
+      if r == 1:
+        x, aux = self._remat(call)(seg, x, positions, mask)
+        if seg.ffn_kind != "dense":
+          auxes[names[start]] = aux
+        continue
+      run = self._remat(call, prevent_cse=False)  # scan already keeps the loop apart
+
+      @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def body(x, group, positions, mask):
+        out = []
+        for block in group.blocks:
+          x, aux = run(block, x, positions, mask)
+          out.append(aux)
+        return x, tuple(out)
+
+      x, stacked = body(x, seg, positions, mask)
+      # Aux records come out stacked [repeats, ...]: give each block its own name again.
+      for j, kind in enumerate(self.kinds[start:start + g]):
+        if kind == "dense":
+          continue
+        for t in range(r):
+          auxes[names[start + t * g + j]] = jax.tree.map(lambda a, t=t: a[t], stacked[j])
+    auxes = {n: auxes[n] for n in names if n in auxes}  # block order
+    return x, auxes
+
+  def hidden(self, tokens: jax.Array, *, mask: jax.Array | None = None
+             ) -> tuple[jax.Array, dict[str, Aux]]:
+    """Final (normed) hidden states ``[batch, length, d_model]`` in the compute dtype, auxes."""
+    if mask is None:
+      mask = jnp.ones(tokens.shape, bool)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    x = sharding.constrain(x, ("batch", "length", "embed"))
+    x, auxes = self._run_blocks(x, positions, mask)
+    return self.final_norm(x), auxes
+
+  def output_projection(self) -> jax.Array:
+    """``[d_model, vocab]`` in the compute dtype: logits = hidden @ this."""
+    w = self.embed[...].T if self.head is None else self.head[...]
+    return w.astype(self.dtype)
 
   def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, Aux]]:
@@ -70,17 +241,61 @@ class Transformer(nnx.Module):
       mask: [batch, length] bool, True for real tokens (padding is ignored by
         batch statistics in sparse layers). None: all real.
     """
-    if mask is None:
-      mask = jnp.ones(tokens.shape, bool)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-    x = sharding.constrain(x, ("batch", "length", "embed"))
-    auxes = {}
-    for name, block in zip(self.block_names(), self.blocks):
-      x, aux = block(x, positions, mask)
-      if block.ffn_kind != "dense":
-        auxes[name] = aux
-    x = self.final_norm(x)
-    w = self.embed[...].T if self.head is None else self.head[...]
-    logits = jnp.einsum("bld,dv->blv", x, w.astype(self.dtype)).astype(jnp.float32)
+    x, auxes = self.hidden(tokens, mask=mask)
+    logits = jnp.einsum("bld,dv->blv", x, self.output_projection()).astype(jnp.float32)
     return sharding.constrain(logits, ("batch", "length", "vocab")), auxes
+
+
+# ---------------------------------------------------------------- layout conversion
+
+
+def to_layout(pure: dict, config: ml_collections.ConfigDict, *, scanned: bool) -> dict:
+  """Converts a model variable tree (``State.to_pure_dict()``) between the layouts.
+
+  ``pure`` holds the layout of ``config`` with ``model.scan_layers = not scanned``; the
+  result holds the other one (``scanned=True``: per-block -> stacked). Use it to evaluate
+  or fine-tune a checkpoint in the other layout.
+  """
+  import copy
+  from moejax.config import parse_sparse_layers as _psl
+  m = config.model
+  sparse = set(_psl(m.sparse_layers, m.num_layers))
+  kinds = [m.sparse_ffn if i in sparse else m.ffn for i in range(m.num_layers)]
+  if config.optim.get("table_update", "dense") == "row_sparse":
+    # which kinds hold row tables needs the modules: build them abstractly
+    c = copy.deepcopy(config)
+    c.model.scan_layers = True
+    layout = nnx.eval_shape(lambda: Transformer(c, rngs=nnx.Rngs(0))).layout
+  else:
+    layout = plan_layout(kinds)
+  out = {k: v for k, v in pure.items() if k not in ("blocks", "segments")}
+  # Partial trees (e.g. only BatchStats) convert too: absent blocks stay absent.
+  if scanned:
+    blocks = pure.get("blocks", {})
+    segs = {}
+    for j, (i, g, r) in enumerate(layout):
+      if r == 1:
+        if i in blocks:
+          segs[j] = blocks[i]
+        continue
+      group = {b: jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i + t * g + b] for t in range(r)])
+               for b in range(g) if i + b in blocks}
+      if group:
+        segs[j] = {"blocks": group}
+    if segs:
+      out["segments"] = segs
+  else:
+    segs = pure.get("segments", {})
+    blocks = {}
+    for j, (i, g, r) in enumerate(layout):
+      if j not in segs:
+        continue
+      if r == 1:
+        blocks[i] = segs[j]
+        continue
+      for b, stacked in segs[j]["blocks"].items():
+        for t in range(r):
+          blocks[i + t * g + b] = jax.tree.map(lambda a, t=t: a[t], stacked)
+    if blocks:
+      out["blocks"] = dict(sorted(blocks.items()))
+  return out

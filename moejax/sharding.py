@@ -35,6 +35,7 @@ BASE_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("vocab", "model"),
     ("norm", None),
+    ("layers", None),             # leading axis of blocks stacked by model.scan_layers
     # MoE
     ("expert", "expert"),
     ("expert_mlp", "model"),

@@ -30,11 +30,17 @@ from moejax.errors import CheckpointError
 # What a resumed run must keep: the model (shapes of the state) and the data fields
 # that define the iterator position (a different batch, order or tokenizer would resume
 # at a wrong place silently).
+# ``model.scan_layers`` is the variable layout (blocks/<i> or stacked segments/<j>): a
+# checkpoint or export holds the layout of its config (``model.to_layout`` converts).
 _RESUME_FIELDS = {
-    "model": None,   # all fields
+    "model": None,   # all fields but _FREE_FIELDS
     "data": ("dataset", "text_dir", "text_glob", "text_key", "train_split", "tokenizer",
              "seq_len", "batch_size", "shuffle", "seed"),
 }
+# How the step computes, not what the state holds: may change on resume.
+_FREE_FIELDS = {"model": ("remat", "remat_names", "loss_chunk")}
+# Values of fields that configs saved before the field existed had.
+_SAVED_DEFAULTS = {"model": {"scan_layers": False}}
 
 
 def _abstract(tree, shardings):
@@ -48,8 +54,10 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str)
   sections = {**_RESUME_FIELDS, **{k: None for k in sorted(kinds)}}
   for section, fields in sections.items():
     for key in fields or current.get(section, {}):
+      if key in _FREE_FIELDS.get(section, ()):
+        continue
       value = current.get(section, {}).get(key)
-      old = saved.get(section, {}).get(key, value)
+      old = saved.get(section, {}).get(key, _SAVED_DEFAULTS.get(section, {}).get(key, value))
       if old != value:
         raise CheckpointError(
             f"{where} holds a run with config.{section}.{key}={old!r}, this run has {value!r} "

@@ -24,7 +24,8 @@ def _decays(path, v) -> bool:
   """Weight decay for weight matrices only: not vectors, norm parameters or biases."""
   names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
   in_norm = any("norm" in n.lower() for n in names)
-  return v.ndim >= 2 and not in_norm and names[-1] not in ("bias", "scale")
+  ndim = v.ndim - (tuple(v.get_metadata().get("out_sharding") or ())[:1] == ("layers",))  # scan_layers
+  return ndim >= 2 and not in_norm and names[-1] not in ("bias", "scale")
 
 
 def learning_rate(o: ml_collections.ConfigDict, peak: float, steps: int) -> optax.Schedule:

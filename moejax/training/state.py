@@ -43,6 +43,24 @@ def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[
   return jnp.sum(ce * weights), jnp.sum(weights)
 
 
+def model_lm_loss(model: Transformer, batch: dict, mask: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """(loss sum, weight sum, auxes) of ``model`` on ``batch``.
+
+  With ``model.loss_chunk > 0`` the vocabulary loss is chunked over tokens with its own
+  backward (``moejax.layers.vocab_loss``): the full [batch, length, vocab] f32 logits never
+  exist. Otherwise the plain :func:`lm_loss` of the logits.
+  """
+  if model.loss_chunk:
+    from moejax.layers.vocab_loss import chunked_cross_entropy
+    x, auxes = model.hidden(batch["inputs"], mask=mask)
+    loss_sum = chunked_cross_entropy(x, model.output_projection(), batch["targets"],
+                                     batch["weights"], chunk_tokens=model.loss_chunk)
+    return loss_sum, jnp.sum(batch["weights"]), auxes
+  logits, auxes = model(batch["inputs"], mask=mask)
+  return (*lm_loss(logits, batch["targets"], batch["weights"]), auxes)
+
+
 def flatten_aux(auxes: dict[str, Any], field: str) -> dict[str, jax.Array]:
   return {f"{block}/{k}": v for block, aux in auxes.items() for k, v in getattr(aux, field).items()}
 
@@ -160,8 +178,7 @@ def make_train_step(ts: TrainState):
       wrt = nnx.Any(wrt, RowDelta)
 
     def loss_fn(model):
-      logits, auxes = model(batch["inputs"], mask=mask)
-      loss_sum, weight_sum = lm_loss(logits, batch["targets"], batch["weights"])
+      loss_sum, weight_sum, auxes = model_lm_loss(model, batch, mask)
       loss = loss_sum / jnp.maximum(weight_sum, 1.0)
       aux_loss = sum((a.total_loss() for a in auxes.values()), jnp.zeros((), jnp.float32))
       metrics = {"loss": loss, "aux_loss": aux_loss, **flatten_aux(auxes, "metrics"),
@@ -197,8 +214,7 @@ def make_eval_step(graphdef, model_shardings, mesh, rules):
   @_in_context(mesh, rules)
   def step(model_state, batch):
     model = nnx.merge(graphdef, model_state)
-    logits, auxes = model(batch["inputs"], mask=batch["weights"] > 0)
-    loss_sum, weight_sum = lm_loss(logits, batch["targets"], batch["weights"])
+    loss_sum, weight_sum, auxes = model_lm_loss(model, batch, batch["weights"] > 0)
     return {"loss_sum": loss_sum, "weight_sum": weight_sum,
             "bytes_sum": jnp.sum(batch["num_bytes"] * batch["weights"]),
             "counts": flatten_aux(auxes, "counts"), "metrics": flatten_aux(auxes, "metrics")}
