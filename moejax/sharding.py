@@ -101,11 +101,25 @@ def param(value: jax.Array, names: Sequence[str | None], kind: type = nnx.Param)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """``with_sharding_constraint`` by logical names; a no-op without a mesh."""
+  """``with_sharding_constraint`` by logical names.
+
+  A no-op without a mesh, and for mesh axes that are manual (inside ``shard_map``, e.g. a
+  layer compiled per device around a Pallas kernel) or absent from the mesh.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+  usable = set(mesh.axis_names) - set(mesh.manual_axes)
+
+  def keep(entry):
+    axes = tuple(a for a in as_axes(entry) if a in usable)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+  full = logical_to_spec(names)
+  spec = P(*(keep(e) for e in full))
+  if spec != full and all(e is None for e in spec):
+    return x      # nothing left to constrain over (all manual or absent)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def logical_to_spec(names: Sequence[str | None]) -> P:
