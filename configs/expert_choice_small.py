@@ -23,4 +23,8 @@ def get_config():
   c.moe.capacity_factor_eval = 2.0
   c.moe.z_loss_weight = 1e-3
   c.moe.dispatch = "einsum"
+  c.moe.allow_noncausal = True          # expert choice is not causal in a decoder (it ranks the whole group);
+                                         # evaluation / generation run it without dropping
+  c.moe.activation = "gelu_tanh"         # experts: the tanh approximation
+  c.dense.activation = "gelu_tanh"       # dense blocks: the tanh approximation
   return c

@@ -26,4 +26,8 @@ def get_config():
   c.moe.balance_loss_weight = 0.01
   c.moe.z_loss_weight = 1e-3
   c.moe.dispatch = "einsum"
+  c.moe.allow_noncausal = True          # GShard's top-2 capacity is not causal (later tokens can drop earlier second choices);
+                                         # evaluation / generation run it without dropping
+  c.moe.activation = "gelu_tanh"         # experts: the tanh approximation
+  c.dense.activation = "gelu_tanh"       # dense blocks: the tanh approximation
   return c

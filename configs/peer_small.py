@@ -17,7 +17,8 @@ def get_config():
   c.peer.heads = 4
   c.peer.top_k = 8
   c.peer.d_key = 64
-  c.peer.activation = "gelu"
+  c.peer.activation = "gelu_tanh"     # the tanh approximation (moejax before exact gelu)
   c.peer.score = "softmax"
   c.peer.query_norm = "batch"
+  c.dense.activation = "gelu_tanh"       # dense blocks: the tanh approximation
   return c

@@ -18,4 +18,5 @@ def get_config():
   c.pkm.top_k = 8
   c.pkm.d_key = 64
   c.pkm.query_norm = "batch"
+  c.dense.activation = "gelu_tanh"       # dense blocks: the tanh approximation
   return c

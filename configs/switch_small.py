@@ -25,4 +25,6 @@ def get_config():
   c.moe.balance_loss_weight = 0.01
   c.moe.z_loss_weight = 1e-3
   c.moe.dispatch = "einsum"
+  c.moe.activation = "gelu_tanh"         # experts: the tanh approximation
+  c.dense.activation = "gelu_tanh"       # dense blocks: the tanh approximation
   return c

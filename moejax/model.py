@@ -50,7 +50,14 @@ def remat_policy(name: str, names: str | tuple[str, ...] = ("attn_out", "ffn_in"
 
 
 class Block(nnx.Module):
-  """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x))."""
+  """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x)).
+
+  ``ctx`` holds what every block sees: ``positions`` (RoPE), ``mask`` (real tokens),
+  ``segment_ids`` (document of each token, or None) and ``token_ids`` (handed to FFNs
+  whose ``wants_token_ids`` is true, e.g. hash routing by token id). With ``cache`` (a
+  KV cache, :meth:`Attention.init_cache`) and ``ctx['index']`` the block decodes: its
+  tokens sit at cache slots ``index ..`` and the new cache comes back.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, ffn_kind: str, *, rngs: nnx.Rngs):
     m = config.model
@@ -63,13 +70,24 @@ class Block(nnx.Module):
     self.ffn = build_ffn(ffn_kind, config[ffn_kind], d_model=m.d_model, d_ff=m.d_ff, dtype=dtype,
                          rngs=rngs)
 
-  def __call__(self, x, positions, mask) -> tuple[jax.Array, Aux]:
-    a = checkpoint_name(self.attn(self.attn_norm(x), positions).astype(x.dtype), "attn_out")
-    x = x + a
+  def __call__(self, x, ctx: dict, cache: dict | None = None):
+    h = self.attn_norm(x)
+    if cache is None:
+      a = self.attn(h, ctx["positions"], ctx.get("segment_ids"))
+    else:
+      a, cache = self.attn.decode(h, ctx["positions"], cache, ctx["index"])
+    x = x + checkpoint_name(a.astype(x.dtype), "attn_out")
     h = checkpoint_name(self.ffn_norm(x), "ffn_in")
-    y, aux = self.ffn(h, mask=mask)
+    kw = {"token_ids": ctx["token_ids"]} if getattr(self.ffn, "wants_token_ids", False) else {}
+    y, aux = self.ffn(h, mask=ctx["mask"], **kw)
     x = x + checkpoint_name(y.astype(x.dtype), "ffn_out")
-    return sharding.constrain(x, ("batch", "length", "embed")), aux
+    return sharding.constrain(x, ("batch", "length", "embed")), aux, cache
+
+
+def _attn_cache(attn: Attention, batch: int, max_length: int) -> dict[str, jax.Array]:
+  """The cache of a stacked (scanned) attention: shapes without the leading layers axis."""
+  shape = (batch, max_length) + attn.wk.shape[-2:]
+  return {"k": jnp.zeros(shape, attn.dtype), "v": jnp.zeros(shape, attn.dtype)}
 
 
 class Group(nnx.Module):
@@ -179,69 +197,138 @@ class Transformer(nnx.Module):
     return nnx.remat(fn, prevent_cse=prevent_cse,
                      policy=remat_policy(self.remat, self.remat_names))
 
-  def _run_blocks(self, x, positions, mask) -> tuple[jax.Array, dict[str, Aux]]:
+  def _run_blocks(self, x, ctx: dict, cache: list | None = None
+                  ) -> tuple[jax.Array, dict[str, Aux], list | None]:
+    """Runs the blocks; with ``cache`` (:meth:`init_cache`) decodes and returns the new one."""
     names = self.block_names()
     auxes = {}
-    call = lambda block, x, positions, mask: block(x, positions, mask)
+    new_cache = None if cache is None else []
+    call = lambda block, x, ctx, c: block(x, ctx, c)
+    remat = self._remat if cache is None else (lambda fn, prevent_cse=True: fn)
     if not self.scan_layers:
-      run = self._remat(call)
-      for name, block in zip(names, self.blocks):
-        x, aux = run(block, x, positions, mask)
+      run = remat(call)
+      for i, (name, block) in enumerate(zip(names, self.blocks)):
+        x, aux, c = run(block, x, ctx, None if cache is None else cache[i])
+        if new_cache is not None:
+          new_cache.append(c)
         if block.ffn_kind != "dense":
           auxes[name] = aux
-      return x, auxes
-    for (start, g, r), seg in zip(self.layout, self.segments):
+      return x, auxes, new_cache
+    for j, ((start, g, r), seg) in enumerate(zip(self.layout, self.segments)):
+      seg_cache = None if cache is None else cache[j]
       if r == 1:
-        x, aux = self._remat(call)(seg, x, positions, mask)
+        x, aux, c = remat(call)(seg, x, ctx, seg_cache)
+        if new_cache is not None:
+          new_cache.append(c)
         if seg.ffn_kind != "dense":
           auxes[names[start]] = aux
         continue
-      run = self._remat(call, prevent_cse=False)  # scan already keeps the loop apart
+      run = remat(call, prevent_cse=False)  # scan already keeps the loop apart
 
-      @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def body(x, group, positions, mask):
-        out = []
-        for block in group.blocks:
-          x, aux = run(block, x, positions, mask)
-          out.append(aux)
-        return x, tuple(out)
+      if seg_cache is None:
+        @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def body(x, group, ctx):
+          out = []
+          for block in group.blocks:
+            x, aux, _ = run(block, x, ctx, None)
+            out.append(aux)
+          return x, tuple(out)
 
-      x, stacked = body(x, seg, positions, mask)
+        x, stacked = body(x, seg, ctx)
+      else:
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0, 0),
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def body(x, group, ctx, caches):
+          out, cs = [], []
+          for block, c in zip(group.blocks, caches):
+            x, aux, c = run(block, x, ctx, c)
+            out.append(aux)
+            cs.append(c)
+          return x, tuple(out), tuple(cs)
+
+        x, stacked, c = body(x, seg, ctx, seg_cache)
+        new_cache.append(c)
       # Aux records come out stacked [repeats, ...]: give each block its own name again.
-      for j, kind in enumerate(self.kinds[start:start + g]):
+      for j2, kind in enumerate(self.kinds[start:start + g]):
         if kind == "dense":
           continue
         for t in range(r):
-          auxes[names[start + t * g + j]] = jax.tree.map(lambda a, t=t: a[t], stacked[j])
+          auxes[names[start + t * g + j2]] = jax.tree.map(lambda a, t=t: a[t], stacked[j2])
     auxes = {n: auxes[n] for n in names if n in auxes}  # block order
-    return x, auxes
+    return x, auxes, new_cache
 
-  def hidden(self, tokens: jax.Array, *, mask: jax.Array | None = None
+  def _embed(self, tokens):
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    return sharding.constrain(x, ("batch", "length", "embed"))
+
+  def hidden(self, tokens: jax.Array, *, mask: jax.Array | None = None,
+             segment_ids: jax.Array | None = None, positions: jax.Array | None = None
              ) -> tuple[jax.Array, dict[str, Aux]]:
-    """Final (normed) hidden states ``[batch, length, d_model]`` in the compute dtype, auxes."""
+    """Final (normed) hidden states ``[batch, length, d_model]`` in the compute dtype, auxes.
+
+    ``segment_ids`` / ``positions`` ``[batch, length]`` (packed rows, from the data
+    pipeline): attention stays inside each document and RoPE positions are these (they
+    restart at each document). None: one document per row, positions ``0 .. length-1``.
+    """
     if mask is None:
       mask = jnp.ones(tokens.shape, bool)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-    x = sharding.constrain(x, ("batch", "length", "embed"))
-    x, auxes = self._run_blocks(x, positions, mask)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    ctx = {"positions": positions, "mask": mask, "segment_ids": segment_ids,
+           "token_ids": tokens}
+    x, auxes, _ = self._run_blocks(self._embed(tokens), ctx)
     return self.final_norm(x), auxes
+
+  def init_cache(self, batch: int, max_length: int) -> list:
+    """An empty KV cache for :meth:`decode`: one entry per block (unscanned) or per segment
+    (scan_layers: a tuple over the group's blocks, stacked over its repeats)."""
+    if not self.scan_layers:
+      return [b.attn.init_cache(batch, max_length) for b in self.blocks]
+    out = []
+    for (_, g, r), seg in zip(self.layout, self.segments):
+      if r == 1:
+        out.append(seg.attn.init_cache(batch, max_length))
+        continue
+      out.append(tuple(jax.tree.map(lambda a: jnp.broadcast_to(a, (r,) + a.shape),
+                                    _attn_cache(b.attn, batch, max_length))
+                       for b in seg.blocks))
+    return out
+
+  def decode(self, tokens: jax.Array, cache: list, index: jax.Array
+             ) -> tuple[jax.Array, list]:
+    """Incremental forward: ``tokens [batch, n]`` at positions ``index .. index + n - 1``
+    of each row (one document per row), attending to the cached keys / values of the
+    earlier positions. Returns (logits ``[batch, n, vocab]`` float32, the new cache).
+
+    Run it in eval mode (query BatchNorm on its running statistics; MoE layers decode
+    without dropping, see ``moejax.generation``).
+    """
+    b, n = tokens.shape
+    positions = jnp.broadcast_to(index + jnp.arange(n), (b, n))
+    ctx = {"positions": positions, "mask": jnp.ones((b, n), bool), "segment_ids": None,
+           "token_ids": tokens, "index": index}
+    x, _, cache = self._run_blocks(self._embed(tokens), ctx, cache)
+    x = self.final_norm(x)
+    logits = jnp.einsum("bld,dv->blv", x, self.output_projection()).astype(jnp.float32)
+    return logits, cache
 
   def output_projection(self) -> jax.Array:
     """``[d_model, vocab]`` in the compute dtype: logits = hidden @ this."""
     w = self.embed[...].T if self.head is None else self.head[...]
     return w.astype(self.dtype)
 
-  def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None
+  def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, positions: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, Aux]]:
     """
     Args:
       tokens: [batch, length] int32.
       mask: [batch, length] bool, True for real tokens (padding is ignored by
         batch statistics in sparse layers). None: all real.
+      segment_ids, positions: [batch, length] int32 for packed rows (see :meth:`hidden`).
     """
-    x, auxes = self.hidden(tokens, mask=mask)
+    x, auxes = self.hidden(tokens, mask=mask, segment_ids=segment_ids, positions=positions)
     logits = jnp.einsum("bld,dv->blv", x, self.output_projection()).astype(jnp.float32)
     return sharding.constrain(logits, ("batch", "length", "vocab")), auxes
 

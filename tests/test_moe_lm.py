@@ -13,7 +13,8 @@ from moejax.training import state as state_lib
 ROUTERS = {
     "switch": dict(router="top_k", top_k=1, router_noise="jitter"),
     "gshard_random": dict(router="top_k", top_k=2, second_policy="random"),
-    "expert_choice": dict(router="expert_choice", capacity_factor_train=2.0),
+    "expert_choice": dict(router="expert_choice", capacity_factor_train=2.0,
+                          dispatch="einsum", allow_noncausal=True),
     "hash": dict(router="hash", top_k=1),
     "attention": dict(router="top_k", top_k=2, router_scores="attention"),
     "noisy_topk_dropless": dict(router="top_k", top_k=2, router_noise="gaussian",

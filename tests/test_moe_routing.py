@@ -112,9 +112,26 @@ def test_second_policy_random_keeps_with_probability_2_g2():
                              second_policy="random", rng=jax.random.key(0))
   assert plan.routed[0, :, 0].all()
   assert abs(float(plan.routed[0, :, 1].mean()) - 0.5) < 0.04
-  # A token whose second expert was not kept routes fully to its first (weight 1).
+  # GShard convention: a dropped second expert's share is lost; the first keeps
+  # g1 / (g1 + g2) = 0.75, as when the capacity drops it (test below).
   w = plan.weight[0]
-  np.testing.assert_allclose(w[~plan.routed[0, :, 1], 0], 1.0)
+  np.testing.assert_allclose(w[~plan.routed[0, :, 1], 0], 0.75, rtol=1e-6)
+  np.testing.assert_allclose(w[~plan.routed[0, :, 1], 1], 0.0)
+
+
+def test_second_expert_dropped_by_capacity_or_policy_same_first_weight():
+  """One GShard convention (Lepikhin et al. 2020, Alg. 1) for both ways of dropping."""
+  logits = _logits([[[0.6, 0.2, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.1, 0.1, 0.6, 0.2]]])
+  mask = jnp.ones((1, 3), bool)
+  # capacity 1: token 0's second choice (expert 1) loses its place to token 1's first.
+  cap = routing.top_k_route(logits, mask, k=2, capacity=1)
+  assert not bool(cap.kept[0, 0, 1]) and bool(cap.kept[0, 0, 0])
+  # random policy with threshold tiny: every second choice kept; huge: every one dropped.
+  pol = routing.top_k_route(logits, mask, k=2, capacity=None, second_policy="random",
+                            second_threshold=1e9, rng=jax.random.key(0))
+  assert not bool(pol.routed[0, :, 1].any())
+  np.testing.assert_allclose(cap.weight[0, 0, 0], pol.weight[0, 0, 0], rtol=1e-6)
+  np.testing.assert_allclose(cap.weight[0, 0, 0], 0.6 / 0.8, rtol=1e-6)
 
 
 def test_second_policy_sampling_distribution():

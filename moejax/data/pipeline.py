@@ -8,6 +8,10 @@ cut into windows of ``L + 1`` tokens (grain's concat-then-split), and a window
   targets    int32   [B_local, L]  next token ids
   weights    float32 [B_local, L]  1 where the target is a real token, else 0
   num_bytes  float32 [B_local, L]  UTF-8 bytes of each target x weights (bits/byte)
+  segment_ids int32  [B_local, L]  document of each input token within its row (1, 2, ...;
+                                   0 = padding): attention stays inside a document
+  positions  int32   [B_local, L]  position of each input token in its document (RoPE),
+                                   restarting at 0 where a document starts in the window
 
 with ``L = seq_len`` and ``B_local = batch_size // process_count``.
 
@@ -136,6 +140,11 @@ class _Shift(grain.transforms.Map):
         "targets": targets,
         "weights": weights,
         "num_bytes": self._tok.token_bytes(targets).astype(np.float32) * weights,
+        # The model masks attention to the input token's own document and restarts RoPE
+        # positions there (the target of a document's EOS is the next document's first
+        # token: predicted from the EOS alone, as a document start).
+        "segment_ids": seg[:-1].astype(np.int32),
+        "positions": packed["tokens_positions"][:-1].astype(np.int32),
     }
 
 

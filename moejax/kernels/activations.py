@@ -1,8 +1,18 @@
-"""Named activations with their derivatives, for kernels that differentiate by hand.
+"""THE table of named activations of moejax, with their derivatives.
+
+Every layer that takes an ``activation`` name (dense FFN, MoE experts, PEER, the Pallas
+lookup kernels) looks it up here, so a name means the same function everywhere:
+
+  ``gelu``       exact GELU, ``x * Phi(x)`` with the erf (= ``torch.nn.GELU()``, HF ``gelu``,
+                 ``jax.nn.gelu(approximate=False)``)
+  ``gelu_tanh``  the tanh approximation (= ``jax.nn.gelu`` default, HF ``gelu_new``)
+  ``silu``       ``x * sigmoid(x)`` (SwiGLU with a gate)
+  ``relu``
 
 Each entry is ``(f, df)`` on float arrays; ``df(a)`` is ``f'(a)``. Kept to elementwise
 ``jax.numpy`` so the same functions run inside Pallas kernels (Mosaic and Triton) and in
-the plain-JAX references.
+the plain-JAX references. :func:`fn` gives ``f`` alone (what the layers call; autodiff
+differentiates it).
 """
 
 from __future__ import annotations
@@ -44,14 +54,30 @@ def _dgelu(a):
   return cdf + a * pdf
 
 
+def _silu(a):
+  return a * (1.0 / (1.0 + jnp.exp(-a)))
+
+
+def _dsilu(a):
+  sig = 1.0 / (1.0 + jnp.exp(-a))
+  return sig * (1.0 + a * (1.0 - sig))
+
+
 ACTIVATIONS = {
     "relu": (_relu, _drelu),
     "gelu_tanh": (_gelu_tanh, _dgelu_tanh),   # = jax.nn.gelu(approximate=True)
     "gelu": (_gelu, _dgelu),                  # exact (erf), = torch's default GELU
+    "silu": (_silu, _dsilu),                  # = jax.nn.silu
 }
+NAMES = tuple(sorted(ACTIVATIONS))
 
 
 def get(name: str):
   if name not in ACTIVATIONS:
     raise ValueError(f"activation {name!r} not in {sorted(ACTIVATIONS)}")
   return ACTIVATIONS[name]
+
+
+def fn(name: str):
+  """The activation ``f`` of ``name`` (ValueError for an unknown name)."""
+  return get(name)[0]

@@ -1,4 +1,11 @@
-"""Causal multi-head self-attention with rotary positions, and RMSNorm."""
+"""Causal multi-head self-attention with rotary positions, and RMSNorm.
+
+Packed rows: with ``segment_ids [batch, length]`` (document of each token, from the data
+pipeline) a token attends only to earlier tokens of its own document, and the caller gives
+RoPE ``positions`` that restart at each document. Decoding: :meth:`Attention.decode` runs
+a chunk of new tokens against a KV cache (``init_cache``), attending to every cached
+position up to its own.
+"""
 
 from __future__ import annotations
 
@@ -54,12 +61,43 @@ class Attention(nnx.Module):
     self.rope_theta = rope_theta
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def _qkv(self, x, positions):
     x = x.astype(self.dtype)
     q, k, v = (jnp.einsum("bld,dnh->blnh", x, w[...].astype(self.dtype))
                for w in (self.wq, self.wk, self.wv))
     q = rotary(q, positions, self.rope_theta)
     k = rotary(k, positions, self.rope_theta)
-    q = sharding.constrain(q, ("batch", "length", "heads", "kv"))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)          # [batch, length, heads, kv]
+    return sharding.constrain(q, ("batch", "length", "heads", "kv")), k, v
+
+  def _out(self, out):
     return jnp.einsum("blnh,nhd->bld", out, self.wo[...].astype(self.dtype))
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """``positions [batch, length]`` (RoPE); ``segment_ids [batch, length]`` or None (one
+    document per row): attention is causal and stays inside each token's document."""
+    q, k, v = self._qkv(x, positions)
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]   # [b, 1, l, l]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)  # [b, l, heads, kv]
+    return self._out(out)
+
+  def init_cache(self, batch: int, max_length: int) -> dict[str, jax.Array]:
+    """An empty KV cache ``{'k', 'v': [batch, max_length, heads, head_dim]}`` (compute dtype)."""
+    shape = (batch, max_length) + self.wk.shape[1:]
+    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+  def decode(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array],
+             index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """New tokens ``x [batch, n, embed]`` at cache slots ``index .. index + n - 1`` (one
+    document per row, slot = position): writes their keys / values into ``cache`` and
+    attends causally over the cache. Returns (``[batch, n, embed]``, the new cache)."""
+    q, k, v = self._qkv(x, positions)
+    start = (0, index, 0, 0)
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
+    n, t = x.shape[1], cache["k"].shape[1]
+    mask = jnp.arange(t)[None, :] <= index + jnp.arange(n)[:, None]          # [n, t]
+    out = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=mask[None, None])
+    return self._out(out), cache

@@ -10,12 +10,15 @@ from flax import nnx
 from moejax import sharding
 from moejax.layers.base import Aux, register_ffn
 
-ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
+from moejax.kernels import activations as act_lib
+
+# The one table of named activations (gelu = exact erf, gelu_tanh, silu, relu).
+ACTIVATIONS = act_lib.NAMES
 
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
-      "activation": "gelu",  # one of ACTIVATIONS
+      "activation": "gelu_tanh",  # gelu (exact erf) | gelu_tanh | silu | relu (kernels/activations.py)
       "gated": False,        # GLU-style gate (SwiGLU with activation='silu')
   })
 
@@ -24,26 +27,27 @@ def validate(cfg, config):
   from moejax.errors import ConfigError
   if cfg.activation not in ACTIVATIONS:
     raise ConfigError(f"config.dense.activation={cfg.activation!r}: must be one of "
-                      f"{sorted(ACTIVATIONS)} (set --config.dense.activation=gelu)")
+                      f"{list(ACTIVATIONS)} (set --config.dense.activation=gelu)")
 
 
 class DenseFFN(nnx.Module):
   """y = W_out · act(W_in · x) [⊙ W_gate · x].  x, y: [batch, length, embed]."""
 
-  def __init__(self, d_model: int, d_ff: int, *, activation: str = "gelu", gated: bool = False,
+  def __init__(self, d_model: int, d_ff: int, *, activation: str = "gelu_tanh", gated: bool = False,
                dtype=jnp.float32, rngs: nnx.Rngs):
     init = nnx.initializers.lecun_normal()
     self.wi = sharding.param(init(rngs.params(), (d_model, d_ff)), ("embed", "mlp"))
     self.wg = (sharding.param(init(rngs.params(), (d_model, d_ff)), ("embed", "mlp"))
                if gated else None)
     self.wo = sharding.param(init(rngs.params(), (d_ff, d_model)), ("mlp", "embed"))
+    act_lib.get(activation)  # ValueError for an unknown name
     self.activation = activation
     self.dtype = dtype
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     del mask
     x = x.astype(self.dtype)
-    h = ACTIVATIONS[self.activation](x @ self.wi[...].astype(self.dtype))
+    h = act_lib.fn(self.activation)(x @ self.wi[...].astype(self.dtype))
     if self.wg is not None:
       h = h * (x @ self.wg[...].astype(self.dtype))
     h = sharding.constrain(h, ("batch", "length", "mlp"))

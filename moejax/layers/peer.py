@@ -51,15 +51,15 @@ from flax import nnx
 
 from moejax import sharding
 from moejax import kernels
+from moejax.kernels import activations as act_lib
 from moejax.kernels.row_plan import num_unique_slots, unique_rows
 from moejax.layers import query as pkq
 from moejax.layers import table_mix as tm
 from moejax.layers.base import masked_mean
 from moejax.layers.base import Aux, TableParam, register_ffn
 
-# Config name -> kernels.activations name ("gelu" here is the tanh approximation, as
-# jax.nn.gelu's default that moejax has always used).
-ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu"}
+# Names of moejax.kernels.activations (the one table: gelu = exact erf, gelu_tanh, ...).
+ACTIVATIONS = act_lib.NAMES
 SCORES = ("softmax", "sigmoid")
 
 
@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
       "heads": 8,                # h retrieval heads (own query projections), outputs summed
       "top_k": 16,               # k experts per head; active experts per token = h·k
       "d_key": 128,              # query / product-key dim (even); not given by the paper
-      "activation": "gelu",      # gelu (tanh approximation) | relu
+      "activation": "gelu_tanh",  # gelu (exact erf, PEER-pytorch) | gelu_tanh | silu | relu
       "kernel": "auto",          # auto (Pallas on TPU/GPU, reference on CPU) | reference | pallas | interpret
       "score": "softmax",        # softmax (over the k retrieved, paper) | sigmoid
       "query_norm": "batch",     # batch (paper) | layer (causal-safe) | none
@@ -91,7 +91,7 @@ def validate(cfg, config):
                       width=config.model.d_model)
   if cfg.activation not in ACTIVATIONS:
     raise ConfigError(f"config.peer.activation={cfg.activation!r}: must be one of "
-                      f"{sorted(ACTIVATIONS)} (set --config.peer.activation=gelu)")
+                      f"{list(ACTIVATIONS)} (set --config.peer.activation=gelu)")
   if cfg.score not in SCORES:
     raise ConfigError(f"config.peer.score={cfg.score!r}: must be one of {list(SCORES)} "
                       "(set --config.peer.score=softmax)")
@@ -113,7 +113,7 @@ class PEER(nnx.Module):
   """
 
   def __init__(self, d_model: int, *, num_experts_sqrt: int, heads: int = 8, top_k: int = 16,
-               d_key: int = 128, activation: str = "gelu", score: str = "softmax",
+               d_key: int = 128, activation: str = "gelu_tanh", score: str = "softmax",
                query_norm: str = "batch", per_head_keys: bool = False,
                per_head_experts: bool = False, bn_momentum: float = 0.99,
                norm_epsilon: float = 1e-5, query_init_scale: float = 1.0,
@@ -160,7 +160,7 @@ class PEER(nnx.Module):
       taps = (self.row_deltas["u"][...], self.row_deltas["v"][...])
       self.row_index[...] = rows = unique_rows(idx, self.u.shape[0])
     y = tm.table_mix(x, idx, g.astype(self.dtype), down=self.u[...], up=self.v[...],
-                     activation=ACTIVATIONS[self.activation], ops=ops, taps=taps,
+                     activation=self.activation, ops=ops, taps=taps,
                      rows=rows)
     y = sharding.constrain(y, ("batch", "length", "embed"))
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ml_collections
 
 from moejax.errors import config_error
-from moejax.layers.dense import ACTIVATIONS
+from moejax.kernels.activations import NAMES as ACTIVATIONS
 
-ROUTERS = ("top_k", "expert_choice", "hash")
-ROUTER_SCORES = ("linear", "attention")
+from moejax.layers.moe import routing as _routing
+
+ROUTERS = tuple(_routing.ROUTERS)              # registered routers
+ROUTER_SCORES = tuple(_routing.SCORE_FUNCTIONS)  # registered score functions
 SECOND_POLICIES = ("all", "sampling", "random")
 PRIORITIES = ("position", "batch")
 DISPATCHES = ("einsum", "dropless", "expert_parallel", "dropless_ep")
@@ -35,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
       "min_capacity": 4,
       "group_size": 0,               # tokens per routing group; 0: one group per sequence
       "priority": "position",        # capacity goes to: position (first tokens) | batch (BPR, top-1 prob)
-      "dispatch": "einsum",          # einsum (GShard masks) | dropless (sorted, grouped matmul) |
+      "dispatch": "dropless",        # einsum (GShard masks) | dropless (sorted, grouped matmul) |
                                      # expert_parallel (all_to_all in shard_map) |
                                      # dropless_ep (ragged_all_to_all; TPU/GPU, on CPU it
                                      # runs expert_parallel, with a note in the log)
@@ -49,8 +51,13 @@ def default_config() -> ml_collections.ConfigDict:
       "d_ff": 0,                     # hidden size of each expert; 0: model.d_ff
       "num_shared_experts": 0,       # DeepSeek-style experts every token uses (one FFN of n * d_ff)
       "gated": False,                # GLU experts (SwiGLU with activation='silu')
-      "activation": "gelu",
+      "activation": "gelu_tanh",     # gelu (exact erf) | gelu_tanh | silu | relu (kernels/activations.py)
       "hash_seed": 0,                # seed of the fixed hash routing table / projection
+      # Routers that let later tokens change earlier tokens' outputs in a decoder (expert
+      # choice; top-k > 1 or priority=batch with a capacity) are refused unless this is
+      # set: their training loss can use the future. Evaluation and generation run such
+      # layers without dropping (dropless, or every expert for expert choice).
+      "allow_noncausal": False,
   })
 
 
@@ -68,7 +75,7 @@ def validate(cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict) 
       raise _err(field, cfg[field], f"must be one of {list(allowed)}",
                  f"set --config.moe.{field}={allowed[0]}")
   if cfg.activation not in ACTIVATIONS:
-    raise _err("activation", cfg.activation, f"must be one of {sorted(ACTIVATIONS)}",
+    raise _err("activation", cfg.activation, f"must be one of {list(ACTIVATIONS)}",
                "set --config.moe.activation=gelu")
   if cfg.num_experts < 1:
     raise _err("num_experts", cfg.num_experts, "must be >= 1", "set --config.moe.num_experts=8")
@@ -84,6 +91,12 @@ def validate(cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict) 
   if cfg.second_threshold <= 0:
     raise _err("second_threshold", cfg.second_threshold, "must be > 0",
                "set --config.moe.second_threshold=0.5")
+  why = _routing.ROUTERS[cfg.router].noncausal_reason(cfg)
+  if why and not cfg.allow_noncausal:
+    other = ("--config.moe.dispatch=dropless" if _routing.ROUTERS[cfg.router].dropless_ok
+             else "--config.moe.router=top_k --config.moe.dispatch=dropless")
+    raise _err("router", cfg.router, f"not causal in a decoder: {why}",
+               f"set --config.moe.allow_noncausal=true to train with it anyway, or {other}")
   if cfg.router == "expert_choice":
     for f in ("capacity_factor_train", "capacity_factor_eval"):
       if cfg[f] <= 0:

@@ -48,6 +48,28 @@ def _buffer_spec() -> P:
   return P(e_ax, g_rest or None, c_ax, d_ax)
 
 
+def dispatch_experts_combine(x: jax.Array, plan, weights, activation: str, *,
+                             to_experts=None, from_experts=None, reduce=None) -> jax.Array:
+  """The capacity-buffer computation of both the einsum and the expert-parallel paths.
+
+  ``x [groups, tokens, embed]`` --dispatch mask--> ``[experts, groups, capacity, embed]``
+  --``to_experts``--> expert FFNs on ``[experts', groups', capacity, embed]`` --``reduce``-->
+  --``from_experts``--> ``[experts, groups, capacity, embed]`` --combine--> ``[groups,
+  tokens, embed]``. The hooks (identity by default) are where a path moves the buffers:
+  sharding constraints (einsum / GSPMD) or ``all_to_all`` and ``psum`` inside
+  ``shard_map`` (expert parallel).
+  """
+  ident = lambda a: a
+  to_experts, from_experts, reduce = (to_experts or ident, from_experts or ident,
+                                      reduce or ident)
+  dispatch, combine = plan.masks()                                   # [G,S,E,C]
+  xe = to_experts(jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x))
+  e, g, c, d = xe.shape
+  ye = reduce(expert_mlp(xe.reshape(e, g * c, d), *weights, activation))
+  ye = from_experts(ye.reshape(e, g, c, -1))
+  return jnp.einsum("gsec,egcd->gsd", combine.astype(x.dtype), ye)
+
+
 def einsum_dispatch(x: jax.Array, plan, weights, activation: str) -> jax.Array:
   """GShard einsum dispatch.
 
@@ -59,15 +81,11 @@ def einsum_dispatch(x: jax.Array, plan, weights, activation: str) -> jax.Array:
   Returns:
     ``[groups, tokens, embed]``; dropped tokens get 0.
   """
-  dispatch, combine = plan.masks()                                   # [G,S,E,C]
-  g, _, e, c = dispatch.shape
-  xe = jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)
+  constrain = None
   if not jax.sharding.get_abstract_mesh().empty:
-    xe = jax.lax.with_sharding_constraint(xe, _buffer_spec())
-  ye = expert_mlp(xe.reshape(e, g * c, -1), *weights, activation).reshape(xe.shape)
-  if not jax.sharding.get_abstract_mesh().empty:
-    ye = jax.lax.with_sharding_constraint(ye, _buffer_spec())
-  return jnp.einsum("gsec,egcd->gsd", combine.astype(x.dtype), ye)
+    constrain = lambda a: jax.lax.with_sharding_constraint(a, _buffer_spec())
+  return dispatch_experts_combine(x, plan, weights, activation, to_experts=constrain,
+                                  from_experts=constrain)
 
 
 # ----------------------------------------------------------------------------- dropless
@@ -113,7 +131,7 @@ def _ragged_grouped_mlp(xs, counts, weights, activation, impl, interpret=False):
   Rows past ``sum(counts)`` are zeroed on the way in and out (``gmm`` leaves them
   uninitialised), with ``where`` so that nothing from them reaches a gradient.
   """
-  from moejax.layers.dense import ACTIVATIONS
+  from moejax.kernels import activations as act_lib
   wi, wg, wo = weights
   n = xs.shape[0]
   valid = (jnp.arange(n) < counts.sum())[:, None]
@@ -127,7 +145,7 @@ def _ragged_grouped_mlp(xs, counts, weights, activation, impl, interpret=False):
                                    None, None, False, interpret)
   else:
     mm = lambda a, w: jax.lax.ragged_dot(a, w, counts)
-  h = ACTIVATIONS[activation](mm(xs, wi))
+  h = act_lib.fn(activation)(mm(xs, wi))
   if wg is not None:
     h = h * mm(xs, wg)
   return jnp.where(valid, mm(h, wo)[:n], 0)
@@ -204,15 +222,11 @@ def expert_parallel_dispatch(x: jax.Array, plan, weights, activation: str) -> ja
   gated = wg is not None
 
   def local(x, plan, wi, wg, wo):
-    dispatch, combine = plan.masks()                               # [g,S,E,C]
-    xe = jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)  # [E,g,C,D]
-    xe = jax.lax.all_to_all(xe, e_ax, 0, 1, tiled=True)            # [E/n, n*g, C, D]
-    el, ng, c, d = xe.shape
-    ye = expert_mlp(xe.reshape(el, ng * c, d), wi, wg if gated else None, wo, activation)
-    if mlp_axes:
-      ye = jax.lax.psum(ye, mlp_axes)
-    ye = jax.lax.all_to_all(ye.reshape(el, ng, c, d), e_ax, 1, 0, tiled=True)  # [E,g,C,D]
-    return jnp.einsum("gsec,egcd->gsd", combine.astype(x.dtype), ye)
+    return dispatch_experts_combine(
+        x, plan, (wi, wg if gated else None, wo), activation,
+        to_experts=lambda a: jax.lax.all_to_all(a, e_ax, 0, 1, tiled=True),   # [E/n, n*g, C, D]
+        from_experts=lambda a: jax.lax.all_to_all(a, e_ax, 1, 0, tiled=True),  # [E, g, C, D]
+        reduce=(lambda a: jax.lax.psum(a, mlp_axes)) if mlp_axes else None)
 
   gspec = P(g_ax)
   fn = jax.shard_map(local, mesh=mesh, in_specs=(gspec, gspec, spec_in, spec_in, spec_out),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import sharding
-from moejax.layers.dense import ACTIVATIONS
+from moejax.kernels import activations as act_lib
 
 
 def expert_mlp(x: jax.Array, wi: jax.Array, wg: jax.Array | None, wo: jax.Array,
@@ -18,7 +18,7 @@ def expert_mlp(x: jax.Array, wi: jax.Array, wg: jax.Array | None, wo: jax.Array,
   The same function serves the einsum path (n = groups * capacity), the blocked dropless
   path (one "expert" per block of rows) and each device under expert parallelism.
   """
-  h = ACTIVATIONS[activation](jnp.einsum("end,edf->enf", x, wi))
+  h = act_lib.fn(activation)(jnp.einsum("end,edf->enf", x, wi))
   if wg is not None:
     h = h * jnp.einsum("end,edf->enf", x, wg)
   return jnp.einsum("enf,efd->end", h, wo)
@@ -28,7 +28,7 @@ class Experts(nnx.Module):
   """``num_experts`` FFNs (gated or plain) with stacked, logically named weights."""
 
   def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool = False,
-               activation: str = "gelu", rngs: nnx.Rngs):
+               activation: str = "gelu_tanh", rngs: nnx.Rngs):
     # Fan-in of each expert's own matrix (batch_axis=0 keeps the expert axis out of it).
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", batch_axis=(0,))
     names_in = ("expert", "embed", "expert_mlp")

@@ -35,6 +35,13 @@ class MoE(nnx.Module):
   attribute): capacity factor, router noise and the second-expert policy differ.
   Randomness comes from the ``router`` stream of the ``rngs`` given at construction
   (a fork of ``params`` if there is none), only when a random option is on.
+
+  Dropping: in evaluation (``deterministic``) a layer whose routing is not causal (see
+  ``routing.Router.noncausal_reason``; allowed only with ``moe.allow_noncausal``) drops
+  nothing: token choice runs dropless, expert choice gives every token to every expert
+  (capacity C = S). ``no_drop = True`` (set by ``moejax.generation``) does the same for
+  every router, so that decoding one token at a time equals the full forward.
+  ``wants_token_ids``: the Transformer passes the token ids (hash routing by token id).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, d_model: int, d_ff: int,
@@ -42,6 +49,9 @@ class MoE(nnx.Module):
     self.num_experts = cfg.num_experts
     self.top_k = cfg.top_k
     self.router_kind = cfg.router
+    self.noncausal = routing.ROUTERS[cfg.router].noncausal_reason(cfg) is not None
+    self.no_drop = False
+    self.wants_token_ids = cfg.router == "hash"
     self.second_policy = cfg.second_policy
     self.second_policy_eval = cfg.second_policy_eval
     self.second_threshold = cfg.second_threshold
@@ -63,7 +73,7 @@ class MoE(nnx.Module):
     self.deterministic = False
     self._check_mesh()
     expert_ff = cfg.d_ff or d_ff
-    self.router = (None if cfg.router == "hash" else
+    self.router = (None if not routing.ROUTERS[cfg.router].uses_scores else
                    routing.RouterScores(d_model, cfg.num_experts, kind=cfg.router_scores,
                                         noise=cfg.router_noise, jitter_eps=cfg.jitter_eps,
                                         rngs=rngs))
@@ -81,37 +91,32 @@ class MoE(nnx.Module):
     else:
       self.rngs = nnx.data(None)
 
+  def _drop_free(self) -> bool:
+    """Nothing may be dropped: evaluation of a non-causal layer, or ``no_drop`` (decoding)."""
+    return self.deterministic and (self.no_drop or self.noncausal)
+
   def _capacity(self, group_size: int, train: bool) -> int | None:
-    if dispatch_lib.resolve_dispatch(self.dispatch)[1].dropless:
+    if self._drop_free() or dispatch_lib.resolve_dispatch(self.dispatch)[1].dropless:
       return None
     factor = self.capacity_factor_train if train else self.capacity_factor_eval
-    k = 1 if self.router_kind == "expert_choice" else self.top_k
+    k = routing.ROUTERS[self.router_kind].experts_per_token(self.top_k)
     return routing.capacity(group_size, self.num_experts, k, factor, self.min_capacity)
 
   def route(self, xg: jax.Array, mask: jax.Array, token_ids: jax.Array | None = None):
     """``xg [G, S, D]``, ``mask [G, S]`` -> (plan, logits ``[G, S, E]`` or None)."""
     train = not self.deterministic
-    s = xg.shape[1]
-    cap = self._capacity(s, train)
+    router = routing.ROUTERS[self.router_kind]
+    cap = self._capacity(xg.shape[1], train)
     policy = self.second_policy if train else self.second_policy_eval
-    needs_rng = ((train and self.router is not None and self.router.noise != "none") or
-                 (self.router_kind == "top_k" and self.top_k > 1 and policy != "all"))
-    rng = self.rngs() if needs_rng else None
-    if self.router_kind == "hash":
-      idx = routing.hash_experts(xg, token_ids, num_experts=self.num_experts, k=self.top_k,
-                                 seed=self.hash_seed)
-      return routing.hash_route(idx, mask, num_experts=self.num_experts, capacity=cap), None
-    if rng is not None:
+    noisy = train and self.router is not None and self.router.noise != "none"
+    needs_rng = router.needs_rng(self, policy)
+    rng = self.rngs() if (noisy or needs_rng) else None
+    noise_rng = None
+    if noisy:
       rng, noise_rng = jax.random.split(rng)
-    else:
-      noise_rng = None
-    logits = self.router(xg, train=train, rng=noise_rng)
-    if self.router_kind == "expert_choice":
-      return routing.expert_choice_route(logits, mask, capacity=cap), logits
-    plan = routing.top_k_route(logits, mask, k=self.top_k, capacity=cap,
-                               renormalize=self.renormalize, second_policy=policy,
-                               second_threshold=self.second_threshold,
-                               batch_priority=self.batch_priority, rng=rng)
+    logits = None if self.router is None else self.router(xg, train=train, rng=noise_rng)
+    plan = router.plan(self, xg, logits, mask, token_ids, capacity=cap, policy=policy,
+                       rng=rng, no_drop=self._drop_free())
     return plan, logits
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
@@ -121,8 +126,8 @@ class MoE(nnx.Module):
       mask: bool ``[batch, length]`` real tokens (padding is not routed, takes no
         capacity, counts in no statistic, and gets a zero expert output).
       token_ids: optional int ``[batch, length]``, used only by ``router='hash'`` (the
-        Transformer does not pass them; without them hash routing hashes a fixed random
-        projection of ``x``).
+        Transformer passes them, as ``wants_token_ids`` is set; without them hash routing
+        hashes a fixed random projection of ``x``).
 
     Returns:
       ``y [batch, length, embed]`` and an :class:`Aux`.
@@ -130,7 +135,8 @@ class MoE(nnx.Module):
     b, l, d = x.shape
     x = x.astype(self.dtype)
     mask = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
-    s = self.group_size or l
+    # Drop-free routing is per token: any grouping gives the same result (decoding: l = 1).
+    s = l if self._drop_free() else (self.group_size or l)
     g = b * l // s
     xg = sharding.constrain(x.reshape(g, s, d), ("groups", None, "embed"))
     mg = mask.reshape(g, s)
@@ -139,6 +145,8 @@ class MoE(nnx.Module):
 
     weights = self.experts.weights(self.dtype)
     _, mode = dispatch_lib.resolve_dispatch(self.dispatch)
+    if self._drop_free() and not mode.dropless:
+      mode = dispatch_lib.DISPATCH_MODES["dropless"]
     if mode.splits_groups:
       self._check_mesh(b, l, g)
     opts = dispatch_lib.DispatchOptions(impl=self.dropless_impl, block=self.dropless_block,
@@ -194,7 +202,7 @@ class MoE(nnx.Module):
       aux_losses["z_loss"] = self.z_loss_weight * z
       bal = losses.load_balance_loss(probs, plan.routed_fraction(), mask)
       metrics["balance_loss"] = bal
-      if self.router_kind == "top_k":  # expert choice is balanced by construction
+      if not routing.ROUTERS[self.router_kind].balanced:  # e.g. expert choice
         aux_losses["load_balance"] = self.balance_loss_weight * bal
     return Aux(losses=aux_losses, metrics=metrics, counts={"load": load})
 

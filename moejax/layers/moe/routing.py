@@ -22,7 +22,9 @@ C capacity (buffer slots per expert and group), D embed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -183,19 +185,35 @@ def token_choice_plan(expert_index, gates, routed, *, num_experts, capacity=None
                       renormalize=True, priority_score=None) -> TokenChoicePlan:
   """Builds a :class:`TokenChoicePlan` from chosen experts and their gates ``[G, S, K]``.
 
-  ``renormalize`` divides the gates of the routed slots by their sum (before capacity
-  dropping); else the raw router probabilities are the combine weights. It applies only
-  when K > 1: with one expert per token the renormalised weight would be g / g = 1 and
-  the router would get no gradient from the main loss, so K = 1 always combines with
-  the raw gate (Switch Transformer, Fedus et al. 2021; flaxformer).
+  One convention for a dropped slot, whatever dropped it (the second-expert policy or the
+  capacity): ``renormalize`` divides the gates of the K *chosen* experts by their sum
+  before anything is dropped, and a dropped slot's weight is 0 -- its share is lost, not
+  handed to the kept experts. This is GShard's (Lepikhin et al. 2020, arXiv 2006.16668,
+  Algorithm 1: ``g1, g2 = g1/(g1+g2), g2/(g1+g2)``, then the random test ``2*g2 > U`` and the
+  capacity test decide whether expert 2 gets the token; a token whose second expert is
+  dropped keeps ``g1/(g1+g2)`` on the first). Renormalising applies only when K > 1: with
+  one expert per token the weight would be g / g = 1 and the router would get no gradient
+  from the main loss, so K = 1 always combines with the raw gate (Switch Transformer,
+  Fedus et al. 2021; flaxformer).
   """
-  gates = gates.astype(jnp.float32) * routed
+  gates = gates.astype(jnp.float32)
   if renormalize and expert_index.shape[-1] > 1:
     gates = gates / jnp.maximum(gates.sum(-1, keepdims=True), 1e-9)
+  gates = gates * routed
   position = _priority_positions(expert_index, routed, num_experts, priority_score)
   plan = TokenChoicePlan(expert_index.astype(jnp.int32), gates, routed, position,
                          capacity=capacity, num_experts=num_experts)
   return plan.replace(weight=gates * plan.kept)
+
+
+def all_experts_plan(logits: jax.Array, mask: jax.Array) -> TokenChoicePlan:
+  """Every token to every expert, weighted by ``softmax(logits)``: expert choice with
+  capacity C = S (nothing dropped), as a dropless plan. Per-token, hence causal."""
+  g, s, e = logits.shape
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  idx = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (g, s, e))
+  routed = jnp.broadcast_to(mask[..., None], (g, s, e))
+  return token_choice_plan(idx, probs, routed, num_experts=e, capacity=None, renormalize=False)
 
 
 # ----------------------------------------------------------------------------- assigners
@@ -221,7 +239,8 @@ def top_k_route(logits: jax.Array, mask: jax.Array, *, k: int, capacity: int | N
       ``random``: greedily, then kept with probability ``min(1, g_i / threshold)``,
       where ``g_i`` is the slot's gate renormalised over the top-k. With k=2 and
       threshold 0.5 this is GShard Algorithm 1's ``2 * g2 > uniform``. (Praxis divides
-      the raw softmax gate by the threshold instead.)
+      the raw softmax gate by the threshold instead.) A slot dropped here is weighted as
+      one dropped for capacity (see :func:`token_choice_plan`).
     second_threshold: the threshold of ``random``.
     batch_priority: BPR: capacity is filled in order of each token's top-1 probability
       instead of its position.
@@ -305,15 +324,49 @@ def hash_experts(x: jax.Array, token_ids: jax.Array | None, *, num_experts: int,
 # ----------------------------------------------------------------------------- scorers
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreFunction:
+  """A registered ``moe.router_scores``: named weights ``[embed, experts]`` -> logits.
+
+  params: names of its weights (each ``[embed, experts]``, attributes of RouterScores).
+  logits: ``(weights dict, x [G, S, D] float32) -> [G, S, E]`` float32.
+  """
+  name: str
+  params: tuple[str, ...]
+  logits: Callable[[dict[str, jax.Array], jax.Array], jax.Array]
+
+
+SCORE_FUNCTIONS: dict[str, ScoreFunction] = {}
+
+
+def register_scores(name: str, params: tuple[str, ...]):
+  """Decorator registering ``logits(weights, x)`` as ``moe.router_scores=name``."""
+  def deco(fn):
+    SCORE_FUNCTIONS[name] = ScoreFunction(name, params, fn)
+    return fn
+  return deco
+
+
+@register_scores("linear", ("w",))
+def _linear_scores(w, x):
+  return x @ w["w"]
+
+
+@register_scores("attention", ("wq", "wk", "wv"))
+def _attention_scores(w, x):
+  """Yuan 2.0-M32's attention router (arXiv 2405.17976, Sec. 2.1): per token
+  ``q, k, v = x @ Wq, x @ Wk, x @ Wv`` (each ``[experts]``, E one-dim elements);
+  ``logits_i = sum_j softmax_j(q_i k_j) v_j`` (``[experts, experts]`` attention per token)."""
+  q, k, v = (x @ w[n] for n in ("wq", "wk", "wv"))
+  att = jax.nn.softmax(q[..., :, None] * k[..., None, :], axis=-1)   # [G,S,E,E]
+  return jnp.einsum("gsef,gsf->gse", att, v)
+
+
 class RouterScores(nnx.Module):
   """Router logits ``[groups, tokens, experts]`` (float32) from tokens ``[groups, tokens, embed]``.
 
-  kind:
-    ``linear``: ``x @ W`` (W ``[embed, experts]``).
-    ``attention``: Yuan 2.0-M32's attention router (arXiv 2405.17976, Sec. 2.1): per token
-      ``q, k, v = x @ Wq, x @ Wk, x @ Wv`` (each ``[experts]``, treated as E one-dim
-      elements); ``logits_i = sum_j softmax_j(q_i k_j) v_j``, so the correlation between
-      experts enters the choice (``[experts, experts]`` attention per token).
+  kind: a registered score function (:data:`SCORE_FUNCTIONS`: ``linear`` = ``x @ W``;
+    ``attention`` = Yuan 2.0-M32's attention router).
   noise (training only, from the ``router`` rng stream):
     ``jitter``: Switch input jitter, ``x *= Uniform(1 - eps, 1 + eps)`` on the router input.
     ``gaussian``: noisy top-k gating (Shazeer et al. 2017),
@@ -325,12 +378,8 @@ class RouterScores(nnx.Module):
     init = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
     names = ("embed", None)
     shape = (d_model, num_experts)
-    if kind == "attention":
-      self.wq = sharding.param(init(rngs.params(), shape), names)
-      self.wk = sharding.param(init(rngs.params(), shape), names)
-      self.wv = sharding.param(init(rngs.params(), shape), names)
-    else:
-      self.w = sharding.param(init(rngs.params(), shape), names)
+    for p in SCORE_FUNCTIONS[kind].params:
+      setattr(self, p, sharding.param(init(rngs.params(), shape), names))
     self.w_noise = (sharding.param(jnp.zeros(shape, jnp.float32), names)
                     if noise == "gaussian" else None)
     self.kind = kind
@@ -343,14 +392,125 @@ class RouterScores(nnx.Module):
       rng, sub = jax.random.split(rng)
       x = x * jax.random.uniform(sub, x.shape, jnp.float32,
                                  1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-    if self.kind == "attention":
-      q, k, v = (x @ w[...].astype(jnp.float32) for w in (self.wq, self.wk, self.wv))
-      att = jax.nn.softmax(q[..., :, None] * k[..., None, :], axis=-1)   # [G,S,E,E]
-      logits = jnp.einsum("gsef,gsf->gse", att, v)
-    else:
-      logits = x @ self.w[...].astype(jnp.float32)
+    fn = SCORE_FUNCTIONS[self.kind]
+    logits = fn.logits({p: getattr(self, p)[...].astype(jnp.float32) for p in fn.params}, x)
     if train and self.noise == "gaussian":
       rng, sub = jax.random.split(rng)
       std = jax.nn.softplus(x @ self.w_noise[...].astype(jnp.float32))
       logits = logits + jax.random.normal(sub, logits.shape, jnp.float32) * std
     return logits
+
+
+# ----------------------------------------------------------------------------- routers
+
+
+def capacity_limited(cfg) -> bool:
+  """Whether ``config.moe`` can drop tokens for capacity, in training or in evaluation (a
+  capacity-buffer dispatch with ``capacity_factor_train`` or ``capacity_factor_eval`` > 0)."""
+  return cfg.dispatch in ("einsum", "expert_parallel") and (
+      cfg.capacity_factor_train > 0 or cfg.capacity_factor_eval > 0)
+
+
+class Router:
+  """A registered ``moe.router``: what the layer needs to know about one routing rule.
+
+  ``uses_scores``: needs router logits (the layer builds a :class:`RouterScores`).
+  ``balanced``: balanced by construction (no load-balancing loss is added).
+  ``dropless_ok``: has a dropless plan (else only the capacity dispatches apply).
+  """
+
+  name = ""
+  uses_scores = True
+  balanced = False
+  dropless_ok = True
+
+  def experts_per_token(self, top_k: int) -> int:
+    """K in the capacity ``ceil(K * S * factor / E)``."""
+    return top_k
+
+  def noncausal_reason(self, cfg) -> str | None:
+    """Why this router lets later tokens change earlier tokens' outputs in a decoder (with
+    ``cfg = config.moe``), or None when it is causal."""
+    return None
+
+  def needs_rng(self, layer, policy: str) -> bool:
+    return False
+
+  def plan(self, layer, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
+    """-> a plan (``capacity`` None: dropless; ``no_drop``: nothing may be dropped)."""
+    raise NotImplementedError
+
+
+ROUTERS: dict[str, Router] = {}
+
+
+def register_router(name: str):
+  """Class decorator registering a :class:`Router` subclass as ``moe.router=name``."""
+  def deco(cls):
+    cls.name = name
+    ROUTERS[name] = cls()
+    return cls
+  return deco
+
+
+@register_router("top_k")
+class TopKRouter(Router):
+  """Token choice (Switch k=1, GShard k=2, any k): :func:`top_k_route`."""
+
+  def noncausal_reason(self, cfg):
+    if not capacity_limited(cfg):
+      return None
+    if cfg.priority == "batch":
+      return ("batch-prioritised capacity (priority=batch) ranks a group's tokens by router "
+              "probability, so later tokens can push earlier ones out of an expert")
+    if cfg.top_k > 1:
+      return (f"top-{cfg.top_k} with a capacity fills every first choice before any second "
+              "choice, so later tokens' first choices can drop earlier tokens' second choices")
+    return None
+
+  def needs_rng(self, layer, policy):
+    return layer.top_k > 1 and policy != "all"
+
+  def plan(self, layer, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
+    return top_k_route(logits, mask, k=layer.top_k, capacity=capacity,
+                       renormalize=layer.renormalize, second_policy=policy,
+                       second_threshold=layer.second_threshold,
+                       batch_priority=layer.batch_priority, rng=rng)
+
+
+@register_router("expert_choice")
+class ExpertChoiceRouter(Router):
+  """Each expert takes its top-C tokens of a group (:func:`expert_choice_route`)."""
+
+  balanced = True
+  dropless_ok = False
+
+  def experts_per_token(self, top_k):
+    return 1
+
+  def noncausal_reason(self, cfg):
+    return ("expert choice ranks all tokens of a group, so later tokens change which earlier "
+            "tokens an expert takes")
+
+  def plan(self, layer, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
+    if no_drop:   # C = S: every expert takes every token
+      return all_experts_plan(logits, mask)
+    return expert_choice_route(logits, mask, capacity=capacity)
+
+
+@register_router("hash")
+class HashRouter(Router):
+  """Fixed routing by token id (Hash Layers): :func:`hash_experts` + :func:`hash_route`."""
+
+  uses_scores = False
+
+  def noncausal_reason(self, cfg):
+    if capacity_limited(cfg) and cfg.top_k > 1:
+      return (f"hash routing to {cfg.top_k} experts with a capacity fills every first choice "
+              "before any second choice, so later tokens can drop earlier tokens' second choices")
+    return None
+
+  def plan(self, layer, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
+    idx = hash_experts(xg, token_ids, num_experts=layer.num_experts, k=layer.top_k,
+                       seed=layer.hash_seed)
+    return hash_route(idx, mask, num_experts=layer.num_experts, capacity=capacity)

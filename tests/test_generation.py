@@ -1,0 +1,138 @@
+"""KV-cache decoding: equals the full forward for every FFN kind; sampling; one trace."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm_utils import tiny_config
+from moejax import config as config_lib
+from moejax.generation import Generator, full_forward_logits, prepare, sample_logits
+from moejax.model import Transformer
+
+KINDS = {
+    "dense": dict(),
+    "switch_capacity": dict(sparse_ffn="moe", moe=dict(top_k=1, dispatch="einsum",
+                                                       capacity_factor_eval=0.5)),
+    "top2_dropless": dict(sparse_ffn="moe", moe=dict(top_k=2, dispatch="dropless")),
+    "gshard_noncausal": dict(sparse_ffn="moe", moe=dict(
+        top_k=2, dispatch="einsum", second_policy_eval="random", capacity_factor_eval=0.5,
+        allow_noncausal=True)),
+    "expert_choice": dict(sparse_ffn="moe", moe=dict(router="expert_choice", dispatch="einsum",
+                                                     allow_noncausal=True)),
+    "hash": dict(sparse_ffn="moe", moe=dict(router="hash", top_k=2)),
+    "peer": dict(sparse_ffn="peer", peer=dict(num_experts_sqrt=8, heads=2, top_k=3, d_key=8)),
+    "pkm": dict(sparse_ffn="pkm", pkm=dict(num_keys_sqrt=8, heads=2, top_k=3, d_key=8)),
+}
+
+
+def _config(kind, **model):
+  spec = dict(KINDS[kind])
+  sparse = spec.pop("sparse_ffn", "dense")
+  c = tiny_config(sparse_ffn=sparse, sparse_layers="all" if sparse != "dense" else "none",
+                  **model)
+  for section, fields in spec.items():
+    c[section].update(fields)
+  config_lib.validate(c)
+  return c
+
+
+def _model(kind, **model):
+  c = _config(kind, **model)
+  m = Transformer(c, rngs=nnx.Rngs(params=0, router=1))
+  # non-trivial running statistics for query BatchNorm (PEER / PKM): one train-mode pass
+  m.train()
+  m(jax.random.randint(jax.random.key(7), (4, 16), 0, 32))
+  m.eval()
+  return m
+
+
+PROMPT = [3, 7, 11, 2, 9]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_greedy_with_cache_is_argmax_of_full_forward(kind):
+  model = _model(kind)
+  gen = Generator(model)
+  new = gen.generate([PROMPT], max_new_tokens=10, temperature=0.0)[0]
+  assert len(new) == 10
+  seq = np.array(PROMPT + list(new), np.int32)
+  logits = full_forward_logits(prepare(model), jnp.asarray(seq)[None])[0]
+  n = len(PROMPT)
+  np.testing.assert_array_equal(np.argmax(logits[n - 1:-1], -1), new)
+
+
+@pytest.mark.parametrize("kind", ["dense", "top2_dropless", "expert_choice", "peer", "pkm"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_decode_logits_equal_full_forward(kind, scan):
+  """Prefill a chunk, then one token at a time: every position's logits = full forward."""
+  model = prepare(_model(kind, num_layers=3, scan_layers=scan))
+  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, 32)
+  full = full_forward_logits(model, tokens)
+  cache = model.init_cache(2, 16)
+  got = []
+  lg, cache = model.decode(tokens[:, :5], cache, jnp.int32(0))
+  got.append(lg)
+  for t in range(5, 12):
+    lg, cache = model.decode(tokens[:, t:t + 1], cache, jnp.int32(t))
+    got.append(lg)
+  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=2e-4, rtol=2e-4)
+
+
+def test_batch_rows_of_different_lengths_equal_rows_alone():
+  model = _model("top2_dropless")
+  gen = Generator(model)
+  prompts = [[5, 6, 7], [9, 3, 4, 8, 10, 2, 14]]
+  both = gen.generate(prompts, max_new_tokens=6, temperature=0.0)
+  for p, row in zip(prompts, both):
+    np.testing.assert_array_equal(row, gen.generate([p], max_new_tokens=6, temperature=0.0)[0])
+
+
+def test_compiled_once_per_batch_and_length():
+  gen = Generator(_model("dense"))
+  gen.generate([[1, 2, 3]], 8, temperature=0.0)
+  gen.generate([[4, 5, 6]], 8, temperature=0.7, top_k=5, top_p=0.9, seed=3)
+  gen.generate([[4, 5]], 9)            # same max length 11
+  assert gen.traces == 1
+  gen.generate([[4, 5]], 20)
+  assert gen.traces == 2
+
+
+def test_sampling_reproducible_and_cut_by_top_k_top_p():
+  gen = Generator(_model("pkm"))
+  kw = dict(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0)
+  a = gen.generate([PROMPT, [4, 4]], seed=11, **kw)
+  b = gen.generate([PROMPT, [4, 4]], seed=11, **kw)
+  c = gen.generate([PROMPT, [4, 4]], seed=12, **kw)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert any(not np.array_equal(x, y) for x, y in zip(a, c))
+  greedy = gen.generate([PROMPT], 16, temperature=0.0)[0]
+  np.testing.assert_array_equal(gen.generate([PROMPT], 16, temperature=1.0, top_k=1, seed=5)[0],
+                                greedy)
+  np.testing.assert_array_equal(gen.generate([PROMPT], 16, temperature=1.0, top_p=1e-6,
+                                             seed=5)[0], greedy)
+
+
+def test_sample_logits_cuts():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  keys = jax.random.key(0)
+  s = sample_logits(logits, keys, 1.0, 2, 1.0)
+  assert set(np.unique(s)) == {0, 1}
+  np.testing.assert_allclose(np.mean(s == 0), 0.5 / 0.8, atol=0.03)
+  s = sample_logits(logits, keys, 1.0, 0, 0.7)     # 0.5 < 0.7 <= 0.8: keep {0, 1}
+  assert set(np.unique(s)) == {0, 1}
+  s = sample_logits(logits, keys, 1.0, 0, 1.0)
+  assert set(np.unique(s)) == {0, 1, 2, 3}
+  np.testing.assert_array_equal(sample_logits(logits, keys, 0.0, 0, 1.0), 0)
+
+
+def test_eos_stops_a_row():
+  model = _model("dense")
+  gen = Generator(model)
+  free = gen.generate([PROMPT], 12, temperature=0.0)[0]
+  eos = int(free[3])
+  first = int(np.flatnonzero(free == eos)[0])
+  cut = gen.generate([PROMPT], 12, temperature=0.0, eos_id=eos)[0]
+  np.testing.assert_array_equal(cut, free[:first + 1])
