@@ -4,14 +4,15 @@
 
 Prints loss, perplexity and bits-per-byte per dataset as a table, writes
 eval.json and PNG plots (training loss curve, expert load / usage) next to it.
+A bad input (flag, checkpoint, dataset) is one ``error:`` line on stderr, exit code 2.
 """
 
 import json
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 
+from moejax import cli
 from moejax.errors import CheckpointError, ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -28,17 +29,19 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/TFDS log every file op
   from moejax.evaluation import run
+  from moejax.training.checkpoint import quiet_asyncio_noise
+  quiet_asyncio_noise()
   try:
     report = run.evaluate(
         FLAGS.checkpoint, datasets=[d for d in FLAGS.dataset.split(",") if d] or None,
         split=FLAGS.split or None, max_batches=None if FLAGS.max_batches < 0 else FLAGS.max_batches,
         data_dir=FLAGS.data_dir, out_dir=FLAGS.out or None)
   except (ConfigError, DataError, CheckpointError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(str(e), hard=True)
   print(json.dumps(report, indent=1) if FLAGS.json else run.format_table(report))
   for f in report["plots"]:
     print(f"plot: {f}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

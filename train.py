@@ -4,7 +4,12 @@
 
 With no arguments: the default small model on the built-in offline dataset
 (``local_text`` over the Python standard library sources), byte tokenizer.
-Re-running the same command resumes from the latest checkpoint in --workdir.
+Re-running the same command resumes from the newest checkpoint in --workdir that
+restores; re-running a finished run does nothing (``--reevaluate`` evaluates again).
+
+Exit codes: 0 done (or preempted, or already finished); 2 a bad input (config, flag,
+data, tokenizer, checkpoint, workdir: one ``error:`` line on stderr, nothing written);
+1 stopped by a non-finite loss (``train.on_nonfinite=stop``).
 """
 
 import os
@@ -14,16 +19,21 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from moejax.cli import check_config_overrides
-from moejax.errors import CheckpointError, ConfigError, DataError
+from moejax import cli
+from moejax.errors import (EXIT_NONFINITE, CheckpointError, ConfigError, DataError,
+                           NonFiniteError)
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 FLAGS = flags.FLAGS
 if __name__ == "__main__":
-  # config_flags parses --config.* overrides right here; name unknown fields in one line first.
-  check_config_overrides(sys.argv)
+  # config_flags parses --config.* overrides right here; name bad fields / files in one line first.
+  cli.check_config_overrides_or_fail(sys.argv)
+  if cli._config_file(sys.argv) is not None:
+    cli._check_config_file(cli._config_file(sys.argv))
 config_flags.DEFINE_config_file("config", _DEFAULT, "Config file (ml_collections).", lock_config=True)
 flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, metrics, export.")
+flags.DEFINE_bool("reevaluate", False, "On a finished workdir: run the final evaluation again "
+                  "(replacing its row in metrics.jsonl); otherwise a finished run does nothing.")
 flags.DEFINE_string("coordinator", "", "host:port for jax.distributed (multi-host); '' = auto/none.")
 flags.DEFINE_integer("num_processes", 0, "Processes for jax.distributed; 0 = auto/none.")
 flags.DEFINE_integer("process_id", -1, "This process for jax.distributed.")
@@ -34,14 +44,17 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/TFDS log every file op
   from moejax.distributed import maybe_initialize
   maybe_initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  from moejax.training import loop
+  from moejax.training import checkpoint, loop
+  checkpoint.quiet_asyncio_noise()
   try:
-    result = loop.train(FLAGS.config, FLAGS.workdir)
+    result = loop.train(FLAGS.config, FLAGS.workdir, reevaluate=FLAGS.reevaluate)
   except (ConfigError, DataError, CheckpointError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(str(e))
+  except NonFiniteError as e:
+    cli.fail(str(e), EXIT_NONFINITE)
   if result["preempted"]:
     print(f"stopped at step {result['step']} (preempted); re-run the same command to resume")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

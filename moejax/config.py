@@ -92,6 +92,10 @@ def default_config() -> ml_collections.ConfigDict:
       "profile_start": 5,
       "profile_steps": 3,
       "progress_bar": True,
+      # A non-finite loss or gradient norm (caught inside the step, never applied):
+      # stop = end the run naming the step (exit 1); skip = leave params and optimizer
+      # state unchanged for that step, count and log it.
+      "on_nonfinite": "stop",
   })
 
   c.mesh = ml_collections.ConfigDict({
@@ -117,12 +121,16 @@ def c4_tpu_base(*, seq_len: int, batch_size: int, steps: int, warmup_steps: int
 
   ``data.data_dir`` and ``data.tokenizer`` are placeholders to set on the command line:
   ``--config.data.data_dir=gs://BUCKET/tensorflow_datasets
-  --config.data.tokenizer=gs://BUCKET/spm/c4_32k.model``.
+  --config.data.tokenizer=gs://BUCKET/spm/c4_32k.model``. The tokenizer placeholder is a
+  SentencePiece path (never the byte tokenizer, which would silently train a 258-token
+  model on c4), so ``python -m moejax.compile`` sizes the vocabulary by ``--vocab_size``
+  (32,000) and ``train.py`` stops until a real model file is given.
   """
   c = default_config()
   c.model.update(dict(vocab_size=0, d_model=768, num_layers=12, num_heads=12, head_dim=64,
                       d_ff=3072, dtype="bfloat16"))
-  c.data.update(dict(dataset="c4/en:3.1.0", data_dir="", tokenizer="byte", text_key="text",
+  c.data.update(dict(dataset="c4/en:3.1.0", data_dir="",
+                     tokenizer="gs://YOUR_BUCKET/spm/c4_32k.model", text_key="text",
                      eval_split="validation", seq_len=seq_len, batch_size=batch_size,
                      worker_count=8))
   c.optim.update(dict(lr=1e-3, warmup_steps=warmup_steps, schedule="cosine"))
@@ -164,18 +172,57 @@ def parse_rules(spec: str) -> dict[str, Any]:
 _fail = config_error
 
 
-def _check_schema(cfg, ref, prefix: str = "") -> None:
+def _leaf_paths(ref, prefix: str = "") -> list[str]:
+  out = []
+  for key in ref.keys():
+    if isinstance(ref[key], ml_collections.ConfigDict):
+      out += _leaf_paths(ref[key], f"{prefix}{key}.")
+    else:
+      out.append(f"{prefix}{key}")
+  return out
+
+
+def unknown_field_error(field: str, ref, root) -> ConfigError:
+  """``config.FIELD: unknown field (did you mean config.NEAREST?)`` for a mistyped field.
+
+  ``ref`` is the section that lacks the last part of ``field``, ``root`` the whole default
+  config: the same name in another section (``train.lr`` -> ``optim.lr``) comes first, then
+  a near spelling in the same section, then anywhere. Without a near name, the known ones.
+  """
+  from moejax.errors import nearest
+  prefix, _, key = field.rpartition(".")
+  prefix = prefix + "." if prefix else ""
+  leaves = _leaf_paths(root)
+  by_leaf: dict[str, str] = {}
+  for path in leaves:
+    by_leaf.setdefault(path.rpartition(".")[2], path)
+  guess = by_leaf.get(key)
+  if guess is None:
+    near = nearest(key, ref.keys(), cutoff=0.75)
+    guess = prefix + near if near else None
+  if guess is None:
+    near = nearest(key, by_leaf)
+    guess = by_leaf[near] if near else None
+  if guess is None:
+    near = nearest(key, ref.keys())
+    guess = prefix + near if near else None
+  if guess is not None:
+    return ConfigError(f"config.{field}: unknown field (did you mean config.{guess}?)")
+  return ConfigError(f"config.{field}: unknown field (known here: {', '.join(sorted(ref.keys()))})")
+
+
+def _check_schema(cfg, ref, prefix: str = "", root=None) -> None:
   """Unknown fields and type mismatches against the defaults."""
+  root = ref if root is None else root
   for key in cfg.keys():
     field = f"{prefix}{key}"
     if key not in ref:
-      known = ", ".join(sorted(ref.keys()))
-      raise ConfigError(f"config.{field}: unknown field (known here: {known})")
+      raise unknown_field_error(field, ref, root)
     val, want = cfg[key], ref[key]
     if isinstance(want, ml_collections.ConfigDict):
       if not isinstance(val, ml_collections.ConfigDict):
         raise ConfigError(f"config.{field}: must be a section, got {val!r}")
-      _check_schema(val, want, field + ".")
+      _check_schema(val, want, field + ".", root)
       continue
     if want is None or val is None:
       continue
@@ -256,6 +303,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for f in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if t[f] < 1:
       raise _fail(f"train.{f}", t[f], "must be >= 1", f"set --config.train.{f}=N")
+  if t.on_nonfinite not in ("stop", "skip"):
+    raise _fail("train.on_nonfinite", t.on_nonfinite, "must be stop or skip",
+                "set --config.train.on_nonfinite=stop (end the run) or skip (drop that step)")
   if t.eval_every < 0 or t.eval_batches < 1:
     raise _fail("train.eval_every", t.eval_every, "eval_every must be >= 0 and eval_batches >= 1",
                 "set --config.train.eval_every=100 --config.train.eval_batches=4")

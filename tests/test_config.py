@@ -42,7 +42,7 @@ def test_unknown_field():
     c.model.num_expert = 4
   message = _error(add)
   assert message.startswith("config.model.num_expert: unknown field")
-  assert "num_heads" in message   # lists the known fields
+  assert "did you mean config.moe.num_experts?" in message   # the nearest field, any section
 
 
 def test_wrong_type_in_saved_config():

@@ -130,8 +130,8 @@ def test_load_tokenizer_missing_file(tmp_path):
 def test_load_tokenizer_corrupt_file_is_one_line_data_error(tmp_path, content):
   path = tmp_path / "bad.model"
   path.write_bytes(content)
-  with pytest.raises(DataError, match=r"^config\.data\.tokenizer='.*bad\.model': not a "
-                                      r"SentencePiece model .*set --config\.data\.tokenizer") as e:
+  with pytest.raises(DataError, match=r"^config\.data\.tokenizer='.*bad\.model': (empty file, )?not a "
+                                      r"SentencePiece model.*set --config\.data\.tokenizer") as e:
     data.load_tokenizer(str(path))
   assert "\n" not in str(e.value)
 
@@ -227,7 +227,13 @@ def test_eval_batches_pack_and_cover_every_token(tmp_path, text_dir):
   for b in batches:
     assert {k: (v.shape, v.dtype.name) for k, v in b.items()} == {
         "inputs": ((4, 16), "int32"), "targets": ((4, 16), "int32"),
-        "weights": ((4, 16), "float32"), "num_bytes": ((4, 16), "float32")}
+        "weights": ((4, 16), "float32"), "num_bytes": ((4, 16), "float32"),
+        "segment_ids": ((4, 16), "int32"), "positions": ((4, 16), "int32")}
+    # positions count up inside a document and restart where the next one starts
+    starts = np.diff(b["segment_ids"], axis=1) != 0
+    inside = ~starts & (b["segment_ids"][:, 1:] > 0)          # padding (segment 0) excluded
+    np.testing.assert_array_equal(b["positions"][:, 1:][inside], b["positions"][:, :-1][inside] + 1)
+    assert (b["positions"][:, 1:][starts & (b["segment_ids"][:, 1:] > 0)] == 0).all()
     # targets are inputs shifted by one inside each window
     np.testing.assert_array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
     np.testing.assert_array_equal(b["num_bytes"], tok.token_bytes(b["targets"]) * b["weights"])

@@ -78,7 +78,39 @@ def validate(cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict) 
                        "unset it or set --config.data.dataset=local_text")
 
 
+def check_split(cfg: ml_collections.ConfigDict, split: str, dataset: str | None = None,
+                samples: int = 64) -> None:
+  """Raises DataError (one line) unless ``split`` exists and holds usable text.
+
+  Looks at up to ``samples`` records spread over the split: if none has a non-blank text
+  (a directory of empty files, records of only whitespace), training would learn
+  end-of-sequence tokens alone, so it is refused before it starts.
+  """
+  from moejax.data.pipeline import make_source
+  from moejax.errors import DataError
+  name = dataset or cfg.dataset
+  src = make_source(cfg, split, name)
+  n = len(src)
+  if n == 0:
+    raise DataError(f"config.data.dataset={name!r}: split {split!r} has no records (point "
+                    "--config.data.dataset / text_dir at data with text)")
+  for i in sorted({int(k * n / min(n, samples)) for k in range(min(n, samples))}):
+    record = src[i]
+    if cfg.text_key not in record:
+      raise DataError(f"config.data.text_key={cfg.text_key!r}: not a feature of {name!r} "
+                      f"(it has {sorted(record)}; set --config.data.text_key)")
+    text = record[cfg.text_key]
+    if isinstance(text, (bytes, bytearray)) or type(text).__name__ == "bytes_":
+      text = bytes(text).decode("utf-8", errors="replace")
+    if str(text).strip():
+      return
+  where = f"config.data.text_dir={cfg.text_dir!r}" if name == "local_text" else f"config.data.dataset={name!r}"
+  raise DataError(f"{where}: no usable text in split {split!r} ({min(n, samples)} of {n} records "
+                  "looked at, all empty or blank); point it at data with text")
+
+
 __all__ = [
-    "ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "default_config", "load_tokenizer",
+    "ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "check_split", "default_config",
+    "load_tokenizer",
     "make_eval_iterator", "make_source", "make_train_iterator", "validate",
 ]

@@ -17,9 +17,10 @@ directory}``. Built offline into array_record files, read with
 * Split: a file goes to ``validation`` when the hash of its relative path falls
   in the lowest 3% (stable when other files are added), clamped so that each
   split has at least one file.
-* Files with a NUL byte in their first 8 KiB are skipped as binary; other
-  non-UTF-8 bytes are decoded with ``errors="replace"`` (U+FFFD), so a stray
-  Latin-1 file still contributes its text.
+* Files with a NUL byte in their first 8 KiB are skipped as binary (UTF-16 too);
+  other non-UTF-8 bytes are decoded with ``errors="replace"`` (U+FFFD), so a stray
+  Latin-1 file still contributes its text. A directory in which a split gets no
+  file with text (only empty, binary or UTF-16 files) is refused (DataError).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def make_config(text_dir: str = "", pattern: str = "") -> LocalTextConfig:
     raise DataError(
         f"config.data.text_dir={text_dir!r}: {len(files)} file(s) match {pattern!r}, need at "
         "least 2 (one per split); add files or change --config.data.text_glob")
+  _check_usable(text_dir, files)
   listing = hashlib.sha1()
   for rel in files:
     st = os.stat(os.path.join(text_dir, rel))
@@ -110,6 +112,42 @@ def make_config(text_dir: str = "", pattern: str = "") -> LocalTextConfig:
   name = f"d{hashlib.sha1(f'{text_dir}|{pattern}'.encode()).hexdigest()[:10]}_{listing.hexdigest()[:10]}"
   return LocalTextConfig(name=name, text_dir=text_dir, pattern=pattern, files=tuple(files),
                          description=f"{len(files)} files {pattern} under {text_dir}")
+
+
+def probe(path: str) -> str:
+  """"text", "empty" (no non-blank character), "utf16", "binary" or "unreadable", from the first 8 KiB."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(_BINARY_PROBE)
+  except OSError:
+    return "unreadable"
+  even, odd, half = head[0::2].count(0), head[1::2].count(0), max(len(head) // 2, 1)
+  if head[:2] in (b"\xff\xfe", b"\xfe\xff") or (
+      len(head) >= 4 and max(even, odd) >= half // 2 and min(even, odd) <= half // 10):
+    return "utf16"
+  if b"\0" in head:
+    return "binary"
+  if not head.strip() and os.path.getsize(path) <= _BINARY_PROBE:
+    return "empty"
+  return "text"
+
+
+def _check_usable(text_dir: str, files: list[str]) -> None:
+  """Refuses a directory whose files give no text in a split (empty, binary, UTF-16)."""
+  kinds = {rel: probe(os.path.join(text_dir, rel)) for rel in files}
+  counts = {k: sum(v == k for v in kinds.values()) for k in ("empty", "binary", "utf16", "unreadable")}
+  unusable = ", ".join(f"{n} {k if k != 'utf16' else 'UTF-16'}" for k, n in counts.items() if n)
+  fix = ("convert UTF-16 files to UTF-8 (iconv -f UTF-16 -t UTF-8)" if counts["utf16"] else
+         "point --config.data.text_dir at a directory of UTF-8 text files (or narrow "
+         "--config.data.text_glob)")
+  if not any(v == "text" for v in kinds.values()):
+    raise DataError(f"config.data.text_dir={text_dir!r}: no usable text in its {len(files)} "
+                    f"file(s) ({unusable}); {fix}")
+  for split, members in split_files(files).items():
+    if not any(kinds[rel] == "text" for rel in members):
+      raise DataError(f"config.data.text_dir={text_dir!r}: the {split} split ({len(members)} "
+                      f"file(s)) has no usable text ({unusable} in the directory); add UTF-8 text "
+                      f"files or {fix}")
 
 
 def read_text(path: str) -> str | None:

@@ -76,7 +76,17 @@ class SentencePieceTokenizer:
 
   def __init__(self, path: str):
     self._path = str(path)
-    self._load(epath.Path(self._path).read_bytes())  # local or gs://
+    try:
+      proto = epath.Path(self._path).read_bytes()  # local or gs://
+    except OSError as e:
+      raise DataError(f"config.data.tokenizer={self._path!r}: cannot be read ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:100] if str(e) else ''}); check its permissions or "
+                      "set --config.data.tokenizer to another .model file, or \"byte\"") from None
+    if not proto:
+      raise DataError(f"config.data.tokenizer={self._path!r}: empty file, not a SentencePiece "
+                      "model; set --config.data.tokenizer to a .model file written by spm_train, "
+                      "or \"byte\"")
+    self._load(proto)
 
   def _load(self, proto: bytes) -> None:
     import sentencepiece as spm
@@ -84,7 +94,9 @@ class SentencePieceTokenizer:
     self._sp = spm.SentencePieceProcessor()
     try:
       self._sp.LoadFromSerializedProto(proto)
-    except (RuntimeError, OSError) as e:
+      if self._sp.get_piece_size() < 3:
+        raise RuntimeError(f"{self._sp.get_piece_size()} pieces")
+    except (RuntimeError, OSError, ValueError, TypeError) as e:
       cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise DataError(
           f"config.data.tokenizer={self._path!r}: not a SentencePiece model ({cause[:120]}); "
@@ -148,6 +160,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
   if spec == "byte":
     return ByteTokenizer()
   path = spec if "://" in spec else os.path.expanduser(spec)
+  if epath.Path(path).is_dir():
+    raise DataError(
+        f"config.data.tokenizer={spec!r}: a directory, not a file (use \"byte\" or the path of "
+        "a SentencePiece .model file in it, e.g. --config.data.tokenizer=DIR/spm.model)")
   if not epath.Path(path).is_file():
     raise DataError(
         f"config.data.tokenizer={spec!r}: no such file (use \"byte\" or the path of a "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import ml_collections
 import numpy as np
@@ -51,11 +53,17 @@ def load(path: str, mesh_overrides: dict | None = None
     ckpt_lib.load_model_state(where, ms.state, ms.shardings)
     return config, ms, None
   ts = state_lib.create_train_state(config)   # a train checkpoint restores as a whole
-  ckptr = ckpt_lib.Checkpointer(where, keep=10**6, async_save=False)
-  if ckptr.latest_step() is None:
-    raise CheckpointError(f"--checkpoint={path}: no checkpoint in {ckptr.directory}")
-  ts.state, _ = ckptr.restore(ts.state, ts.shardings)
-  ckptr.close()
+  ckptr = ckpt_lib.Checkpointer(where, keep=10**6, async_save=False, create=False)
+  try:
+    if ckptr.latest_step() is None:
+      raise CheckpointError(f"--checkpoint={path}: no checkpoint in {ckptr.directory}")
+    # The newest checkpoint that restores (a warning line for each one skipped).
+    ts.state, _ = ckptr.restore(ts.state, ts.shardings)
+    if jax.process_index() == 0:
+      for line in ckptr.skipped_warnings():
+        print(line, file=sys.stderr, flush=True)
+  finally:
+    ckptr.close()
   return config, state_lib.ModelState(ts.mesh, ts.rules, ts.eval_graphdef, ts.state[0],
                                       ts.shardings[0]), ts.step
 

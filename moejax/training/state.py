@@ -43,6 +43,11 @@ def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[
   return jnp.sum(ce * weights), jnp.sum(weights)
 
 
+def _packing(batch: dict) -> dict:
+  """Document segment ids and positions of packed rows (attention stays in a document)."""
+  return {k: batch.get(k) for k in ("segment_ids", "positions")}
+
+
 def model_lm_loss(model: Transformer, batch: dict, mask: jax.Array
                   ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
   """(loss sum, weight sum, auxes) of ``model`` on ``batch``.
@@ -53,11 +58,11 @@ def model_lm_loss(model: Transformer, batch: dict, mask: jax.Array
   """
   if model.loss_chunk:
     from moejax.layers.vocab_loss import chunked_cross_entropy
-    x, auxes = model.hidden(batch["inputs"], mask=mask)
+    x, auxes = model.hidden(batch["inputs"], mask=mask, **_packing(batch))
     loss_sum = chunked_cross_entropy(x, model.output_projection(), batch["targets"],
                                      batch["weights"], chunk_tokens=model.loss_chunk)
     return loss_sum, jnp.sum(batch["weights"]), auxes
-  logits, auxes = model(batch["inputs"], mask=mask)
+  logits, auxes = model(batch["inputs"], mask=mask, **_packing(batch))
   return (*lm_loss(logits, batch["targets"], batch["weights"]), auxes)
 
 
@@ -185,8 +190,9 @@ def make_train_step(ts: TrainState):
                  **{f"{k}_loss": v for k, v in flatten_aux(auxes, "losses").items()}}
       return loss + aux_loss, metrics
 
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt),
-                                             has_aux=True)(model)
+    (total, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt),
+                                                 has_aux=True)(model)
+    rows, scale = None, 1.0
     if table_adam:
       grads, delta_grads = nnx.split_state(grads, nnx.Not(RowDelta), RowDelta)
       rows = table_adam[0].row_grads(model, delta_grads)
@@ -196,12 +202,34 @@ def make_train_step(ts: TrainState):
       clip = ts.config.optim.grad_clip
       scale = jnp.minimum(1.0, clip / (metrics["grad_norm"] + 1e-12)) if clip > 0 else 1.0
       grads = jax.tree.map(lambda g: g * scale, grads)
-      table_adam[0].apply(model, rows, optimizer.step[...] + 1, scale)
       row_sparse.detach(model)
     else:
       metrics["grad_norm"] = optax.tree.norm(grads)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer, *table_adam)), metrics
+
+    # Non-finite guard (train.on_nonfinite): a NaN/inf loss or gradient norm applies no
+    # update -- params, optimizer state and the forward's statistics (BatchNorm) stay as
+    # they were, only the step counter moves on (checkpoints, data position and logs keep
+    # counting steps). The loop reads metrics["nonfinite"] without an extra host sync.
+    # A conditional, not a select over the whole state: the update stays in place (a
+    # select would hold the old and the new state, tables and their moments included).
+    finite = jnp.isfinite(total) & jnp.isfinite(metrics["grad_norm"])
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+
+    def update(forward_state, _):
+      model, optimizer, *ta = nnx.merge(graphdef, forward_state)
+      if ta:
+        ta[0].apply(model, rows, optimizer.step[...] + 1, scale)
+      optimizer.update(model, grads)
+      return nnx.state((model, optimizer, *ta))
+
+    def skip(forward_state, old_state):
+      model, optimizer, *ta = nnx.merge(graphdef, old_state)
+      optimizer.step[...] = optimizer.step[...] + 1
+      return nnx.state((model, optimizer, *ta))
+
+    new_state = jax.lax.cond(finite, update, skip, nnx.state((model, optimizer, *table_adam)),
+                             state)
+    return new_state, metrics
 
   batch_sh = sharding.batch_sharding(ts.mesh)
   return jax.jit(step, in_shardings=(ts.shardings, batch_sh),

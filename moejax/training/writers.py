@@ -21,13 +21,14 @@ class MetricWriter:
   """Appends ``{"step": s, "split": ..., name: value}`` lines to metrics.jsonl; mirrors to TensorBoard.
 
   On resume (``resume_step``), rows logged after that step by the interrupted run are
-  dropped, so the file reads as one run. On a bucket (no appends) the file is rewritten.
+  dropped (and a torn last line), so the file reads as one run. On a bucket (no appends) the file is rewritten.
   """
 
   def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
     self.active = jax.process_index() == 0
     self.path = paths.join(workdir, "metrics.jsonl")
     self.rows = [r for r in read_metrics(workdir) if r["step"] <= resume_step] if resume_step else []
+    self.rows.sort(key=lambda r: r["step"])   # stable: train before eval within a step, as written
     self.tb = None
     if not self.active:
       return
@@ -42,13 +43,22 @@ class MetricWriter:
   def _rewrite(self) -> None:
     epath.Path(self.path).write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
-  def write(self, step: int, metrics: dict, split: str = "train") -> None:
+  def last(self, split: str = "train") -> dict | None:
+    """The last row of ``split`` kept so far (e.g. to carry running totals over a resume)."""
+    return next((r for r in reversed(self.rows) if r.get("split") == split), None)
+
+  def write(self, step: int, metrics: dict, split: str = "train", *, replace: bool = False) -> None:
+    """Appends a row; ``replace`` first drops the rows of the same step and split (a
+    re-evaluation replaces the eval row instead of adding a duplicate)."""
     if not self.active:
       return
     row = {"step": int(step), "split": split, "time": time.time(),
            **{k: _scalar(v) for k, v in metrics.items()}}
+    dropped = replace and any(r["step"] == step and r.get("split") == split for r in self.rows)
+    if dropped:
+      self.rows = [r for r in self.rows if not (r["step"] == step and r.get("split") == split)]
     self.rows.append(row)
-    if paths.is_remote(self.path):
+    if paths.is_remote(self.path) or dropped:
       self._rewrite()
     else:
       with open(self.path, "a") as f:
@@ -65,10 +75,28 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The rows of ``metrics.jsonl``. A line that is not a JSON row (the torn last line of a
+  run killed mid-write, or a damaged one) is dropped with a warning, never fatal."""
   path = paths.join(workdir, "metrics.jsonl")
   if not paths.exists(path):
     return []
-  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
+  rows, bad = [], []
+  lines = epath.Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    if isinstance(row, dict) and isinstance(row.get("step"), int):
+      rows.append(row)
+    else:
+      bad.append(i + 1)
+  if bad:
+    last = " (the torn last line of an interrupted write)" if bad == [len(lines)] else ""
+    logging.warning("%s: dropped %d unreadable line(s) %s%s", path, len(bad), bad[:5], last)
+  return rows
 
 
 class Progress:
