@@ -15,13 +15,19 @@ knobs that exist in this moejax's ``default_config()`` (``model.remat``, ``model
   remat+scan          both
   remat+scan+chunk    both and model.loss_chunk=4096
   reference-kernels   PEER / PKM lookups in plain JAX instead of the Pallas TPU kernels
+  no-remat-scan       remat none and no scan (the loss chunk and the kernels as shipped)
+  no-remat, no-scan, no-chunk   the config without that one knob
+  plain+reference     no knob and the plain-JAX lookups (how the TPU configs first shipped)
+
+Variants change only feed-forward sections the model uses (``reference-kernels`` is the
+shipped config again for a Switch model, so it is skipped there).
 
 Variants equal to an earlier one (e.g. ``plain`` when the config ships with no knobs) are
 skipped. Vocabulary: 32,000 (the c4 SentencePiece model) when the config leaves it to the
-tokenizer. The target slice of a config is the ``Target slice: vX:AxB...`` named in its
-docstring, else the one below. The step-time column is a roofline ESTIMATE from the compiled
-cost (max(FLOPs / peak, bytes accessed / HBM bandwidth) per device), not a measurement.
-Rows marked ">=" have XLA while loops (scan_layers, loss_chunk): XLA's cost analysis counts a
+tokenizer. The target slice of a config is its module constant ``TOPOLOGY`` (else the
+``Target slice: vX:AxB...`` named in its docstring, else the one below). The step-time
+column is a roofline ESTIMATE from the compiled cost (max(FLOPs / peak, bytes accessed /
+HBM bandwidth) per device), not a measurement. Rows marked ">=" have XLA while loops (scan_layers, loss_chunk): XLA's cost analysis counts a
 loop body once, so their FLOPs and estimate are lower bounds (memory is exact); read FLOPs
 from an unscanned row.
 
@@ -60,6 +66,12 @@ VARIANTS = {
     "remat+scan": {"model.remat": "full", "model.scan_layers": True},
     "remat+scan+chunk": {"model.remat": "full", "model.scan_layers": True, "model.loss_chunk": 4096},
     "reference-kernels": {"peer.kernel": "reference", "pkm.kernel": "reference"},
+    "no-remat-scan": {"model.remat": "none", "model.scan_layers": False},
+    "no-remat": {"model.remat": "none"},
+    "no-scan": {"model.scan_layers": False},
+    "no-chunk": {"model.loss_chunk": 0},
+    "plain+reference": {"model.remat": "none", "model.scan_layers": False, "model.loss_chunk": 0,
+                        "peer.kernel": "reference", "pkm.kernel": "reference"},
 }
 
 
@@ -68,6 +80,8 @@ def load(name: str):
   spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
+  if getattr(mod, "TOPOLOGY", ""):          # the config's module constant names its slice
+    return mod.get_config(), mod.TOPOLOGY
   m = re.search(r"[Tt]arget slice\W+(v\d\w*:\d+(?:x\d+)+)", mod.__doc__ or "")
   return mod.get_config(), (m.group(1) if m else DEFAULT_SLICE.get(name, "v5p:2x2x1"))
 
@@ -77,10 +91,13 @@ def apply(config, overrides: dict):
   from moejax.config import default_config
   ref = default_config()
   c = config.copy_and_resolve_references()
+  used = {config.model.ffn, config.model.sparse_ffn}
   for key, value in overrides.items():
     section, field = key.split(".")
     if field not in ref[section]:
       return None
+    if section in ("peer", "pkm", "moe", "dense") and section not in used:
+      continue   # a feed-forward kind this model does not use: no change (deduplicated)
     c[section][field] = value
   return c
 
@@ -103,7 +120,7 @@ def run_row(name, config, topology, variant, eval_step):
   row.update(fits=r.fits, mesh=r.mesh, devices=r.mesh_devices, batch=r.batch_size, seq_len=r.seq_len,
              vocab=r.vocab_size, params=r.num_params, hbm_gib=r.hbm_bytes / 2**30,
              argument_gib=t.argument_bytes / 2**30, temp_gib=t.temp_bytes / 2**30,
-             total_gib=t.total_bytes / 2**30, headroom=r.headroom(), flops=t.flops,
+             total_gib=t.total_bytes / 2**30, headroom=r.headroom(t), flops=t.flops,
              flops_all=t.flops * r.mesh_devices, bytes_accessed=t.bytes_accessed,
              estimate_s=t.estimate_seconds, bound=t.bound, compile_s=t.compile_seconds,
              while_loops=t.while_loops,
@@ -115,21 +132,24 @@ def run_row(name, config, topology, variant, eval_step):
 
 
 HEADER = ("| config | slice | variant | train: args / temp / total GiB per device | headroom "
-          "| FLOPs/device/step | step ESTIMATE | compile |\n|---|---|---|---|---|---|---|---|")
+          "| eval: total GiB, headroom | FLOPs/device/step | step ESTIMATE | compile |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def fmt(row) -> str:
   lead = f"| {row['config']} | {row['topology']} | {row['variant']} |"
   if row.get("fits") is None:
-    return f"{lead} error: {row['error']} | | | | |"
+    return f"{lead} error: {row['error']} | | | | | |"
   if row.get("total_gib") is None:
     need = f"{row['need_gib']:.1f} GiB" if row.get("need_gib") else "?"
-    return (f"{lead} **does not fit** ({row['step']} step needs {need} of "
+    return (f"{lead} **does not fit** ({row['step']} step: HLO temporaries need {need} of "
             f"{compile_lib.CHIPS[row['topology'].split(':')[0]].hbm_usable / 2**30:.2f}) | < 0 "
-            f"| | | {row['seconds']:.0f} s |")
+            f"| | | | {row['seconds']:.0f} s |")
   lb = ">= " if row.get("while_loops") else ""   # loop bodies counted once: lower bounds
+  ev = (f"{row['eval_total_gib']:.2f}, {100 * row['eval_headroom']:.1f} %"
+        if row.get("eval_total_gib") is not None else "-")
   return (f"{lead} {row['argument_gib']:.2f} / {row['temp_gib']:.2f} / {row['total_gib']:.2f} "
-          f"of {row['hbm_gib']:.2f} | {100 * row['headroom']:.1f} % | {lb}{row['flops']:.3e} "
+          f"of {row['hbm_gib']:.2f} | {100 * row['headroom']:.1f} % | {ev} | {lb}{row['flops']:.3e} "
           f"| {lb}{row['estimate_s'] * 1e3:.1f} ms ({row['bound']}) | {row['compile_s']:.0f} s |")
 
 

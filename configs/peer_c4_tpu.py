@@ -1,5 +1,18 @@
 """PEER on C4 with the paper's settings, for a TPU VM (documented, not run in CI).
 
+Target slice: v5p:2x2x1 (``TOPOLOGY``; 4 v5p chips, one host: a v5p-8 TPU VM), at the paper's
+batch of 128 x 2048 tokens. Compiled there with libtpu (vocab 32,000; jax 0.10.2, libtpu
+0.0.42.1; ``python -m moejax.compile --config configs/peer_c4_tpu.py --topology v5p:2x2x1``),
+per device of 95.74 GiB usable HBM:
+  train step  22.68 GiB (arguments 5.96, temporaries 16.65): 76.3 % headroom
+  eval step   14.33 GiB: 85.0 % headroom
+What gets it there (``benchmarks/RESULTS.md``, "TPU compiles"): model.remat=full +
+model.scan_layers, and the fused Pallas PEER kernels (peer.kernel=auto, the default). Each is
+needed: without remat + scan the train step needs 121.4 GiB of temporaries; with the plain-JAX
+lookup (peer.kernel=reference, which holds [tokens, h, k, d] tensors) 110.0 GiB; with neither
+(as this config first shipped) 175.2 GiB. model.loss_chunk=4096 does not lower the peak here
+(22.80 GiB). Check any change before renting: the command above with --config.FIELD=VALUE.
+
 He 2024 ("Mixture of A Million Experts"): batch 128 × 2048 tokens, PEER replaces only the
 FFW of the middle block (block 6 of 12), N = 1024² experts, h = 8 heads, k = 16, query
 BatchNorm. The paper does not give widths (they vary along isoFLOP curves), d_key, init or
@@ -20,6 +33,8 @@ shard them by feature instead: --config.mesh.rules=table_rows=,table_embed=model
 
 from moejax.config import c4_tpu_base
 
+TOPOLOGY = "v5p:2x2x1"                      # target slice: 4 v5p chips (v5p-8)
+
 
 def get_config():
   c = c4_tpu_base(seq_len=2048, batch_size=128, steps=35000, warmup_steps=2000)
@@ -30,11 +45,18 @@ def get_config():
   c.peer.heads = 8
   c.peer.top_k = 16
   c.peer.d_key = 128
-  c.peer.activation = "gelu"
+  c.peer.activation = "gelu_tanh"         # the tanh approximation, as moejax always used
   c.peer.score = "softmax"
   c.peer.query_norm = "batch"               # paper default (global batch statistics)
 
   c.optim.table_lr = 1e-3
+
+  # Memory (see docstring): activations of a block are recomputed in the backward and the
+  # 12 blocks run under nnx.scan (the repeating dense blocks scanned, the PEER block not).
+  # model.loss_chunk=4096 was measured too: it does not lower the peak here (not set).
+  c.model.remat = "full"
+  c.model.scan_layers = True
+  c.peer.kernel = "auto"                    # fused Pallas kernels on TPU (d_model 768 = 6 x 128)
 
   c.mesh.data = -1
   c.mesh.expert = 4                         # table rows over 4 devices (see docstring)

@@ -109,7 +109,7 @@ def test_kernels_target_tpu_while_tracing(compile_mod, monkeypatch):
   from moejax.layers import peer
   seen = []
   real = kernels.resolve
-  monkeypatch.setattr(kernels, "resolve", lambda choice, platform=None: (
+  monkeypatch.setattr(kernels, "resolve", lambda choice, platform=None, **kw: (
       seen.append(kernels.current_platform()), real("reference"))[1])
   compile_mod.compile_config(CONFIGS["peer"](), "v5e:2x2", eval_step=False)
   assert seen and set(seen) == {"tpu"}

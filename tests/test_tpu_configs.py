@@ -1,0 +1,78 @@
+"""Every shipped TPU config (configs/*_tpu.py) names its target slice and fits it with headroom.
+
+Each TPU config module has ``TOPOLOGY = "vX:AxB..."`` (its target slice), named in its
+docstring too. The fast tests check that declaration without compiling. The slow test compiles
+the config's train and eval steps there with libtpu (``moejax.compile.compile_config``, vocab
+32,000 as the configs' SentencePiece model) and asserts at least 25 % HBM headroom per device
+for both steps; each config takes minutes on 2 CPU cores:
+
+    python -m pytest -m slow tests/test_tpu_configs.py
+"""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from moejax.kernels.aot import libtpu_available
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Several test processes on one machine may load libtpu at once (compile-only use).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+TPU_CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*_tpu.py")))
+MIN_HEADROOM = 0.25
+VOCAB = 32000
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(f"tpu_config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_the_tpu_configs_are_found():
+  assert {"peer_c4_tpu", "pkm_c4_tpu", "switch_base_c4_tpu"} <= set(TPU_CONFIGS)
+
+
+@pytest.mark.parametrize("name", TPU_CONFIGS)
+def test_tpu_config_names_its_slice(name):
+  """TOPOLOGY is an accepted topology, the docstring names it, and the mesh and batch fit it."""
+  from moejax import compile as compile_lib
+  from moejax import config as config_lib
+  from moejax.sharding import resolve_mesh_shape
+  mod = load(name)
+  topology = getattr(mod, "TOPOLOGY", None)
+  assert topology, f"configs/{name}.py: no TOPOLOGY constant"
+  assert compile_lib.resolve_topology(topology) == topology
+  assert topology in mod.__doc__, f"configs/{name}.py: the docstring does not name {topology}"
+  c = mod.get_config()
+  config_lib.validate(c)
+  chip = compile_lib.chip_of(topology)
+  devices = compile_lib.num_chips(topology) * chip.devices_per_chip
+  data, expert, model = resolve_mesh_shape((c.mesh.data, c.mesh.expert, c.mesh.model), devices)
+  assert data * expert * model == devices, "the mesh leaves devices of the slice unused"
+  assert c.data.batch_size % (data * expert) == 0
+  # A SentencePiece placeholder (vocab from --vocab_size when compiling), never "byte".
+  assert c.data.tokenizer != "byte" and c.model.vocab_size in (0, VOCAB)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not libtpu_available(), reason="needs libtpu (pip install -e '.[tpu]')")
+@pytest.mark.parametrize("name", TPU_CONFIGS)
+def test_tpu_config_fits_its_slice(name):
+  from moejax import compile as compile_lib
+  mod = load(name)
+  report = compile_lib.compile_config(mod.get_config(), mod.TOPOLOGY, vocab_size=VOCAB,
+                                      config_name=f"configs/{name}.py")
+  print("\n" + report.table())
+  assert report.topology == mod.TOPOLOGY and report.mesh_devices == report.num_devices
+  assert report.vocab_size == VOCAB        # the SentencePiece placeholder, not the byte tokenizer
+  assert report.eval is not None
+  for step in report.steps:
+    assert report.headroom(step) >= MIN_HEADROOM, (
+        f"{name} {step.name} step: {step.total_bytes / 2**30:.1f} GiB of "
+        f"{report.hbm_bytes / 2**30:.1f} GiB per device on {mod.TOPOLOGY} "
+        f"({100 * report.headroom(step):.1f} % headroom, want >= {100 * MIN_HEADROOM:.0f} %)")
