@@ -16,16 +16,6 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.mo
         "--config.train.progress_bar=false"]
 
 
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("text")
-  for i in range(12):
-    (d / f"doc{i}.txt").write_text(
-        "".join(f"line {j} of document {i}: the quick brown fox jumps over the lazy dog.\n"
-                for j in range(40)))
-  return str(d)
-
-
 def _run(script, *args, env_devices=8, check=True, timeout=300):
   env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(env_devices), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,

@@ -45,16 +45,6 @@ def _one_line(proc, code=2) -> str:
 
 
 @pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("text")
-  for i in range(12):
-    (d / f"doc{i}.txt").write_text(
-        "".join(f"line {j} of document {i}: the quick brown fox jumps over the lazy dog.\n"
-                for j in range(40)))
-  return str(d)
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, text_dir):
   """Built once here: concurrent first builds would race, and TFDS draws progress bars."""
   from moejax.data import local_text

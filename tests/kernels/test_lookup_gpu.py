@@ -221,14 +221,6 @@ def test_interpret_lookup_grads_equal_reference():
 # ------------------------------------------------------------------------ on a GPU
 
 
-@pytest.fixture
-def on_gpu():
-  if jax.default_backend() != "gpu":
-    pytest.fail("no GPU visible to JAX (backend %r): tests/conftest.py defaults "
-                "JAX_PLATFORMS to cpu; run with JAX_PLATFORMS=cuda pytest -m gpu"
-                % jax.default_backend())
-
-
 GPU_CASES = [
     # peer, activation, lead, h, k, n, d
     (True, "gelu_tanh", (3, 7), 2, 3, 50, 72),      # non-power-of-two T, H, d

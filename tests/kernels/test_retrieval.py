@@ -242,14 +242,6 @@ def test_gpu_kernel_lowers_for_cuda(hk, dtype):
 # ------------------------------------------------------------------------ on a GPU
 
 
-@pytest.fixture
-def on_gpu():
-  if jax.default_backend() != "gpu":
-    pytest.fail("no GPU visible to JAX (backend %r): tests/conftest.py defaults "
-                "JAX_PLATFORMS to cpu; run with JAX_PLATFORMS=cuda pytest -m gpu"
-                % jax.default_backend())
-
-
 def _check_gpu(got, q, k1, k2, k, n):
   """Reference at highest matmul precision; near-ties (gap < 1e-4) may swap members."""
   with jax.default_matmul_precision("highest"):
