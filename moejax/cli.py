@@ -25,10 +25,17 @@ def fail(message: str, code: int = EXIT_BAD_INPUT, *, hard: bool = False):
   out (see ``checkpoint.quiet_asyncio_noise``); never from a library or a test process.
   """
   sys.stderr.flush()
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  line = f"error: {' '.join(str(message).split())}"
   if hard:
+    # Silence fd 2 first (threads still printing go nowhere), then write the one line to a
+    # saved copy of it and leave at once.
     sys.stdout.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.write(saved, (line + "\n").encode())
     os._exit(code)
+  print(line, file=sys.stderr, flush=True)
   raise SystemExit(code)
 
 

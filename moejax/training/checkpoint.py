@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import inspect
 import io
+import logging
 import sys
 import threading
 
@@ -476,6 +478,21 @@ class _DropLoopClosed(io.TextIOBase):
 
 
 def quiet_asyncio_noise() -> None:
-  """Installs the filter on ``sys.stderr`` (once)."""
+  """Installs the filter on ``sys.stderr`` (once), and mutes asyncio's own logger.
+
+  A failed checkpoint read leaves orbax's other read tasks failed and unawaited; asyncio
+  logs each as "Task exception was never retrieved" (with a traceback) when it is
+  collected. The failure itself is reported by the caller, in one line.
+  """
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  if not getattr(sys.unraisablehook, "_moejax", False):
+    previous = sys.unraisablehook
+
+    def hook(unraisable):   # "Exception ignored in: <coroutine ...>" of those same reads
+      if not inspect.iscoroutine(getattr(unraisable, "object", None)):
+        previous(unraisable)
+
+    hook._moejax = True
+    sys.unraisablehook = hook
   if not isinstance(sys.stderr, _DropLoopClosed) and sys.stderr is not None:
     sys.stderr = _DropLoopClosed(sys.stderr)
