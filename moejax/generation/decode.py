@@ -72,6 +72,21 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
   return jnp.where(temperature > 0, sampled, greedy)
 
 
+def _write_next(tokens, logits, t, rng, done, lengths, temperature, top_k, top_p, eos_id,
+                pad_id):
+  """Token ``t + 1`` of every row from ``logits [b, vocab]`` at ``t``: the prompt's own token
+  while the prompt lasts, else a sample (``pad_id`` once a row has ended with ``eos_id``).
+  Returns the updated (tokens ``[b, T]``, rng, done ``[b]``)."""
+  rng, sub = jax.random.split(rng)
+  nxt = sample_logits(logits, sub, temperature, top_k, top_p)
+  forced = t + 1 < lengths
+  given = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)[:, 0]
+  nxt = jnp.where(forced, given, jnp.where(done, pad_id, nxt))
+  done = done | (~forced & (nxt == eos_id))
+  tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], t + 1, axis=1)
+  return tokens, rng, done
+
+
 class Generator:
   """Generates from a Transformer with a KV cache; one compilation per (batch, max length).
 
@@ -100,13 +115,8 @@ class Generator:
       tokens, cache, rng, done = carry
       cur = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)               # [b, 1]
       logits, cache = model.decode(cur, cache, t)
-      rng, sub = jax.random.split(rng)
-      nxt = sample_logits(logits[:, 0], sub, temperature, top_k, top_p)
-      forced = t + 1 < lengths
-      given = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)[:, 0]
-      nxt = jnp.where(forced, given, jnp.where(done, pad_id, nxt))
-      done = done | (~forced & (nxt == eos_id))
-      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], t + 1, axis=1)
+      tokens, rng, done = _write_next(tokens, logits[:, 0], t, rng, done, lengths, temperature,
+                                      top_k, top_p, eos_id, pad_id)
       return tokens, cache, rng, done
 
     done = jnp.zeros((b,), bool)
@@ -122,14 +132,8 @@ class Generator:
     def body(t, carry):
       tokens, rng, done = carry
       logits = jax.lax.dynamic_slice_in_dim(full_forward_logits(model, tokens), t, 1, axis=1)
-      rng, sub = jax.random.split(rng)
-      nxt = sample_logits(logits[:, 0], sub, temperature, top_k, top_p)
-      forced = t + 1 < lengths
-      given = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)[:, 0]
-      nxt = jnp.where(forced, given, jnp.where(done, pad_id, nxt))
-      done = done | (~forced & (nxt == eos_id))
-      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], t + 1, axis=1)
-      return tokens, rng, done
+      return _write_next(tokens, logits[:, 0], t, rng, done, lengths, temperature, top_k, top_p,
+                         eos_id, pad_id)
 
     tokens, *_ = jax.lax.fori_loop(0, t_max - 1, body,
                                    (tokens, rng, jnp.zeros((b,), bool)))

@@ -22,6 +22,7 @@ C capacity (buffer slots per expert and group), D embed.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Callable
@@ -411,7 +412,7 @@ def capacity_limited(cfg) -> bool:
       cfg.capacity_factor_train > 0 or cfg.capacity_factor_eval > 0)
 
 
-class Router:
+class Router(abc.ABC):
   """A registered ``moe.router``: what the layer needs to know about one routing rule.
 
   ``uses_scores``: needs router logits (the layer builds a :class:`RouterScores`).
@@ -436,9 +437,9 @@ class Router:
   def needs_rng(self, layer, policy: str) -> bool:
     return False
 
+  @abc.abstractmethod
   def plan(self, layer, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
     """-> a plan (``capacity`` None: dropless; ``no_drop``: nothing may be dropped)."""
-    raise NotImplementedError
 
 
 ROUTERS: dict[str, Router] = {}
