@@ -28,6 +28,7 @@ from moejax import sharding
 from moejax.config import parse_sparse_layers
 from moejax.layers import Aux, build_ffn
 from moejax.layers.attention import Attention, RMSNorm
+from moejax.layers.projection import project
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -310,7 +311,7 @@ class Transformer(nnx.Module):
            "token_ids": tokens, "index": index}
     x, _, cache = self._run_blocks(self._embed(tokens), ctx, cache)
     x = self.final_norm(x)
-    logits = jnp.einsum("bld,dv->blv", x, self.output_projection()).astype(jnp.float32)
+    logits = project(x, self.output_projection()).astype(jnp.float32)
     return logits, cache
 
   def output_projection(self) -> jax.Array:
@@ -329,7 +330,7 @@ class Transformer(nnx.Module):
       segment_ids, positions: [batch, length] int32 for packed rows (see :meth:`hidden`).
     """
     x, auxes = self.hidden(tokens, mask=mask, segment_ids=segment_ids, positions=positions)
-    logits = jnp.einsum("bld,dv->blv", x, self.output_projection()).astype(jnp.float32)
+    logits = project(x, self.output_projection()).astype(jnp.float32)
     return sharding.constrain(logits, ("batch", "length", "vocab")), auxes
 
 

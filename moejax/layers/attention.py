@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import sharding
+from moejax.layers.projection import project
 
 
 class RMSNorm(nnx.Module):
@@ -63,14 +64,13 @@ class Attention(nnx.Module):
 
   def _qkv(self, x, positions):
     x = x.astype(self.dtype)
-    q, k, v = (jnp.einsum("bld,dnh->blnh", x, w[...].astype(self.dtype))
-               for w in (self.wq, self.wk, self.wv))
+    q, k, v = (project(x, w[...].astype(self.dtype)) for w in (self.wq, self.wk, self.wv))
     q = rotary(q, positions, self.rope_theta)
     k = rotary(k, positions, self.rope_theta)
     return sharding.constrain(q, ("batch", "length", "heads", "kv")), k, v
 
   def _out(self, out):
-    return jnp.einsum("blnh,nhd->bld", out, self.wo[...].astype(self.dtype))
+    return project(out, self.wo[...].astype(self.dtype), in_dims=2)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None = None) -> jax.Array:

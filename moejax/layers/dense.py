@@ -9,6 +9,7 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.layers.base import Aux, register_ffn
+from moejax.layers.projection import project
 
 from moejax.kernels import activations as act_lib
 
@@ -47,11 +48,11 @@ class DenseFFN(nnx.Module):
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     del mask
     x = x.astype(self.dtype)
-    h = act_lib.fn(self.activation)(x @ self.wi[...].astype(self.dtype))
+    h = act_lib.fn(self.activation)(project(x, self.wi[...].astype(self.dtype)))
     if self.wg is not None:
-      h = h * (x @ self.wg[...].astype(self.dtype))
+      h = h * project(x, self.wg[...].astype(self.dtype))
     h = sharding.constrain(h, ("batch", "length", "mlp"))
-    return h @ self.wo[...].astype(self.dtype), Aux()
+    return project(h, self.wo[...].astype(self.dtype)), Aux()
 
 
 @register_ffn("dense", default_config=default_config, validate=validate)

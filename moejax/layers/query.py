@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moejax import kernels, sharding
+from moejax.layers.projection import project
 
 QUERY_NORMS = ("batch", "layer", "none")
 
@@ -147,7 +148,7 @@ class ProductKeyQuery(nnx.Module):
 
   def queries(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Normalised queries ``[b, l, h, d_key]`` in float32 (or wider)."""
-    q = jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), self.query[...].astype(self.dtype))
+    q = project(x.astype(self.dtype), self.query[...].astype(self.dtype))   # [b, l, h, d_key]
     q = q.astype(jnp.promote_types(q.dtype, jnp.float32))
     if self.norm is not None:
       q = self.norm(q, mask)

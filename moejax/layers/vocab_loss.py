@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import sharding
+from moejax.layers.projection import project, project_back, weight_grad
 
 
 def chunk_length(batch: int, length: int, chunk_tokens: int) -> int:
@@ -30,7 +31,7 @@ def chunk_length(batch: int, length: int, chunk_tokens: int) -> int:
 
 
 def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
-  z = jnp.einsum("bld,dv->blv", x, w, preferred_element_type=jnp.float32)
+  z = project(x, w, preferred_element_type=jnp.float32)
   return sharding.constrain(z, ("batch", "length", "vocab"))
 
 
@@ -86,9 +87,8 @@ def _bwd(chunk_len, res, g):
     dz = p - jax.nn.one_hot(tc, z.shape[-1], dtype=jnp.float32)
     dz = dz * (wc * g)[..., None]
     dz = sharding.constrain(dz, ("batch", "length", "vocab"))
-    dx = jnp.einsum("blv,dv->bld", dz.astype(w.dtype), w,
-                    preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = dw + jnp.einsum("bld,blv->dv", xc, dz.astype(xc.dtype), preferred_element_type=jnp.float32)
+    dx = project_back(dz.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = dw + weight_grad(xc, dz.astype(xc.dtype), preferred_element_type=jnp.float32)
     return dw, dx
 
   dw, dx = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32),

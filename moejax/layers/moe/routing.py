@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import sharding
+from moejax.layers.projection import project
 
 _BIG = np.iinfo(np.int32).max // 2
 
@@ -350,7 +351,7 @@ def register_scores(name: str, params: tuple[str, ...]):
 
 @register_scores("linear", ("w",))
 def _linear_scores(w, x):
-  return x @ w["w"]
+  return project(x, w["w"])
 
 
 @register_scores("attention", ("wq", "wk", "wv"))
@@ -358,7 +359,7 @@ def _attention_scores(w, x):
   """Yuan 2.0-M32's attention router (arXiv 2405.17976, Sec. 2.1): per token
   ``q, k, v = x @ Wq, x @ Wk, x @ Wv`` (each ``[experts]``, E one-dim elements);
   ``logits_i = sum_j softmax_j(q_i k_j) v_j`` (``[experts, experts]`` attention per token)."""
-  q, k, v = (x @ w[n] for n in ("wq", "wk", "wv"))
+  q, k, v = (project(x, w[n]) for n in ("wq", "wk", "wv"))
   att = jax.nn.softmax(q[..., :, None] * k[..., None, :], axis=-1)   # [G,S,E,E]
   return jnp.einsum("gsef,gsf->gse", att, v)
 
@@ -397,7 +398,7 @@ class RouterScores(nnx.Module):
     logits = fn.logits({p: getattr(self, p)[...].astype(jnp.float32) for p in fn.params}, x)
     if train and self.noise == "gaussian":
       rng, sub = jax.random.split(rng)
-      std = jax.nn.softplus(x @ self.w_noise[...].astype(jnp.float32))
+      std = jax.nn.softplus(project(x, self.w_noise[...].astype(jnp.float32)))
       logits = logits + jax.random.normal(sub, logits.shape, jnp.float32) * std
     return logits
 
