@@ -52,6 +52,17 @@ def current_platform() -> str:
   return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
 
 
+def cache_chunk(total: int, item_bytes: int, budget_bytes: int) -> int:
+  """Items (tokens, rows) per chunk of a plain-JAX loop that keeps one chunk's temporaries
+  in a core's cache: ``budget_bytes // item_bytes`` (in ``[1, total]``) on CPU, where the
+  references are memory-bound and chunking is what makes them fast; ``total`` (one chunk,
+  no loop: callers then run the unchunked code) on TPU / GPU, whose programs the chunking
+  would only serialise."""
+  if current_platform() != "cpu":
+    return total
+  return max(1, min(total, budget_bytes // max(item_bytes, 1)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Ops:
   """One implementation of the product-key ops (same signatures as the references).

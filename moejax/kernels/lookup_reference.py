@@ -9,22 +9,34 @@ Shapes: x ``[..., d]`` (any leading token dims), indices / scores ``[..., h, k]`
 Two gradient forms of the tables:
 
 * :func:`lookup` — dense ``[N, d]`` table gradients (what optax over a dense table wants).
-  Its custom VJPs regather the rows instead of saving them: the forward keeps no
-  ``[..., h, k, d]`` residual; the backward builds one ``[..., h, k, d]`` row-gradient per
-  table and scatter-adds it into the dense gradient.
 * :func:`lookup_sparse` — row-sparse: the tables get no gradient; each table has a *tap*
-  ``[U, d]`` (zeros) added to its rows ``unique_rows(indices, N)``, and the tap's gradient
-  is the table gradient of exactly those rows, summed over repeats. Lazy Adam
+  ``[U, d]`` (zeros) on its rows ``unique_rows(indices, N)``, and the tap's gradient is
+  the table gradient of exactly those rows, summed over repeats. Lazy Adam
   (``moejax.training.row_sparse``) consumes (unique rows, tap gradients) as they are.
+
+Both run over chunks of tokens (``lax.map`` / ``lax.scan``, :data:`CHUNK_BYTES` of
+gathered rows ``[c, h·k, d]`` per chunk): a chunk's rows are contracted while in cache, so
+nothing of size ``[..., h, k, d]`` reaches memory (on CPU the lookup is memory-bound, and
+writing and re-reading two such tensors cost twice the table reads themselves). The
+backward regathers the rows (none are saved) and scatter-adds each chunk's row gradients
+into the ``[N, d]`` gradient or the ``[U, d]`` tap gradients, in token order
+(deterministic).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 
+from moejax import kernels
 from moejax.kernels import activations
-from moejax.kernels.row_plan import unique_rows
+from moejax.kernels.row_plan import row_slots, unique_rows
+
+# Gathered rows per chunk of tokens (bytes): stays in a core's cache.
+CHUNK_BYTES = 4 << 20
 
 
 # ------------------------------------------------------------- gathered-row contractions
@@ -44,17 +56,20 @@ def _gather(table, indices, dtype):
   return jnp.take(table, indices, axis=0, mode="clip").astype(dtype)
 
 
+def _varying(a) -> set:
+  """Mesh axes over which ``a`` varies inside ``shard_map`` (empty outside)."""
+  aval = jax.typeof(a)    # jax 0.10: aval.mat.varying (older: aval.vma)
+  mat = getattr(aval, "mat", None)
+  return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
+
+
 def match_vma(ct, like):
   """Inside ``shard_map``: a cotangent with the device-variance type of its primal.
 
   A table replicated over (say) 'data' gets row-gradients that differ per data shard: its
   cotangent is their sum (psum). Outside shard_map this is the identity.
   """
-  def varying(a):   # jax 0.10: aval.mat.varying (older: aval.vma)
-    aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)
-    return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
-  have, want = varying(ct), varying(like)
+  have, want = _varying(ct), _varying(like)
   if have - want:
     ct = jax.lax.psum(ct, tuple(sorted(have - want)))
   if want - have:
@@ -115,6 +130,156 @@ gather_weighted_sum.defvjp(_gather_weighted_sum_fwd, _gather_weighted_sum_bwd)
 
 
 # ---------------------------------------------------------------------------- the lookup
+#
+# On flat arrays: x [T, d] (None for PKM), idx / scores [T, H] (H = h·k), tables [R, d].
+
+
+def _chunk_size(t: int, h: int, d: int, dtype) -> int:
+  """Tokens per chunk: ``CHUNK_BYTES`` of gathered rows on CPU, all ``t`` elsewhere."""
+  return kernels.cache_chunk(t, h * d * jnp.dtype(dtype).itemsize, CHUNK_BYTES)
+
+
+def _chunks(t: int, c: int, arrays):
+  """Arrays ``[t, ...]`` (None passes) -> ``[ceil(t/c), c, ...]``, zero-padded: a padded
+  token has index 0 and score and cotangent 0, so it adds nothing anywhere."""
+  pad = -t % c
+
+  def one(a):
+    if a is None:
+      return None
+    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) if pad else a
+    return a.reshape((t + pad) // c, c, *a.shape[1:])
+
+  return tuple(one(a) for a in arrays)
+
+
+def _unchunk(a, t: int):
+  return None if a is None else a.reshape(-1, *a.shape[2:])[:t]
+
+
+def _forward(x, idx, scores, up, down, activation):
+  """``y [T, d]`` in ``scores.dtype``, one chunk of tokens at a time."""
+  t, hh = idx.shape
+  dt = scores.dtype
+  act, _ = activations.get(activation)
+
+  def chunk(args):
+    xc, ic, sc = args
+    w = sc
+    if down is not None:
+      w = act(jnp.einsum("td,tjd->tj", xc.astype(dt), _gather(down, ic, dt))) * sc
+    return jnp.einsum("tj,tjd->td", w, _gather(up, ic, dt))
+
+  c = _chunk_size(t, hh, up.shape[-1], dt)
+  if c == t:   # one chunk (TPU / GPU, or a small batch): no loop
+    return chunk((x, idx, scores))
+  return _unchunk(jax.lax.map(chunk, _chunks(t, c, (x, idx, scores))), t)
+
+
+def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, acc_dtypes):
+  """The lookup's VJP, one chunk of tokens at a time (rows regathered per chunk).
+
+  The row gradients of retrieval ``(t, j)`` (``alpha·x_t`` for down, ``beta·dy_t`` for up)
+  are scatter-added at ``targets[t, j]`` of ``[num_targets, d]`` accumulators of
+  ``acc_dtypes`` (up, down): the table rows (dense) or the tap slots (row-sparse).
+  Returns ``(dx [T, d] or None, dscores [T, H], grad_up, grad_down or None)``.
+  """
+  t, hh = idx.shape
+  d = up.shape[-1]
+  dt = scores.dtype
+  act, dact = activations.get(activation)
+  # Inside shard_map the accumulators vary like everything summed into them (scan carry).
+  vary = tuple(sorted(set().union(*(_varying(a) for a in (x, idx, scores, up, down, dy, targets)
+                                    if a is not None))))
+
+  def zeros(dtype):
+    z = jnp.zeros((num_targets, d), dtype)
+    return jax.lax.pcast(z, vary, to="varying") if vary else z
+
+  def add(acc, tc, coef, vec):   # acc[tc[t, j]] += coef[t, j] · vec[t]
+    rows = (coef[..., None] * vec[:, None, :]).reshape(-1, d).astype(acc.dtype)
+    return acc.at[tc.reshape(-1)].add(rows, mode="drop")
+
+  def chunk(acc, args):
+    g_up, g_down = acc
+    xc, ic, sc, dyc, tc = args
+    dyc = dyc.astype(dt)
+    dw = jnp.einsum("td,tjd->tj", dyc, _gather(up, ic, dt))
+    if down is None:
+      dx, dsc, beta = None, dw, sc
+    else:
+      xc = xc.astype(dt)
+      rows = _gather(down, ic, dt)
+      a = jnp.einsum("td,tjd->tj", xc, rows)
+      s = act(a)
+      da = dw * sc * dact(a)
+      dx = jnp.einsum("tj,tjd->td", da, rows)
+      dsc, beta = dw * s, sc * s
+      g_down = add(g_down, tc, da, xc)
+    return (add(g_up, tc, beta, dyc), g_down), (dx, dsc)
+
+  c = _chunk_size(t, hh, d, dt)
+  init = (zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))
+  args = (x if down is not None else None, idx, scores, dy, targets)
+  if c == t:   # one chunk (TPU / GPU, or a small batch): no loop
+    (g_up, g_down), (dx, dsc) = chunk(init, args)
+  else:
+    (g_up, g_down), (dx, dsc) = jax.lax.scan(chunk, init, _chunks(t, c, args))
+    dx, dsc = _unchunk(dx, t), _unchunk(dsc, t)
+  dx = None if down is None else dx.astype(x.dtype)
+  return dx, dsc, g_up, g_down
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lookup(x, idx, scores, up, down, activation):
+  return _forward(x, idx, scores, up, down, activation)
+
+
+def _lookup_fwd(x, idx, scores, up, down, activation):
+  return _forward(x, idx, scores, up, down, activation), (x, idx, scores, up, down)
+
+
+def _lookup_bwd(activation, res, dy):
+  x, idx, scores, up, down = res
+  dx, dsc, g_up, g_down = _backward(x, idx, scores, up, down, dy, activation, idx, up.shape[0],
+                                    (up.dtype, None if down is None else down.dtype))
+  return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores),
+          match_vma(g_up, up), None if down is None else match_vma(g_down, down))
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _lookup_sparse(x, idx, scores, up, down, tap_up, tap_down, rows, activation):
+  del tap_up, tap_down, rows   # gradient sinks
+  return _forward(x, idx, scores, up, down, activation)
+
+
+def _lookup_sparse_fwd(x, idx, scores, up, down, tap_up, tap_down, rows, activation):
+  return (_forward(x, idx, scores, up, down, activation),
+          (x, idx, scores, up, down, tap_up, tap_down, rows))
+
+
+def _lookup_sparse_bwd(activation, res, dy):
+  x, idx, scores, up, down, tap_up, tap_down, rows = res
+  slots = row_slots(idx, rows, up.shape[0])
+  dx, dsc, g_up, g_down = _backward(
+      x, idx, scores, up, down, dy, activation, slots, rows.shape[0],
+      (tap_up.dtype, None if tap_down is None else tap_down.dtype))
+  return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores), None, None,
+          match_vma(g_up, tap_up), None if tap_down is None else match_vma(g_down, tap_down),
+          None)
+
+
+_lookup_sparse.defvjp(_lookup_sparse_fwd, _lookup_sparse_bwd)
+
+
+def _flat(x, indices, scores, down):
+  t = math.prod(indices.shape[:-2])
+  hh = indices.shape[-2] * indices.shape[-1]
+  xf = None if down is None else x.reshape(t, x.shape[-1])
+  return xf, indices.reshape(t, hh), scores.reshape(t, hh)
 
 
 def lookup(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up: jax.Array,
@@ -123,12 +288,8 @@ def lookup(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up: jax.A
 
   Returns ``y [..., d]`` in ``scores.dtype``; differentiable w.r.t. x, scores and tables.
   """
-  if down is None:
-    w = scores
-  else:
-    act, _ = activations.get(activation)
-    w = act(gather_dot(down, indices, x.astype(scores.dtype))) * scores
-  return gather_weighted_sum(up, indices, w)
+  y = _lookup(*_flat(x, indices, scores, down), up, down, activation)
+  return y.reshape(indices.shape[:-2] + (up.shape[-1],))
 
 
 def lookup_sparse(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up: jax.Array,
@@ -136,27 +297,16 @@ def lookup_sparse(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up
                   activation: str = "gelu_tanh", rows: jax.Array | None = None) -> jax.Array:
   """:func:`lookup` with row taps instead of table gradients (row-sparse training).
 
-  ``taps = (tap_down or None, tap_up)``, each ``[U, d]`` with ``U = num_unique_slots``: rows
-  ``table[rows[s]] + tap[s]`` are used, tables are not differentiated. ``rows [U]``: the
-  distinct rows ascending, padded with N, a superset of ``indices`` (default
-  ``unique_rows(indices, N)``; a batch shard passes the rows of the whole batch).
-  The gradient of a tap is the table gradient of its row (summed over every retrieval).
-  Taps are zeros (row-sparse training attaches fresh ones each step); this reference adds
-  them, the Pallas kernels do not read their values (only their gradients are defined).
-  Plain autodiff: the gathered ``[..., h, k, d]`` rows are kept for the backward pass.
+  ``taps = (tap_down or None, tap_up)``, each ``[U, d]`` with ``U = num_unique_slots``:
+  gradient sinks on the rows ``rows [U]`` (distinct, ascending, padded with N, a superset
+  of ``indices``; default ``unique_rows(indices, N)``; a batch shard passes the rows of
+  the whole batch). The gradient of ``tap[s]`` is the table gradient of row ``rows[s]``
+  (summed over every retrieval); tables are not differentiated. Taps are zeros (row-sparse
+  training attaches fresh ones each step): like the Pallas kernels, their values are not
+  read.
   """
   tap_down, tap_up = taps
-  unique = unique_rows(indices, up.shape[0]) if rows is None else rows
-  slots = jnp.searchsorted(unique, indices).astype(jnp.int32)        # [..., h, k]
-  dt = scores.dtype
-
-  def rows(table, tap):
-    return (_gather(jax.lax.stop_gradient(table), indices, dt)
-            + jnp.take(tap, slots, axis=0).astype(dt))
-
-  if down is None:
-    w = scores
-  else:
-    act, _ = activations.get(activation)
-    w = act(jnp.einsum("...d,...hkd->...hk", x.astype(dt), rows(down, tap_down))) * scores
-  return jnp.einsum("...hk,...hkd->...d", w, rows(up, tap_up))
+  rows = unique_rows(indices, up.shape[0]) if rows is None else rows
+  y = _lookup_sparse(*_flat(x, indices, scores, down), up, down, tap_up, tap_down, rows,
+                     activation)
+  return y.reshape(indices.shape[:-2] + (up.shape[-1],))

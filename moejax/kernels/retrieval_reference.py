@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import kernels
+
 
 def half_scores(q: jax.Array, keys: jax.Array) -> jax.Array:
   """``q [..., h, dh]`` · ``keys [h|1, n, dh]`` -> ``[..., h, n]``."""
@@ -53,6 +55,64 @@ def check_shapes(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int)
     raise ValueError(f"top_k={k} must be in [1, n={n}]")
 
 
+# Half-scores held per chunk of tokens (bytes): a chunk's [c, h, n] scores stay in cache
+# between the matmul and the top-k instead of going to memory and back (CPU).
+CHUNK_BYTES = 1 << 20
+
+
+def _topk_dense(q: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int):
+  """The algorithm on ``q [..., h, d_key]`` (no custom VJP, no chunking)."""
+  d = q.shape[-1]
+  n = keys1.shape[1]
+  s1 = half_scores(q[..., : d // 2], keys1)              # [..., h, n]
+  s2 = half_scores(q[..., d // 2:], keys2)
+  v1, i1 = jax.lax.top_k(s1, k)                          # [..., h, k], sorted descending
+  v2, i2 = jax.lax.top_k(s2, k)
+  pa, pb = candidate_pairs(k)
+  cand = v1[..., pa] + v2[..., pb]                       # [..., h, C], C ~ k ln k
+  cidx = i1[..., pa] * n + i2[..., pb]
+  scores, pos = jax.lax.top_k(cand, k)
+  return scores, jnp.take_along_axis(cidx, pos, axis=-1).astype(jnp.int32)
+
+
+def _topk_chunked(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int):
+  """:func:`_topk_dense` over chunks of tokens (``lax.map``), in at least float32."""
+  dt = jnp.promote_types(queries.dtype, jnp.float32)
+  lead, (h, d) = queries.shape[:-2], queries.shape[-2:]
+  t = math.prod(lead)
+  keys1, keys2 = keys1.astype(dt), keys2.astype(dt)
+  q = queries.reshape(t, h, d).astype(dt)
+  c = kernels.cache_chunk(t, h * keys1.shape[1] * jnp.dtype(dt).itemsize, CHUNK_BYTES)
+  if c == t:   # one chunk (TPU / GPU, or few tokens): no loop
+    s, i = _topk_dense(q, keys1, keys2, k)
+    return s.reshape(lead + (h, k)), i.reshape(lead + (h, k))
+  pad = -t % c
+  if pad:   # padded tokens: their results are dropped
+    q = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
+  s, i = jax.lax.map(lambda qc: _topk_dense(qc, keys1, keys2, k), q.reshape(-1, c, h, d))
+  return (s.reshape(-1, h, k)[:t].reshape(lead + (h, k)),
+          i.reshape(-1, h, k)[:t].reshape(lead + (h, k)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _topk(queries, keys1, keys2, k):
+  return _topk_chunked(queries, keys1, keys2, k)
+
+
+def _topk_fwd(queries, keys1, keys2, k):
+  scores, idx = _topk_chunked(queries, keys1, keys2, k)
+  return (scores, idx), (queries, keys1, keys2, idx)
+
+
+def _topk_bwd(k, res, cts):
+  del k
+  queries, keys1, keys2, idx = res
+  return rescore_vjp(queries, keys1, keys2, idx, cts[0])
+
+
+_topk.defvjp(_topk_fwd, _topk_bwd)
+
+
 def product_key_topk(queries: jax.Array, keys1: jax.Array, keys2: jax.Array,
                      k: int) -> tuple[jax.Array, jax.Array]:
   """Exact top-k over the n² product keys in O((n + k log k)·d_key) per query-head.
@@ -66,21 +126,14 @@ def product_key_topk(queries: jax.Array, keys1: jax.Array, keys2: jax.Array,
     ``(scores, indices)``, both ``[..., h, k]``, sorted by descending score; ``indices``
     are int32 in ``[0, n²)`` with ``index = i1·n + i2``. Scores are computed in at least
     float32 and are differentiable w.r.t. queries and keys (indices are not).
+
+  Runs over chunks of tokens (``[c, h, n]`` half-scores of :data:`CHUNK_BYTES` each); the
+  gradient is that of :func:`rescore` at the selected indices (:func:`rescore_vjp`, as
+  the Pallas kernels), O(k·d_key) per query-head instead of the dense ``[..., h, n]``
+  half-score cotangents that autodiff through ``top_k`` would build.
   """
   check_shapes(queries, keys1, keys2, k)
-  d = queries.shape[-1]
-  n = keys1.shape[1]
-  dt = jnp.promote_types(queries.dtype, jnp.float32)
-  q = queries.astype(dt)
-  s1 = half_scores(q[..., : d // 2], keys1.astype(dt))  # [..., h, n]
-  s2 = half_scores(q[..., d // 2:], keys2.astype(dt))
-  v1, i1 = jax.lax.top_k(s1, k)                          # [..., h, k], sorted descending
-  v2, i2 = jax.lax.top_k(s2, k)
-  pa, pb = candidate_pairs(k)
-  cand = v1[..., pa] + v2[..., pb]                       # [..., h, C], C ~ k ln k
-  cidx = i1[..., pa] * n + i2[..., pb]
-  scores, pos = jax.lax.top_k(cand, k)
-  return scores, jnp.take_along_axis(cidx, pos, axis=-1).astype(jnp.int32)
+  return _topk(queries, keys1, keys2, k)
 
 
 def full_product_keys(keys1: jax.Array, keys2: jax.Array) -> jax.Array:
@@ -140,7 +193,7 @@ def rescore_vjp(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, indices:
   t = math.prod(lead)
   q = queries.reshape(t, h, d)
   idx = indices.reshape(t, h, k)
-  g = g_scores.reshape(t, h, k).astype(jnp.float32)
+  g = g_scores.reshape(t, h, k).astype(jnp.promote_types(queries.dtype, jnp.float32))
   c = max(1, min(chunk_tokens, t))
   pad = -t % c
   if pad:   # padded tokens: index 0 with zero cotangent contribute nothing

