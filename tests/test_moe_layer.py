@@ -265,6 +265,9 @@ def test_registered_and_config_section():
     ("activation", "tanh", r"config\.moe\.activation='tanh'"),
     ("num_experts", 6, r"config\.moe\.num_experts=6: must be a multiple of mesh\.expert=4"),
     ("group_size", 7, r"config\.moe\.group_size=7: must divide"),
+    ("group_size", -2, r"config\.moe\.group_size=-2: must be >= -1"),
+    ("dropless_block", 384, r"config\.moe\.dropless_block=384: must be 0 \(auto\) or a power of "
+                            r"two \(set --config\.moe\.dropless_block=256\)"),
 ])
 def test_config_errors(field, value, match):
   from moejax import config as config_lib

@@ -6,9 +6,9 @@
   inserts the all-to-all (the "GSPMD einsum path").
 * :func:`dropless_dispatch` -- no capacity: sort the (token, choice) rows by expert and
   run a grouped matmul: ``jax.lax.ragged_dot`` (TPU/GPU), megablox ``gmm`` (TPU), or on
-  CPU ``blocked``: pad each expert's rows to a multiple of a block, gather one weight
-  matrix per block and run one batched einsum (ragged_dot is a masked dense dot over all
-  experts on XLA:CPU, about E times the FLOPs).
+  CPU ``blocked``: each expert's rows padded to blocks of a few power-of-two sizes, one
+  fused FFN per block in ``fori_loop`` s (:mod:`moejax.layers.moe.grouped_mlp`;
+  ragged_dot is a masked dense dot over all experts on XLA:CPU, about E times the FLOPs).
 * :func:`expert_parallel_dispatch` -- experts sharded over the ``expert`` mesh axis;
   capacity buffers travel by ``jax.lax.all_to_all`` inside ``jax.shard_map``.
 * :func:`dropless_ep_dispatch` -- the same sharding without capacity: each device sorts its
@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax import kernels, sharding
+from moejax.kernels import activations as act_lib
+from moejax.layers.moe import grouped_mlp as gml
 from moejax.layers.moe.experts import expert_mlp
 from moejax.layers.moe.routing import TokenChoicePlan
 
@@ -92,46 +94,50 @@ def einsum_dispatch(x: jax.Array, plan, weights, activation: str) -> jax.Array:
 
 
 def default_block(rows: int, num_experts: int) -> int:
-  """Rows per block of the blocked grouped matmul: about a quarter of the rows per expert,
-  a power of two in [8, 512]. Static buffer = rows + experts * block (~1.25x rows)."""
-  b = max(rows // (4 * num_experts), 1)
+  """Largest block of the blocked path: a power of two in [8, 512], about half the rows per
+  expert (512 from 8192 rows on 8 experts). Smaller sizes halve down from it
+  (:func:`grouped_mlp.block_sizes`, 4 levels: 512 ... 64)."""
+  b = max(rows // (2 * num_experts), 1)
   return int(min(max(1 << (b - 1).bit_length(), 8), 512))
 
 
-def _blocked_grouped_mlp(xs, counts, weights, activation, block):
-  """Grouped FFN on rows ``xs [n, embed]`` sorted by expert with ``counts [experts]``.
+def _blocked_grouped_mlp(x, source, expert, weights, activation, block=0):
+  """Grouped FFN of rows ``x[source[r]]`` by ``expert[r]`` (:mod:`grouped_mlp`, for CPU).
 
-  Each expert's rows are padded to a multiple of ``block``; the static buffer has
-  ``cdiv(n, block) + experts`` blocks; every block belongs to one expert, whose weights are
-  gathered per block and applied by one batched einsum. Rows past ``sum(counts)`` give 0.
+  Args:
+    x: ``[t, embed]`` source rows.
+    source: int ``[n]``, the source row of each grouped row.
+    expert: int ``[n]``, its expert; ``experts`` (= ``wi.shape[0]``) for none.
+    block: largest block, a power of two (0: :func:`default_block`).
+
+  Returns:
+    ``[n, embed]``; 0 for rows of no expert.
+
+  A counting sort (cumsum of a one-hot; rows keep their order within an expert) places
+  each row in the padded expert-major buffer, so one gather fills it and one gather reads
+  the outputs back: no argsort, no separate padding step.
   """
   wi, wg, wo = weights
-  n, d = xs.shape
-  e = wi.shape[0]
-  n_blocks = -(-n // block) + e
-  padded = -(-counts // block) * block
-  pad_end = jnp.cumsum(padded)
-  pad_start = pad_end - padded
-  start = jnp.cumsum(counts) - counts
-  row = jnp.arange(n)
-  row_expert = jnp.searchsorted(jnp.cumsum(counts), row, side="right")         # E for tail rows
-  safe = jnp.minimum(row_expert, e - 1)
-  dest = jnp.where(row_expert < e, pad_start[safe] + row - start[safe], n_blocks * block)
-  xb = jnp.zeros((n_blocks * block, d), xs.dtype).at[dest].set(xs, mode="drop")
-  block_expert = jnp.minimum(
-      jnp.searchsorted(pad_end, jnp.arange(n_blocks) * block, side="right"), e - 1)
-  gw = tuple(None if w is None else w[block_expert] for w in (wi, wg, wo))
-  yb = expert_mlp(xb.reshape(n_blocks, block, d), *gw, activation).reshape(-1, d)
+  e, n = wi.shape[0], expert.shape[0]
+  sizes = gml.block_sizes(block or default_block(n, e))
+  m = gml.buffer_rows(n, e, sizes)
+  hot = jax.nn.one_hot(expert, e, dtype=jnp.int32)                  # [n, E]; none: all 0
+  offset, blocks = gml.block_layout(hot.sum(0), sizes, m)
+  rank = jnp.sum(jnp.cumsum(hot, 0) * hot, 1) - 1                   # [n] place in its expert
+  dest = jnp.where(expert < e, offset[jnp.minimum(expert, e - 1)] + rank, m)  # m: nowhere
+  src = jnp.full((m,), x.shape[0], jnp.int32).at[dest].set(source, mode="drop")
+  xb = x.at[src].get(mode="fill", fill_value=0)                     # [m, D], padding rows 0
+  yb = gml.grouped_mlp(xb, wi, wg, wo, blocks, sizes, activation)   # [m, D]
   return yb.at[dest].get(mode="fill", fill_value=0)
 
 
 def _ragged_grouped_mlp(xs, counts, weights, activation, impl, interpret=False):
-  """Grouped FFN with ``jax.lax.ragged_dot`` or megablox ``gmm``.
+  """Grouped FFN with ``jax.lax.ragged_dot`` or megablox ``gmm`` on rows ``xs [n, embed]``
+  sorted by expert, ``counts [experts]``.
 
   Rows past ``sum(counts)`` are zeroed on the way in and out (``gmm`` leaves them
   uninitialised), with ``where`` so that nothing from them reaches a gradient.
   """
-  from moejax.kernels import activations as act_lib
   wi, wg, wo = weights
   n = xs.shape[0]
   valid = (jnp.arange(n) < counts.sum())[:, None]
@@ -169,7 +175,7 @@ def dropless_dispatch(x: jax.Array, plan: TokenChoicePlan, weights, activation: 
       slot is processed).
     impl: ``auto`` (blocked on CPU, ragged_dot elsewhere), ``blocked``, ``ragged_dot``,
       ``gmm`` (megablox, TPU).
-    block: rows per block of ``blocked``; 0 = :func:`default_block`.
+    block: largest block of ``blocked`` (a power of two); 0 = :func:`default_block`.
     interpret: run ``gmm`` in Pallas interpret mode (tests on CPU).
 
   Returns:
@@ -183,16 +189,16 @@ def dropless_dispatch(x: jax.Array, plan: TokenChoicePlan, weights, activation: 
   e = weights[0].shape[0]
   n = g * s * k
   xt = x.reshape(g * s, d)
-  expert = jnp.where(plan.routed, plan.expert_index, e).reshape(n)  # unrouted rows sort last
-  order = jnp.argsort(expert, stable=True)                          # [n]
-  counts = jnp.bincount(expert, length=e + 1)[:e].astype(jnp.int32)  # [E]
-  xs = xt[order // k]                                               # [n, D] sorted by expert
+  expert = jnp.where(plan.routed, plan.expert_index, e).reshape(n)  # unrouted: no expert
   impl = resolve_dropless_impl(impl)
   if impl == "blocked":
-    ys = _blocked_grouped_mlp(xs, counts, weights, activation, block or default_block(n, e))
+    source = jnp.arange(n, dtype=jnp.int32) // k                    # row (t, j) <- token t
+    y = _blocked_grouped_mlp(xt, source, expert, weights, activation, block)   # [n, D]
   else:
-    ys = _ragged_grouped_mlp(xs, counts, weights, activation, impl, interpret)
-  y = jnp.zeros_like(ys).at[order].set(ys)                          # unsort: [n, D]
+    order = jnp.argsort(expert, stable=True)                        # [n], unrouted last
+    counts = jnp.bincount(expert, length=e + 1)[:e].astype(jnp.int32)  # [E]
+    ys = _ragged_grouped_mlp(xt[order // k], counts, weights, activation, impl, interpret)
+    y = jnp.zeros_like(ys).at[order].set(ys)                        # unsort: [n, D]
   w = (plan.weight * plan.routed).reshape(g * s, k, 1).astype(y.dtype)
   return jnp.sum(y.reshape(g * s, k, d) * w, axis=1).reshape(g, s, d)
 
@@ -349,7 +355,9 @@ def dropless_ep_dispatch(x: jax.Array, plan: TokenChoicePlan, weights, activatio
     group_sizes = per_dst[me].reshape(el, n).sum(1)                       # [el]
     w = (wi, wg if gated else None, wo)
     if impl == "blocked":
-      yg = _blocked_grouped_mlp(recv, group_sizes, w, activation, block or default_block(m, el))
+      row = jnp.arange(m, dtype=jnp.int32)
+      row_expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right")  # el: none
+      yg = _blocked_grouped_mlp(recv, row, row_expert, w, activation, block)
     else:
       yg = _ragged_grouped_mlp(recv, group_sizes, w, activation, impl, interpret)
     if mlp_axes:
