@@ -19,7 +19,10 @@ import argparse
 import os
 import re
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 _DEVICES = 8
 
@@ -133,10 +136,11 @@ def main():
   x = jax.random.normal(jax.random.key(0), (b, l, d), jnp.float32)
   mask = jnp.ones((b, l), bool)
 
-  def make(dispatch, impl="auto", cf=args.capacity_factor):
+  def make(dispatch, impl="auto", cf=args.capacity_factor, group_size=0):
     cfg = moe.default_config()
     cfg.update(dict(num_experts=args.experts, top_k=args.top_k, dispatch=dispatch,
-                    dropless_impl=impl, capacity_factor_train=cf, gated=args.gated))
+                    dropless_impl=impl, capacity_factor_train=cf, gated=args.gated,
+                    group_size=group_size))
     return moe.MoE(cfg, d_model=d, d_ff=args.d_ff, rngs=nnx.Rngs(params=0, router=1))
 
   cap = routing.capacity(l, args.experts, args.top_k, args.capacity_factor, 4)
@@ -164,12 +168,27 @@ def main():
   # ---- all-to-all bytes of expert parallelism, from the compiled HLO
   mesh = sharding.make_mesh(data=args.mesh_data, expert=args.mesh_expert)
   shards = args.mesh_data * args.mesh_expert
-  per_dev_groups = b // shards
+  # Routing groups are split over the data x expert shards. One group per sequence when
+  # the batch splits; else groups of `group` tokens (a divisor of the length) so that the
+  # b·l / group groups do, and the input goes in replicated (the layer shards the groups).
+  group = l
+  if b % shards:
+    group = max((s for s in range(1, l + 1) if l % s == 0 and (b * l // s) % shards == 0),
+                default=0)
+    if not group:
+      print(f"\nexpert-parallel section skipped: {b} x {l} tokens cannot form a multiple of "
+            f"{shards} (mesh data x expert) routing groups within sequences")
+      return
+    print(f"\nbatch {b} does not split over {shards} data x expert shards: the expert-parallel "
+          f"section routes groups of {group} tokens ({b * l // group} groups)")
+  cap = routing.capacity(group, args.experts, args.top_k, args.capacity_factor, 4)
+  per_dev_groups = b * l // group // shards
   expect = args.experts * per_dev_groups * cap * d * 4
   for dispatch in ("expert_parallel", "einsum"):
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules()):
-      m = make(dispatch)
-      xs = jax.device_put(x, sharding.batch_sharding(mesh, 3))
+      m = make(dispatch, group_size=0 if group == l else group)
+      xs = jax.device_put(x, sharding.batch_sharding(mesh, 3) if group == l
+                          else sharding.replicated(mesh))
       step, state = _fwd_bwd(m, xs, mask)
       hlo = step.lower(state, xs).compile().as_text()
       t_ep = _time(step, state, xs, iters=args.iters)
