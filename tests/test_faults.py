@@ -29,7 +29,10 @@ ABSURD_LR = ["--config.optim.lr=1e4", "--config.optim.grad_clip=0.0",
 
 
 def _env(devices=8):
-  return dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
+  # PYTHONPATH: worker scripts written to tmp_path import this checkout's moejax whether or
+  # not (and wherever) it is pip-installed.
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+  return dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", PYTHONPATH=path)
 
 
 def _run(script, *args, devices=8, timeout=300):

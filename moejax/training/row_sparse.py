@@ -74,13 +74,14 @@ def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, indices: jax.
 ADAM_CHUNK_ROWS = 2048
 
 
-def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps):
+def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, scale=None):
   """Lazy Adam given deduplicated ``unique [M]`` row ids (N = padding) and gradients ``g [M, d]``.
 
   Returns the new ``(table, mu, nu)`` ``[N, d]``. Over chunks of :data:`ADAM_CHUNK_ROWS`
   rows (``lax.scan``, the tables as its carry): each chunk is gathered, updated and
   scattered back while in cache, with no ``[M, d]`` temporaries; with the tables donated
-  the scatters update them in place.
+  the scatters update them in place. ``scale`` (e.g. a clip factor) multiplies ``g`` one
+  chunk at a time (``g * scale`` up front would write and re-read a whole ``[M, d]`` copy).
   """
   count = count.astype(jnp.float32)
   c1, c2 = 1 - b1 ** count, 1 - b2 ** count
@@ -89,6 +90,8 @@ def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps):
     table, mu, nu = tables
     u, gc = args
     gc = gc.astype(jnp.float32)
+    if scale is not None:
+      gc = gc * scale
     m_rows = b1 * mu.at[u].get(mode="fill", fill_value=0) + (1 - b1) * gc
     v_rows = b2 * nu.at[u].get(mode="fill", fill_value=0) + (1 - b2) * gc * gc
     rows = table.at[u].get(mode="fill", fill_value=0)
@@ -191,5 +194,5 @@ class TableAdam(nnx.Object):
         key, table = _key(path, name), getattr(layer, name)
         unique, g = rows[key]
         table[...], self.mu[key][...], self.nu[key][...] = adam_on_unique_rows(
-            table[...], self.mu[key][...], self.nu[key][...], unique, g * scale, count=count,
-            lr=lr, b1=self.b1, b2=self.b2, eps=self.eps)
+            table[...], self.mu[key][...], self.nu[key][...], unique, g, count=count, lr=lr,
+            b1=self.b1, b2=self.b2, eps=self.eps, scale=scale)
