@@ -123,7 +123,8 @@ def test_block_sizes():
   assert gml.block_sizes(2) == (2,)
   with pytest.raises(ValueError, match="power of two"):
     gml.block_sizes(384)
-  assert dispatch.default_block(8192, 8) == 512 and dispatch.default_block(32, 4) == 8
+  assert dispatch.default_block(8192, 8) == 1024 and dispatch.default_block(32, 4) == 8
+  assert dispatch.default_block(4096, 8) == 512 and dispatch.default_block(1 << 20, 8) == 1024
 
 
 @pytest.mark.parametrize("group_size,length,experts,k,want", [

