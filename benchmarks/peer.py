@@ -152,35 +152,43 @@ def bench_layers(a):
           f"{tokens / t:,.0f} | {t_dense / t:.3f} |")
 
 
-def bench_train_step(a):
-  """Whole train step of a 2-block LM with PEER in block 1: dense vs row-sparse table updates."""
+def lm_train_step(n: int, update: str, *, d_model: int, heads: int, top_k: int, d_key: int,
+                  query_norm: str, batch: int, length: int, dtype: str = "float32"):
+  """A zero-argument fn running one train step (returns its metrics) of a 2-block LM with
+  PEER (N = n²) in block 1, table_update = ``update`` (dense | row_sparse); random tokens."""
   import numpy as np
   from moejax import config as config_lib
   from moejax.training import state as state_lib
+  c = config_lib.default_config()
+  c.model.update(vocab_size=258, d_model=d_model, num_layers=2, num_heads=4,
+                 head_dim=d_model // 4, d_ff=4 * d_model, sparse_ffn="peer", sparse_layers="1",
+                 dtype=dtype)
+  c.peer.update(num_experts_sqrt=n, heads=heads, top_k=top_k, d_key=d_key, query_norm=query_norm)
+  c.data.update(batch_size=batch, seq_len=length)
+  c.optim.update(table_update=update, warmup_steps=0)
+  c.mesh.data = 1
+  ts = state_lib.create_train_state(c)
+  step = state_lib.make_train_step(ts)
+  rng = np.random.default_rng(0)
+  tok = rng.integers(2, 258, size=(batch, length + 1)).astype(np.int32)
+  ones = np.ones((batch, length), np.float32)
+  data = state_lib.device_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": ones,
+                                 "num_bytes": ones}, ts.mesh)
+  holder = {"state": ts.state}
+
+  def run():
+    holder["state"], m = step(holder["state"], data)
+    return m
+  return run
+
+
+def bench_train_step(a):
+  """Whole train step of a 2-block LM with PEER in block 1: dense vs row-sparse table updates."""
 
   def make(n, update):
-    c = config_lib.default_config()
-    c.model.update(vocab_size=258, d_model=a.d_model, num_layers=2, num_heads=4,
-                   head_dim=a.d_model // 4, d_ff=4 * a.d_model, sparse_ffn="peer", sparse_layers="1",
-                   dtype=a.dtype)
-    c.peer.update(num_experts_sqrt=n, heads=a.heads, top_k=a.top_k, d_key=a.d_key,
-                  query_norm=a.query_norm)
-    c.data.update(batch_size=a.batch, seq_len=a.length)
-    c.optim.update(table_update=update, warmup_steps=0)
-    c.mesh.data = 1
-    ts = state_lib.create_train_state(c)
-    step = state_lib.make_train_step(ts)
-    rng = np.random.default_rng(0)
-    tok = rng.integers(2, 258, size=(a.batch, a.length + 1)).astype(np.int32)
-    ones = np.ones((a.batch, a.length), np.float32)
-    batch = state_lib.device_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": ones,
-                                    "num_bytes": ones}, ts.mesh)
-    holder = {"state": ts.state}
-
-    def run():
-      holder["state"], m = step(holder["state"], batch)
-      return m
-    return run
+    return lm_train_step(n, update, d_model=a.d_model, heads=a.heads, top_k=a.top_k,
+                         d_key=a.d_key, query_norm=a.query_norm, batch=a.batch,
+                         length=a.length, dtype=a.dtype)
 
   tokens = a.batch * a.length
   print(f"\n## Train step (2-block LM, PEER in block 1, AdamW), {tokens} tokens, "

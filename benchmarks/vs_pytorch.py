@@ -361,32 +361,20 @@ def peer_adam_case(a, n) -> Case:
               pairwise=n >= 512)
 
 
-def lm_step_fn(a, n: int, update: str):
-  """c. Train step of a 2-block LM with PEER in block 1 (as benchmarks/peer.py)."""
-  import numpy as np
-  from moejax import config as config_lib
-  from moejax.training import state as state_lib
-  c = config_lib.default_config()
-  c.model.update(vocab_size=258, d_model=a.peer_d, num_layers=2, num_heads=4,
-                 head_dim=a.peer_d // 4, d_ff=4 * a.peer_d, sparse_ffn="peer", sparse_layers="1")
-  c.peer.update(num_experts_sqrt=n, heads=a.heads, top_k=a.top_k, d_key=a.d_key,
-                query_norm=a.lm_query_norm)
-  c.data.update(batch_size=a.batch, seq_len=a.length)
-  c.optim.update(table_update=update, warmup_steps=0)
-  c.mesh.data = 1
-  ts = state_lib.create_train_state(c)
-  step = state_lib.make_train_step(ts)
-  rng = np.random.default_rng(0)
-  tok = rng.integers(2, 258, size=(a.batch, a.length + 1)).astype(np.int32)
-  ones = np.ones((a.batch, a.length), np.float32)
-  batch = state_lib.device_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": ones,
-                                  "num_bytes": ones}, ts.mesh)
-  holder = {"state": ts.state}
+def _sibling(name: str):
+  """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = sys.modules[name] = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
-  def run():
-    holder["state"], m = step(holder["state"], batch)
-    return m["loss"]
-  return run
+
+def lm_step_fn(a, n: int, update: str):
+  """c. Train step of a 2-block LM with PEER in block 1 (benchmarks/peer.py's builder)."""
+  return _sibling("peer").lm_train_step(
+      n, update, d_model=a.peer_d, heads=a.heads, top_k=a.top_k, d_key=a.d_key,
+      query_norm=a.lm_query_norm, batch=a.batch, length=a.length)
 
 
 def lm_step_case(a) -> Case:
@@ -522,11 +510,9 @@ def flops_fraction(iters: int) -> tuple[float, float, float]:
   import jax
   import numpy as np
   from moejax.training import state as state_lib
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_throughput.py")
-  spec = importlib.util.spec_from_file_location("train_throughput", path)
-  tt = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tt)
-  config = tt.load_config(os.path.join(os.path.dirname(path), "..", "configs", "default.py"))
+  tt = _sibling("train_throughput")
+  config = tt.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                       "configs", "default.py"))
   config.model.vocab_size = config.model.vocab_size or 258
   ts = state_lib.create_train_state(config)
   step = state_lib.make_train_step(ts)
