@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import sharding
+from moejax import kernels, sharding
+from moejax.layers.attention_core import causal_mask, masked_attention
 from moejax.layers.projection import project
 
 
@@ -30,6 +31,24 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
+def _rotate(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """Rotate-half: ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` on the last dim."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@jax.custom_vjp
+def _rotate_cpu(x, sin, cos):
+  return _rotate(x, sin, cos)
+
+
+# A rotation's transpose is the rotation by the opposite angle: the backward is the forward
+# with -sin, one fused pass. Autodiff of split / concatenate is a pad and an add per half
+# (four passes over q and k per layer on XLA:CPU).
+_rotate_cpu.defvjp(lambda x, sin, cos: (_rotate(x, sin, cos), (sin, cos)),
+                   lambda res, dy: (_rotate(dy, -res[0], res[1]), None, None))
+
+
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (rotate-half form).
 
@@ -41,8 +60,8 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)          # [half]
   angle = positions[..., None].astype(jnp.float32) * freq               # [batch, length, half]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  rotate = _rotate_cpu if kernels.current_platform() == "cpu" else _rotate
+  return rotate(x.astype(jnp.float32), sin, cos).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -77,6 +96,9 @@ class Attention(nnx.Module):
     """``positions [batch, length]`` (RoPE); ``segment_ids [batch, length]`` or None (one
     document per row): attention is causal and stays inside each token's document."""
     q, k, v = self._qkv(x, positions)
+    if kernels.current_platform() == "cpu":   # one pass per softmax step (attention_core)
+      out = masked_attention(q, k, v, causal_mask(x.shape[1], segment_ids))
+      return self._out(out)
     mask = None
     if segment_ids is not None:
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]   # [b, 1, l, l]
