@@ -506,41 +506,13 @@ def dense_case(a) -> Case:
 
 
 def flops_fraction(iters: int) -> tuple[float, float, float]:
-  """(train step GFLOP/s, matmul GFLOP/s, fraction) of the default config, round-robin."""
-  import jax
-  import numpy as np
-  from moejax.training import state as state_lib
+  """(train step GFLOP/s, matmul GFLOP/s, fraction) of the default config, in turns."""
   tt = _sibling("train_throughput")
   config = tt.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                        "configs", "default.py"))
-  config.model.vocab_size = config.model.vocab_size or 258
-  ts = state_lib.create_train_state(config)
-  step = state_lib.make_train_step(ts)
-  b, l = config.data.batch_size, config.data.seq_len
-  tok = np.random.default_rng(0).integers(2, config.model.vocab_size, size=(b, l + 1)).astype(np.int32)
-  ones = np.ones((b, l), np.float32)
-  batch = state_lib.device_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": ones,
-                                  "num_bytes": ones}, ts.mesh)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ts.state[0]))
-  per_token = tt.step_flops_per_token(config, n_params)
-  holder = {"state": ts.state}
-
-  def run():
-    holder["state"], m = step(holder["state"], batch)
-    return m["loss"]
-
-  run()
-  steps, peaks = [], []
-  for _ in range(max(iters, 3)):           # one step batch, then one matmul measure, in turns
-    t = time.perf_counter()
-    for _ in range(5):
-      out = run()
-    jax.block_until_ready(out)
-    steps.append((time.perf_counter() - t) / 5)
-    peaks.append(tt.matmul_flops_per_sec())
-  achieved = b * l / statistics.median(steps) * per_token
-  peak = statistics.median(peaks)
-  return achieved / 1e9, peak / 1e9, achieved / peak
+  rounds = max(iters, 3)
+  r = tt.measure(config, steps=5 * rounds, rounds=rounds)
+  return r["achieved"] / 1e9, r["matmul"] / 1e9, r["achieved"] / r["matmul"]
 
 
 # ------------------------------------------------------------------------------ main
