@@ -4,6 +4,7 @@ Imports only jax (no Flax): layers call these through :func:`get`.
 
 Modules:
   activations          named activations with derivatives (shared by kernels and references)
+  topk_cpu             jax.lax.top_k; on CPU an XLA FFI call to a C++ kernel (topk_cpu.cc)
   retrieval_reference  product-key top-k in plain JAX (``product_key_topk``)
   lookup_reference     the PEER / PKM lookup in plain JAX (dense and row-sparse gradients)
   row_plan             retrievals sorted by row: the deterministic backward's plan

@@ -1,0 +1,119 @@
+"""The CPU top-k kernel (moejax.kernels.topk_cpu, an XLA FFI call to topk_cpu.cc) equals
+jax.lax.top_k exactly: values, indices, order, ties, signed zeros, infinities and NaNs.
+
+The kernel must build here (a C++17 compiler is part of the dev setup): a failed build
+fails these tests instead of letting the fallback pass them.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import kernels
+from moejax.kernels import retrieval_reference, topk_cpu
+
+
+def _lowered_text(f, *args) -> str:
+  return jax.jit(f).lower(*args).as_text()
+
+
+def _check_equal(x, k):
+  want_v, want_i = jax.lax.top_k(x, k)
+  got_v, got_i = jax.jit(lambda x: topk_cpu.top_k(x, k))(x)
+  chex.assert_trees_all_equal(got_i, want_i)
+  np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))   # NaN == NaN here
+
+
+def test_kernel_builds_and_is_the_op_that_runs():
+  assert topk_cpu.available(), "the C++ top-k kernel did not build (see the log warning)"
+  x = jnp.zeros((4, 32), jnp.float32)
+  text = _lowered_text(lambda x: topk_cpu.top_k(x, 3), x)
+  assert topk_cpu.TARGET in text
+  assert "topk" not in text.lower().replace(topk_cpu.TARGET, "")
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 2), (16, 16), (17, 16), (100, 7), (1024, 16),
+                                 (1024, 1), (300, 64), (40, 40)])
+def test_equals_lax_top_k_random(n, k):
+  x = jax.random.normal(jax.random.key(n * 31 + k), (3, 5, n), jnp.float32)
+  _check_equal(x, k)
+
+
+@pytest.mark.parametrize("n,k", [(64, 16), (1024, 16), (33, 5), (256, 256)])
+def test_ties_keep_index_order(n, k):
+  x = jax.random.randint(jax.random.key(n + k), (7, n), 0, 3).astype(jnp.float32)
+  _check_equal(x, k)
+  _check_equal(jnp.zeros((2, n), jnp.float32), k)          # every entry tied
+
+
+def test_signed_zeros_infinities_and_nans():
+  special = np.array([1, 1, 0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 2, 2, -1, 5, 0.0,
+                      -0.0, np.inf, np.nan], np.float32)
+  x = jnp.asarray(np.stack([special, special[::-1], np.roll(special, 5)]))
+  for k in (1, 4, 9, 16):
+    _check_equal(x, k)
+  wide = jnp.asarray(np.tile(special, 64)[None])            # n = 1024, several groups of NaN
+  _check_equal(wide, 16)
+
+
+def test_vmap_and_leading_dims():
+  x = jax.random.normal(jax.random.key(7), (4, 2, 3, 50), jnp.float32)
+  got = jax.vmap(lambda r: topk_cpu.top_k(r, 6))(x)
+  want = tuple(jax.lax.top_k(x, 6))
+  chex.assert_trees_all_equal(got, want)
+
+
+def test_falls_back_to_lax_top_k(monkeypatch):
+  x = jnp.ones((2, 8), jnp.float32)
+  f = lambda x: topk_cpu.top_k(x, 2)
+  with kernels.target_platform("tpu"):            # compiling for TPU: XLA's op
+    assert topk_cpu.TARGET not in _lowered_text(f, x)
+  assert topk_cpu.TARGET not in _lowered_text(f, x.astype(jnp.bfloat16))
+  monkeypatch.setenv("MOEJAX_CPU_TOPK", "0")
+  assert topk_cpu.TARGET not in _lowered_text(f, x)
+
+
+def test_sharded_rows_use_lax_top_k_and_shard_map_the_kernel():
+  """Under a mesh of several devices XLA would replicate a custom call's operand: lax.top_k
+  runs there; inside shard_map over those axes every device has its own rows."""
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  x = jax.random.normal(jax.random.key(2), (jax.device_count() * 2, 64), jnp.float32)
+  x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
+  with jax.set_mesh(mesh):
+    assert topk_cpu.TARGET not in _lowered_text(lambda x: topk_cpu.top_k(x, 4), x)
+    local = jax.shard_map(lambda r: topk_cpu.top_k(r, 4), in_specs=P("data"),
+                          out_specs=(P("data"), P("data")))
+    assert topk_cpu.TARGET in _lowered_text(local, x)
+    chex.assert_trees_all_equal(jax.jit(local)(x), tuple(jax.lax.top_k(x, 4)))
+
+
+def test_build_is_cached_and_a_missing_compiler_is_one_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setenv("MOEJAX_CACHE_DIR", str(tmp_path / "cache"))
+  lib = topk_cpu._build()
+  stamp = lib.stat().st_mtime_ns
+  assert topk_cpu._build() == lib and lib.stat().st_mtime_ns == stamp   # loaded, not rebuilt
+  monkeypatch.setenv("MOEJAX_CACHE_DIR", str(tmp_path / "other"))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  with pytest.raises((RuntimeError, OSError), match="no-such-compiler"):
+    topk_cpu._build()
+  assert not list((tmp_path / "other").glob("*.so"))
+
+
+def test_product_key_retrieval_same_with_either_top_k(monkeypatch):
+  """The reference retrieval (which calls topk_cpu) gives the same scores and indices with
+  the kernel and with XLA's TopK, at a PEER-like shape."""
+  kq, k1, k2 = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(kq, (2, 40, 4, 32))
+  keys1 = jax.random.normal(k1, (4, 256, 16))
+  keys2 = jax.random.normal(k2, (4, 256, 16))
+  f = lambda q: retrieval_reference.product_key_topk(q, keys1, keys2, 16)
+  got = jax.jit(f)(q)
+  assert topk_cpu.TARGET in _lowered_text(f, q)
+  monkeypatch.setenv("MOEJAX_CPU_TOPK", "0")
+  want = jax.jit(f)(q)
+  chex.assert_trees_all_equal(got, want)
