@@ -4,7 +4,7 @@ Imports only jax (no Flax): layers call these through :func:`get`.
 
 Modules:
   activations          named activations with derivatives (shared by kernels and references)
-  topk_cpu             jax.lax.top_k; on CPU an XLA FFI call to a C++ kernel (topk_cpu.cc)
+  cpu_kernels          top_k and row gathers as C++ kernels on CPU (XLA FFI, cpu_kernels.cc)
   retrieval_reference  product-key top-k in plain JAX (``product_key_topk``)
   lookup_reference     the PEER / PKM lookup in plain JAX (dense and row-sparse gradients)
   row_plan             retrievals sorted by row: the deterministic backward's plan
@@ -62,6 +62,13 @@ def cache_chunk(total: int, item_bytes: int, budget_bytes: int) -> int:
   if current_platform() != "cpu":
     return total
   return max(1, min(total, budget_bytes // max(item_bytes, 1)))
+
+
+def varying(a) -> set:
+  """Mesh axes over which ``a`` varies inside ``shard_map`` (empty outside)."""
+  aval = jax.typeof(a)    # jax 0.10: aval.mat.varying (older: aval.vma)
+  mat = getattr(aval, "mat", None)
+  return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import kernels
-from moejax.kernels import activations
+from moejax.kernels import activations, cpu_kernels
 from moejax.kernels.row_plan import row_slots, unique_rows
 
 # Gathered rows per chunk of tokens (bytes): stays in a core's cache.
@@ -53,14 +53,8 @@ def _after(indices, *deps):
 
 def _gather(table, indices, dtype):
   # Gather first, then cast: casting the whole [N, d] table would cost O(N·d) per step.
-  return jnp.take(table, indices, axis=0, mode="clip").astype(dtype)
-
-
-def _varying(a) -> set:
-  """Mesh axes over which ``a`` varies inside ``shard_map`` (empty outside)."""
-  aval = jax.typeof(a)    # jax 0.10: aval.mat.varying (older: aval.vma)
-  mat = getattr(aval, "mat", None)
-  return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
+  # (= jnp.take(mode="clip"); on CPU a prefetching C++ row copy, ~2x XLA's gather.)
+  return cpu_kernels.take_rows(table, indices).astype(dtype)
 
 
 def match_vma(ct, like):
@@ -69,7 +63,7 @@ def match_vma(ct, like):
   A table replicated over (say) 'data' gets row-gradients that differ per data shard: its
   cotangent is their sum (psum). Outside shard_map this is the identity.
   """
-  have, want = _varying(ct), _varying(like)
+  have, want = kernels.varying(ct), kernels.varying(like)
   if have - want:
     ct = jax.lax.psum(ct, tuple(sorted(have - want)))
   if want - have:
@@ -189,7 +183,7 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
   dt = scores.dtype
   act, dact = activations.get(activation)
   # Inside shard_map the accumulators vary like everything summed into them (scan carry).
-  vary = tuple(sorted(set().union(*(_varying(a) for a in (x, idx, scores, up, down, dy, targets)
+  vary = tuple(sorted(set().union(*(kernels.varying(a) for a in (x, idx, scores, up, down, dy, targets)
                                     if a is not None))))
 
   def zeros(dtype):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import kernels
-from moejax.kernels import topk_cpu   # = jax.lax.top_k; on CPU a C++ kernel (7x faster)
+from moejax.kernels import cpu_kernels   # top_k = jax.lax.top_k; on CPU a C++ kernel (7x faster)
 
 
 def half_scores(q: jax.Array, keys: jax.Array) -> jax.Array:
@@ -67,12 +67,12 @@ def _topk_dense(q: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int):
   n = keys1.shape[1]
   s1 = half_scores(q[..., : d // 2], keys1)              # [..., h, n]
   s2 = half_scores(q[..., d // 2:], keys2)
-  v1, i1 = topk_cpu.top_k(s1, k)                         # [..., h, k], sorted descending
-  v2, i2 = topk_cpu.top_k(s2, k)
+  v1, i1 = cpu_kernels.top_k(s1, k)                         # [..., h, k], sorted descending
+  v2, i2 = cpu_kernels.top_k(s2, k)
   pa, pb = candidate_pairs(k)
   cand = v1[..., pa] + v2[..., pb]                       # [..., h, C], C ~ k ln k
   cidx = i1[..., pa] * n + i2[..., pb]
-  scores, pos = topk_cpu.top_k(cand, k)
+  scores, pos = cpu_kernels.top_k(cand, k)
   return scores, jnp.take_along_axis(cidx, pos, axis=-1).astype(jnp.int32)
 
 

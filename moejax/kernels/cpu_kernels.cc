@@ -1,6 +1,6 @@
-// Row-wise top-k of float32 scores on CPU, an XLA FFI custom call (see topk_cpu.py).
+// C++ kernels for XLA:CPU, XLA FFI custom calls (see cpu_kernels.py).
 //
-// Same result as jax.lax.top_k: per row of x [rows, n], the k largest values in
+// MoejaxTopKF32: the same result as jax.lax.top_k: per row of x [rows, n], the k largest values in
 // descending order and their indices, equal values in index order, in the total order
 // -NaN < -inf < ... < -0 < +0 < ... < inf < NaN.
 //
@@ -16,9 +16,12 @@
 // -march=native), against 1.3 us for a threshold-free insertion pass.
 
 #include <algorithm>
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -32,6 +35,27 @@ inline int32_t Key(float f) {
   int32_t b;
   std::memcpy(&b, &f, sizeof b);
   return b ^ ((b >> 31) & 0x7fffffff);
+}
+
+// Runs body(begin, end) over [0, count) in up to pool.num_threads() parts of at least
+// min_part items: one part on this thread, the rest as pool tasks; returns when all end.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t min_part, Body body) {
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>(pool.num_threads(), count / std::max<int64_t>(min_part, 1)));
+  if (parts == 1) {
+    body(0, count);
+    return;
+  }
+  std::atomic<int64_t> pending(parts - 1);
+  for (int64_t p = 1; p < parts; ++p) {
+    pool.Schedule([&, p] {
+      body(count * p / parts, count * (p + 1) / parts);
+      pending.fetch_sub(1, std::memory_order_release);
+    });
+  }
+  body(0, count / parts);
+  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
 }
 
 // Top k of one row x [n] into values / indices [k]. scratch: groups + n + k int32.
@@ -97,8 +121,8 @@ void TopKRow(const float* x, int64_t n, int64_t k, float* values, int32_t* indic
   for (int64_t j = 0; j < k; ++j) values[j] = x[indices[j]];
 }
 
-ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
-                    ffi::ResultBuffer<ffi::S32> indices) {
+ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                    ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> indices) {
   auto dims = x.dimensions();
   if (dims.size() < 1) {
     return ffi::Error::InvalidArgument("top_k: x must have at least one dimension");
@@ -112,10 +136,45 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
   const float* xs = x.typed_data();
   float* vs = values->typed_data();
   int32_t* is = indices->typed_data();
-  std::vector<int32_t> scratch((n + 15) / 16 + n + k);
-  for (int64_t r = 0; r < rows; ++r) {
-    TopKRow(xs + r * n, n, k, vs + r * k, is + r * k, scratch.data());
+  ParallelFor(pool, rows, 256, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> scratch((n + 15) / 16 + n + k);
+    for (int64_t r = begin; r < end; ++r) {
+      TopKRow(xs + r * n, n, k, vs + r * k, is + r * k, scratch.data());
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// out[i] = table[clip(indices[i], 0, N - 1)] for table [N, d], out [..., d]. Rows are
+// whole-row copies, and the rows kAhead retrievals on are prefetched: on random 1 KiB rows
+// of a 1 GiB table one core copied 3.2 GB/s this way, against 2.2 without prefetching
+// and 1.6 for XLA's gather.
+ffi::Error TakeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
+                        ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> out) {
+  auto dims = table.dimensions();
+  if (dims.size() != 2 || dims[0] < 1) {
+    return ffi::Error::InvalidArgument("take_rows: table must be [N >= 1, d]");
   }
+  const int64_t n = dims[0], d = dims[1];
+  const int64_t m = static_cast<int64_t>(indices.element_count());
+  const float* rows = table.typed_data();
+  const int32_t* idx = indices.typed_data();
+  float* o = out->typed_data();
+  auto row = [&](int64_t i) {
+    const int64_t r = std::min<int64_t>(std::max<int64_t>(idx[i], 0), n - 1);
+    return rows + r * d;
+  };
+  constexpr int64_t kAhead = 8;
+  constexpr int64_t kLine = 64 / sizeof(float);
+  ParallelFor(pool, m, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + kAhead < end) {
+        const float* next = row(i + kAhead);
+        for (int64_t l = 0; l < d; l += kLine) __builtin_prefetch(next + l);
+      }
+      std::memcpy(o + i * d, row(i), static_cast<size_t>(d) * sizeof(float));
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -123,6 +182,14 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxTopKF32, TopKImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxTakeRowsF32, TakeRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
