@@ -21,7 +21,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -38,24 +40,34 @@ inline int32_t Key(float f) {
 }
 
 // Runs body(begin, end) over [0, count) in up to pool.num_threads() parts of at least
-// min_part items: one part on this thread, the rest as pool tasks; returns when all end.
+// min_part items. Parts are claimed from a shared counter by this thread and by pool
+// tasks alike, and this thread waits only for parts another thread has claimed (so are
+// running): a pool whose threads are all busy (e.g. in other calls like this one) cannot
+// deadlock it; tasks that start late find nothing left and touch nothing but the counters.
 template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t min_part, Body body) {
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t min_part, const Body& body) {
   const int64_t parts = std::max<int64_t>(
       1, std::min<int64_t>(pool.num_threads(), count / std::max<int64_t>(min_part, 1)));
   if (parts == 1) {
     body(0, count);
     return;
   }
-  std::atomic<int64_t> pending(parts - 1);
-  for (int64_t p = 1; p < parts; ++p) {
-    pool.Schedule([&, p] {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto work = [counters, parts, count, &body] {
+    for (int64_t p; (p = counters->next.fetch_add(1)) < parts;) {
       body(count * p / parts, count * (p + 1) / parts);
-      pending.fetch_sub(1, std::memory_order_release);
-    });
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t p = 1; p < parts; ++p) {
+    auto task = work;   // Schedule takes its own copy (an rvalue)
+    pool.Schedule(std::move(task));
   }
-  body(0, count / parts);
-  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  work();
+  while (counters->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
 }
 
 // Top k of one row x [n] into values / indices [k]. scratch: groups + n + k int32.

@@ -152,3 +152,32 @@ def test_take_rows_falls_back_and_runs_in_shard_map():
     local = jax.shard_map(cpu_kernels.take_rows, in_specs=(P(), P("data")), out_specs=P("data"))
     assert cpu_kernels.TAKE_ROWS in _lowered_text(local, table, idx)
     chex.assert_trees_all_equal(jax.jit(local)(table, idx), table[idx])
+
+
+# A row-sparse PEER LM train step: its independent top-k / row-gather calls run at once on
+# XLA's intra-op pool, inside loop bodies. A pool-wait bug hung this very step forever.
+_CONCURRENT = """
+import sys
+sys.path.insert(0, "benchmarks")
+import jax, peer
+from moejax.kernels import cpu_kernels
+assert cpu_kernels.available()
+run = peer.lm_train_step(128, "row_sparse", d_model=256, heads=8, top_k=16, d_key=128,
+                         query_norm="batch", batch=8, length=512)
+for _ in range(3):
+  jax.block_until_ready(run())
+print("ok")
+"""
+
+
+def test_concurrent_calls_share_the_thread_pool_without_deadlock():
+  """Independent calls run at once on XLA's intra-op pool, each splitting its rows over
+  the same pool: a call must never wait for a part that no free thread will pick up."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", _CONCURRENT], env=env, capture_output=True,
+                        text=True, timeout=240, cwd=root)
+  assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
