@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -190,6 +191,172 @@ ffi::Error TakeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
   return ffi::Error::Success();
 }
 
+
+// The gathered-row contractions of the PEER / PKM lookup (lookup_reference.py), on rows
+// read once and never written out: XLA's gather + einsum writes the [T, H, d] rows and
+// reads them back, twice the traffic of the random row reads themselves.
+
+// Row r of table [n, d], the index clipped into [0, n) (jnp.take's mode="clip").
+inline const float* ClippedRow(const float* table, int64_t n, int64_t d, int32_t r) {
+  return table + std::min<int64_t>(std::max<int32_t>(r, 0), n - 1) * d;
+}
+
+// sum_i a[i] * b[i] in 16 lanes (vectorised without reassociation flags), lanes summed in
+// a fixed order.
+inline float Dot(const float* __restrict a, const float* __restrict b, int64_t d) {
+  constexpr int64_t kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  }
+  for (int64_t l = 0; i < d; ++i, ++l) acc[l] += a[i] * b[i];
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+bool LookupShapes(ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::S32>& indices, int64_t& n,
+                  int64_t& d, int64_t& t, int64_t& h) {
+  auto td = table.dimensions(), id = indices.dimensions();
+  if (td.size() != 2 || td[0] < 1 || id.size() != 2) return false;
+  n = td[0], d = td[1], t = id[0], h = id[1];
+  return true;
+}
+
+// out[t, j] = x[t] . table[indices[t, j]]   (table [N, d], indices [T, H], x [T, d]).
+ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
+                         ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> x,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  int64_t n, d, t, h;
+  if (!LookupShapes(table, indices, n, d, t, h)) {
+    return ffi::Error::InvalidArgument("gather_dot: table [N >= 1, d], indices [T, H]");
+  }
+  const float* rows = table.typed_data();
+  const int32_t* idx = indices.typed_data();
+  const float* xs = x.typed_data();
+  float* o = out->typed_data();
+  ParallelFor(pool, t, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < h; ++j) {
+        o[i * h + j] = Dot(xs + i * d, ClippedRow(rows, n, d, idx[i * h + j]), d);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// out[t] = sum_j w[t, j] * table[indices[t, j]], j ascending   (w [T, H], out [T, d]).
+ffi::Error GatherWeightedSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
+                                 ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> w,
+                                 ffi::ResultBuffer<ffi::F32> out) {
+  int64_t n, d, t, h;
+  if (!LookupShapes(table, indices, n, d, t, h)) {
+    return ffi::Error::InvalidArgument(
+        "gather_weighted_sum: table [N >= 1, d], indices [T, H]");
+  }
+  const float* rows = table.typed_data();
+  const int32_t* idx = indices.typed_data();
+  const float* ws = w.typed_data();
+  float* o = out->typed_data();
+  ParallelFor(pool, t, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* __restrict y = o + i * d;
+      std::fill(y, y + d, 0.f);
+      for (int64_t j = 0; j < h; ++j) {
+        const float c = ws[i * h + j];
+        const float* __restrict r = ClippedRow(rows, n, d, idx[i * h + j]);
+        for (int64_t l = 0; l < d; ++l) y[l] += c * r[l];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// out = acc [R, d], then out[targets[t, j]] += coef[t, j] * vec[t] in (t, j) order,
+// targets outside [0, R) dropped (scatter-add's mode="drop"); out is acc's buffer (aliased).
+// Each part owns a range of rows and scans every (t, j): deterministic, the same sums in
+// the same order as one serial pass, whatever the thread count.
+ffi::Error ScatterOuterAddImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acc,
+                               ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> coef,
+                               ffi::Buffer<ffi::F32> vec, ffi::ResultBuffer<ffi::F32> out) {
+  auto ad = acc.dimensions(), td = targets.dimensions();
+  if (ad.size() != 2 || td.size() != 2) {
+    return ffi::Error::InvalidArgument("scatter_outer_add: acc [R, d], targets [T, H]");
+  }
+  const int64_t r = ad[0], d = ad[1], t = td[0], h = td[1];
+  const float* a = acc.typed_data();
+  const int32_t* tg = targets.typed_data();
+  const float* cs = coef.typed_data();
+  const float* vs = vec.typed_data();
+  float* o = out->typed_data();
+  ParallelFor(pool, r, 4096, [&](int64_t begin, int64_t end) {
+    if (o != a) std::copy(a + begin * d, a + end * d, o + begin * d);
+    for (int64_t i = 0; i < t; ++i) {
+      for (int64_t j = 0; j < h; ++j) {
+        const int64_t row = tg[i * h + j];
+        if (row < begin || row >= end) continue;
+        const float c = cs[i * h + j];
+        const float* __restrict v = vs + i * d;
+        float* __restrict y = o + row * d;
+        for (int64_t l = 0; l < d; ++l) y[l] += c * v[l];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Lazy Adam on the rows of a table and its moments (moejax.training.row_sparse), in place
+// (outputs alias inputs 0-2): for each slot s with row = rows[s] in [0, N) (others skipped):
+//   g = grads[s] * scale;  m = b1·mu[row] + (1-b1)·g;  v = b2·nu[row] + (1-b2)·g²;
+//   table[row] -= lr · (m / c1) / (sqrt(v / c2) + eps)
+// with hyper = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, scale]. Rows must be distinct (slots
+// run in parallel). Each row is read and written once, nothing else is touched: XLA's
+// gather-update-scatter form moves every row through two temporaries.
+ffi::Error AdamRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
+                        ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu,
+                        ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> grads,
+                        ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> table_out,
+                        ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out) {
+  auto td = table.dimensions();
+  if (td.size() != 2 || grads.dimensions().size() != 2 || hyper.element_count() != 9) {
+    return ffi::Error::InvalidArgument("adam_rows: table [N, d], grads [M, d], hyper [9]");
+  }
+  if (table_out->typed_data() != table.typed_data() || mu_out->typed_data() != mu.typed_data() ||
+      nu_out->typed_data() != nu.typed_data()) {
+    return ffi::Error::InvalidArgument("adam_rows: outputs must alias table, mu, nu");
+  }
+  const int64_t n = td[0], d = td[1];
+  const int64_t m = static_cast<int64_t>(rows.element_count());
+  const float* h = hyper.typed_data();
+  const float lr = h[0], b1 = h[1], one_b1 = h[2], b2 = h[3], one_b2 = h[4], eps = h[5],
+              c1 = h[6], c2 = h[7], scale = h[8];
+  float* p = table_out->typed_data();
+  float* mo = mu_out->typed_data();
+  float* vo = nu_out->typed_data();
+  const int32_t* rs = rows.typed_data();
+  const float* gs = grads.typed_data();
+  ParallelFor(pool, m, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t row = rs[s];
+      if (row < 0 || row >= n) continue;
+      const float* __restrict g = gs + s * d;
+      float* __restrict pr = p + row * d;
+      float* __restrict mr = mo + row * d;
+      float* __restrict vr = vo + row * d;
+      for (int64_t l = 0; l < d; ++l) {
+        const float gl = g[l] * scale;
+        const float ml = b1 * mr[l] + one_b1 * gl;
+        const float vl = b2 * vr[l] + one_b2 * gl * gl;
+        mr[l] = ml;
+        vr[l] = vl;
+        pr[l] = pr[l] - lr * (ml / c1) / (std::sqrt(vl / c2) + eps);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxTopKF32, TopKImpl,
@@ -204,4 +371,42 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxTakeRowsF32, TakeRowsImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxGatherDotF32, GatherDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxGatherWeightedSumF32, GatherWeightedSumImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxScatterOuterAddF32, ScatterOuterAddImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxAdamRowsF32, AdamRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

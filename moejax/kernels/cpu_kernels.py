@@ -43,7 +43,13 @@ log = logging.getLogger(__name__)
 
 TOPK = "moejax_topk_f32"
 TAKE_ROWS = "moejax_take_rows_f32"
-_SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32"}
+GATHER_DOT = "moejax_gather_dot_f32"
+GATHER_WEIGHTED_SUM = "moejax_gather_weighted_sum_f32"
+SCATTER_OUTER_ADD = "moejax_scatter_outer_add_f32"
+ADAM_ROWS = "moejax_adam_rows_f32"
+_SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
+            GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
+            SCATTER_OUTER_ADD: "MoejaxScatterOuterAddF32", ADAM_ROWS: "MoejaxAdamRowsF32"}
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 # Tried first, for this CPU's vector units (0.66 vs 0.9 us per row); dropped where the
@@ -139,17 +145,82 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return values, indices
 
 
+def _same_vma(*arrays):
+  """Inside ``shard_map``: the arrays, each varying over the axes any of them varies over
+  (a custom call's operands and result share one type). Outside it, unchanged."""
+  union = set().union(*(kernels.varying(a) for a in arrays))
+  return tuple(a if kernels.varying(a) == union
+               else jax.lax.pcast(a, tuple(sorted(union - kernels.varying(a))), to="varying")
+               for a in arrays)
+
+
 def take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
   """``jnp.take(table, indices, axis=0, mode="clip")``: ``table [N, d]``, int ``indices
   [...]`` -> ``[..., d]``. Not differentiable (callers with a custom VJP)."""
   if table.ndim != 2 or table.shape[0] == 0 or not usable(table):
     return jnp.take(table, indices, axis=0, mode="clip")
-  indices = indices.astype(jnp.int32)
-  # Inside shard_map the result varies over the axes of either operand.
-  t_vary, i_vary = kernels.varying(table), kernels.varying(indices)
-  if i_vary - t_vary:
-    table = jax.lax.pcast(table, tuple(sorted(i_vary - t_vary)), to="varying")
-  if t_vary - i_vary:
-    indices = jax.lax.pcast(indices, tuple(sorted(t_vary - i_vary)), to="varying")
+  table, indices = _same_vma(table, indices.astype(jnp.int32))
   out = jax.typeof(indices).update(shape=indices.shape + table.shape[1:], dtype=jnp.float32)
   return jax.ffi.ffi_call(TAKE_ROWS, out, vmap_method="sequential")(table, indices)
+
+
+# The gathered-row contractions of the product-key lookup (lookup_reference): rows are
+# read once and contracted in place; XLA's gather + einsum writes the [T, H, d] rows out
+# and reads them back. Each is its einsum on take_rows elsewhere (rows cast to the other
+# operand's dtype first, as the reference does). Not differentiable (the lookup's VJP
+# calls them).
+
+
+def _fused(table, indices, *operands) -> bool:
+  return (table.ndim == 2 and table.shape[0] > 0 and indices.ndim == 2
+          and usable(table, *operands))
+
+
+def gather_dot(table: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Array:
+  """``out[t, j] = x[t] · table[indices[t, j]]``: ``table [N, d]``, ``indices [T, H]``,
+  ``x [T, d]`` -> ``[T, H]`` in ``x.dtype``."""
+  if not _fused(table, indices, x):
+    return jnp.einsum("td,tjd->tj", x, take_rows(table, indices).astype(x.dtype))
+  table, indices, x = _same_vma(table, indices.astype(jnp.int32), x)
+  out = jax.typeof(x).update(shape=indices.shape)
+  return jax.ffi.ffi_call(GATHER_DOT, out, vmap_method="sequential")(table, indices, x)
+
+
+def gather_weighted_sum(table: jax.Array, indices: jax.Array, w: jax.Array) -> jax.Array:
+  """``out[t] = Σ_j w[t, j] · table[indices[t, j]]``: ``table [N, d]``, ``indices, w
+  [T, H]`` -> ``[T, d]`` in ``w.dtype``."""
+  if not _fused(table, indices, w):
+    return jnp.einsum("tj,tjd->td", w, take_rows(table, indices).astype(w.dtype))
+  table, indices, w = _same_vma(table, indices.astype(jnp.int32), w)
+  out = jax.typeof(w).update(shape=(w.shape[0], table.shape[1]))
+  return jax.ffi.ffi_call(GATHER_WEIGHTED_SUM, out, vmap_method="sequential")(table, indices, w)
+
+
+def scatter_outer_add(acc: jax.Array, targets: jax.Array, coef: jax.Array,
+                      vec: jax.Array) -> jax.Array:
+  """``acc.at[targets[t, j]].add(coef[t, j] · vec[t], mode="drop")`` in ``(t, j)`` order:
+  ``acc [R, d]``, ``targets, coef [T, H]``, ``vec [T, d]`` -> ``[R, d]``."""
+  if not (acc.ndim == 2 and targets.ndim == 2 and usable(acc, coef, vec)):
+    rows = (coef[..., None] * vec[:, None, :]).reshape(-1, acc.shape[-1]).astype(acc.dtype)
+    return acc.at[targets.reshape(-1)].add(rows, mode="drop")
+  acc, targets, coef, vec = _same_vma(acc, targets.astype(jnp.int32), coef, vec)
+  call = jax.ffi.ffi_call(SCATTER_OUTER_ADD, jax.typeof(acc), vmap_method="sequential",
+                          input_output_aliases={0: 0})
+  return call(acc, targets, coef, vec)
+
+
+def adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array, grads: jax.Array,
+              *, lr, b1: float, b2: float, eps: float, c1, c2, scale=1.0):
+  """Lazy Adam on ``rows [M]`` (distinct; out-of-range ones skipped) of float32 ``table,
+  mu, nu [N, d]`` with gradients ``grads [M, d]``, in place (donate them): the new
+  ``(table, mu, nu)``. ``c1, c2``: the bias corrections ``1 - b^count``. The kernel only
+  (callers check :func:`usable`); its XLA form is ``training.row_sparse``'s chunked update.
+  """
+  # The constants as XLA would fold them: (1 - b) in double precision, then float32.
+  hyper = jnp.stack([jnp.asarray(v, jnp.float32) for v in
+                     (lr, b1, 1 - b1, b2, 1 - b2, eps, c1, c2, scale)])
+  table, mu, nu, rows, grads, hyper = _same_vma(table, mu, nu, rows.astype(jnp.int32), grads,
+                                                hyper)
+  call = jax.ffi.ffi_call(ADAM_ROWS, (jax.typeof(table), jax.typeof(mu), jax.typeof(nu)),
+                          vmap_method="sequential", input_output_aliases={0: 0, 1: 1, 2: 2})
+  return call(table, mu, nu, rows, grads, hyper)

@@ -128,8 +128,11 @@ gather_weighted_sum.defvjp(_gather_weighted_sum_fwd, _gather_weighted_sum_bwd)
 # On flat arrays: x [T, d] (None for PKM), idx / scores [T, H] (H = h·k), tables [R, d].
 
 
-def _chunk_size(t: int, h: int, d: int, dtype) -> int:
-  """Tokens per chunk: ``CHUNK_BYTES`` of gathered rows on CPU, all ``t`` elsewhere."""
+def _chunk_size(t: int, h: int, d: int, dtype, operands) -> int:
+  """Tokens per chunk: ``CHUNK_BYTES`` of gathered rows on CPU, all ``t`` elsewhere and
+  where the C++ kernels run on ``operands`` (they hold no gathered rows)."""
+  if cpu_kernels.usable(*operands):
+    return t
   return kernels.cache_chunk(t, h * d * jnp.dtype(dtype).itemsize, CHUNK_BYTES)
 
 
@@ -161,11 +164,11 @@ def _forward(x, idx, scores, up, down, activation):
     xc, ic, sc = args
     w = sc
     if down is not None:
-      w = act(jnp.einsum("td,tjd->tj", xc.astype(dt), _gather(down, ic, dt))) * sc
-    return jnp.einsum("tj,tjd->td", w, _gather(up, ic, dt))
+      w = act(cpu_kernels.gather_dot(down, ic, xc.astype(dt))) * sc
+    return cpu_kernels.gather_weighted_sum(up, ic, w)
 
-  c = _chunk_size(t, hh, up.shape[-1], dt)
-  if c == t:   # one chunk (TPU / GPU, or a small batch): no loop
+  c = _chunk_size(t, hh, up.shape[-1], dt, (scores, up) if down is None else (scores, up, down))
+  if c == t:   # one chunk (TPU / GPU, the C++ kernels, or a small batch): no loop
     return chunk((x, idx, scores))
   return _unchunk(jax.lax.map(chunk, _chunks(t, c, (x, idx, scores))), t)
 
@@ -190,32 +193,28 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
     z = jnp.zeros((num_targets, d), dtype)
     return jax.lax.pcast(z, vary, to="varying") if vary else z
 
-  def add(acc, tc, coef, vec):   # acc[tc[t, j]] += coef[t, j] · vec[t]
-    rows = (coef[..., None] * vec[:, None, :]).reshape(-1, d).astype(acc.dtype)
-    return acc.at[tc.reshape(-1)].add(rows, mode="drop")
-
   def chunk(acc, args):
     g_up, g_down = acc
     xc, ic, sc, dyc, tc = args
     dyc = dyc.astype(dt)
-    dw = jnp.einsum("td,tjd->tj", dyc, _gather(up, ic, dt))
+    dw = cpu_kernels.gather_dot(up, ic, dyc)
     if down is None:
       dx, dsc, beta = None, dw, sc
     else:
       xc = xc.astype(dt)
-      rows = _gather(down, ic, dt)
-      a = jnp.einsum("td,tjd->tj", xc, rows)
+      a = cpu_kernels.gather_dot(down, ic, xc)
       s = act(a)
       da = dw * sc * dact(a)
-      dx = jnp.einsum("tj,tjd->td", da, rows)
+      # (elsewhere one gather of down's rows: XLA merges the two identical takes)
+      dx = cpu_kernels.gather_weighted_sum(down, ic, da)
       dsc, beta = dw * s, sc * s
-      g_down = add(g_down, tc, da, xc)
-    return (add(g_up, tc, beta, dyc), g_down), (dx, dsc)
+      g_down = cpu_kernels.scatter_outer_add(g_down, tc, da, xc)   # g_down[tc] += da · x
+    return (cpu_kernels.scatter_outer_add(g_up, tc, beta, dyc), g_down), (dx, dsc)
 
-  c = _chunk_size(t, hh, d, dt)
   init = (zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))
+  c = _chunk_size(t, hh, d, dt, [a for a in (scores, up, down, *init) if a is not None])
   args = (x if down is not None else None, idx, scores, dy, targets)
-  if c == t:   # one chunk (TPU / GPU, or a small batch): no loop
+  if c == t:   # one chunk (TPU / GPU, the C++ kernels, or a small batch): no loop
     (g_up, g_down), (dx, dsc) = chunk(init, args)
   else:
     (g_up, g_down), (dx, dsc) = jax.lax.scan(chunk, init, _chunks(t, c, args))

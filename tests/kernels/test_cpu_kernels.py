@@ -1,6 +1,9 @@
 """The C++ CPU kernels (moejax.kernels.cpu_kernels, XLA FFI calls to cpu_kernels.cc) equal
 the XLA ops they replace exactly: top_k = jax.lax.top_k (values, indices, order, ties,
-signed zeros, infinities and NaNs); take_rows = jnp.take(axis=0, mode="clip").
+signed zeros, infinities and NaNs); take_rows = jnp.take(axis=0, mode="clip"). The lookup's
+row contractions (gather_dot, gather_weighted_sum, scatter_outer_add) equal their einsum /
+scatter-add forms up to float rounding (another summation order), and the lookup gives the
+same values and gradients with and without them; adam_rows is the lazy-Adam update.
 
 The kernel must build here (a C++17 compiler is part of the dev setup): a failed build
 fails these tests instead of letting the fallback pass them.
@@ -152,6 +155,131 @@ def test_take_rows_falls_back_and_runs_in_shard_map():
     local = jax.shard_map(cpu_kernels.take_rows, in_specs=(P(), P("data")), out_specs=P("data"))
     assert cpu_kernels.TAKE_ROWS in _lowered_text(local, table, idx)
     chex.assert_trees_all_equal(jax.jit(local)(table, idx), table[idx])
+
+
+# ------------------------------------------------------------ the lookup's row contractions
+
+
+def _lookup_operands(n=300, d=40, t=23, h=12, seed=0):
+  kt, ki, kx, kw = jax.random.split(jax.random.key(seed), 4)
+  table = jax.random.normal(kt, (n, d), jnp.float32)
+  idx = jax.random.randint(ki, (t, h), -3, n + 3)           # out of range: clipped
+  return table, idx, jax.random.normal(kx, (t, d)), jax.random.normal(kw, (t, h))
+
+
+@pytest.mark.parametrize("n,d,t,h", [(1, 1, 1, 1), (300, 40, 23, 12), (5000, 256, 70, 128),
+                                     (64, 17, 3, 5)])
+def test_gather_contractions_equal_einsum_of_take(n, d, t, h):
+  table, idx, x, w = _lookup_operands(n, d, t, h, seed=n + t)
+  rows = jnp.take(table, idx, axis=0, mode="clip")            # [t, h, d]
+  assert cpu_kernels.GATHER_DOT in _lowered_text(cpu_kernels.gather_dot, table, idx, x)
+  assert cpu_kernels.GATHER_WEIGHTED_SUM in _lowered_text(cpu_kernels.gather_weighted_sum,
+                                                          table, idx, w)
+  np.testing.assert_allclose(jax.jit(cpu_kernels.gather_dot)(table, idx, x),
+                             jnp.einsum("td,tjd->tj", x, rows), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(cpu_kernels.gather_weighted_sum)(table, idx, w),
+                             jnp.einsum("tj,tjd->td", w, rows), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("r,d,t,h", [(1, 3, 4, 2), (50, 40, 23, 12), (9000, 64, 40, 64)])
+def test_scatter_outer_add_equals_scatter_add_and_is_deterministic(r, d, t, h):
+  acc, _, vec, coef = _lookup_operands(r, d, t, h, seed=r)
+  # repeats (few distinct rows) and out-of-range targets, which are dropped
+  targets = jax.random.randint(jax.random.key(r + 1), (t, h), 0, min(r, 7) + 2)
+  targets = jnp.where(targets > min(r, 7), r + targets, targets)
+  want = acc.at[targets.reshape(-1)].add((coef[..., None] * vec[:, None]).reshape(-1, d),
+                                         mode="drop")
+  f = jax.jit(cpu_kernels.scatter_outer_add)
+  assert cpu_kernels.SCATTER_OUTER_ADD in _lowered_text(cpu_kernels.scatter_outer_add, acc,
+                                                       targets, coef, vec)
+  got = f(acc, targets, coef, vec)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_equal(f(acc, targets, coef, vec), got)   # bit-identical again
+  untouched = ~jnp.isin(jnp.arange(r), targets)
+  chex.assert_trees_all_equal(got[untouched], acc[untouched])
+
+
+def test_row_contractions_fall_back_and_run_in_shard_map():
+  from jax.sharding import PartitionSpec as P
+  table, _, _, _ = _lookup_operands()
+  nd = jax.device_count()
+  idx = jax.random.randint(jax.random.key(5), (nd * 3, 12), 0, table.shape[0])
+  x = jax.random.normal(jax.random.key(6), (nd * 3, table.shape[1]))
+  with kernels.target_platform("tpu"):
+    assert cpu_kernels.GATHER_DOT not in _lowered_text(cpu_kernels.gather_dot, table, idx, x)
+  mesh = jax.make_mesh((nd,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    local = jax.shard_map(cpu_kernels.gather_dot, in_specs=(P(), P("data"), P("data")),
+                          out_specs=P("data"))
+    assert cpu_kernels.GATHER_DOT in _lowered_text(local, table, idx, x)
+    np.testing.assert_allclose(jax.jit(local)(table, idx, x),
+                               jnp.einsum("td,tjd->tj", x, table[idx]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("peer", [True, False], ids=["peer", "pkm"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "row_sparse"])
+def test_lookup_same_with_and_without_the_kernels(monkeypatch, peer, sparse):
+  """The reference lookup (forward and every gradient) with the C++ row contractions (one
+  pass, no chunks) equals its XLA form (gathers + einsums over chunks of tokens)."""
+  from moejax.kernels import lookup_reference as lr
+  from moejax.kernels.row_plan import num_unique_slots
+  n, d, t, h, k = 500, 32, 300, 4, 8
+  ks = jax.random.split(jax.random.key(11), 5)
+  up, down = (jax.random.normal(kk, (n, d)) for kk in ks[:2])
+  down = down if peer else None
+  idx = jax.random.randint(ks[2], (t, h, k), 0, n)
+  scores = jax.nn.softmax(jax.random.normal(ks[3], (t, h, k)))
+  x = jax.random.normal(ks[4], (t, d))
+  monkeypatch.setattr(lr, "CHUNK_BYTES", 64 * 1024)          # several chunks without kernels
+  u = num_unique_slots(t * h * k, n)
+  taps = (None if down is None else jnp.zeros((u, d)), jnp.zeros((u, d)))
+
+  def loss(x, scores, up, down, taps):
+    if sparse:
+      y = lr.lookup_sparse(x, idx, scores, up, down, taps, activation="gelu")
+    else:
+      y = lr.lookup(x, idx, scores, up, down, activation="gelu")
+    return jnp.sum(jnp.sin(y))
+
+  argnums = (0, 1, 4) if sparse else (0, 1, 2, 3)
+  f = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+  assert cpu_kernels.GATHER_WEIGHTED_SUM in _lowered_text(f, x, scores, up, down, taps)
+  got = f(x, scores, up, down, taps)
+  monkeypatch.setenv("MOEJAX_CPU_KERNELS", "0")
+  f = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+  text = _lowered_text(f, x, scores, up, down, taps)
+  assert "moejax_" not in text and "while" in text               # XLA ops, over chunks
+  chex.assert_trees_all_close(got, f(x, scores, up, down, taps), rtol=1e-4, atol=1e-4)
+
+
+def test_adam_rows_equals_the_chunked_xla_update(monkeypatch):
+  """Lazy Adam through the kernel (in place, padding slots skipped) equals the chunked
+  gather-update-scatter, to an ulp (fused multiply-adds), and leaves other rows alone."""
+  from moejax.training import row_sparse
+  n, d, m = 3000, 24, 2500
+  ks = jax.random.split(jax.random.key(4), 5)
+  table = jax.random.normal(ks[0], (n, d))
+  mu = jax.random.normal(ks[1], (n, d)) * 0.1
+  nu = jax.random.uniform(ks[2], (n, d))
+  rows = jax.random.permutation(ks[3], n)[:m].at[::9].set(n)    # distinct, some padding (N)
+  g = jax.random.normal(ks[4], (m, d))
+  monkeypatch.setattr(row_sparse, "ADAM_CHUNK_ROWS", 512)     # several chunks without kernels
+
+  def step(table, mu, nu, lr, count):
+    return row_sparse.adam_on_unique_rows(table, mu, nu, rows, g, count=count, lr=lr, b1=0.9,
+                                          b2=0.999, eps=1e-8, scale=jnp.float32(0.7))
+
+  args = (table, mu, nu, jnp.float32(1e-2), jnp.int32(3))
+  assert cpu_kernels.ADAM_ROWS in _lowered_text(step, *args)
+  got = jax.jit(step)(*args)
+  monkeypatch.setenv("MOEJAX_CPU_KERNELS", "0")
+  xla_step = lambda *a: step(*a)   # a new function: jit's trace cache ignores the env
+  assert cpu_kernels.ADAM_ROWS not in _lowered_text(xla_step, *args)
+  want = jax.jit(xla_step)(*args)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  untouched = np.setdiff1d(np.arange(n), np.asarray(rows))
+  chex.assert_trees_all_equal([a[untouched] for a in got], [table[untouched], mu[untouched],
+                                                              nu[untouched]])
 
 
 # A row-sparse PEER LM train step: its independent top-k / row-gather calls run at once on
