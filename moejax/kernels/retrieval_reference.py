@@ -56,28 +56,48 @@ def check_shapes(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int)
     raise ValueError(f"top_k={k} must be in [1, n={n}]")
 
 
-# Half-scores held per chunk of tokens (bytes): a chunk's [c, h, n] scores stay in cache
-# between the matmul and the top-k instead of going to memory and back (CPU).
-CHUNK_BYTES = 1 << 20
+# Half-scores held per chunk of tokens (bytes) on CPU. Chunking keeps a chunk's [h, c, n]
+# scores near the cores between the matmul and the top-k instead of in memory; bigger
+# chunks make the matmuls efficient. At h = 8, n = 1024, d_key = 128, 4096 tokens (2-core
+# Xeon, side by side): 1 MiB 202 ms, 4 MiB 112 ms, 8 MiB ~110 ms, 64 MiB 223 ms.
+CHUNK_BYTES = 8 << 20
 
 
-def _topk_dense(q: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int):
-  """The algorithm on ``q [..., h, d_key]`` (no custom VJP, no chunking)."""
-  d = q.shape[-1]
-  n = keys1.shape[1]
-  s1 = half_scores(q[..., : d // 2], keys1)              # [..., h, n]
-  s2 = half_scores(q[..., d // 2:], keys2)
-  v1, i1 = cpu_kernels.top_k(s1, k)                         # [..., h, k], sorted descending
+def _select(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Top k of ``s1[..., i1] + s2[..., i2]`` over all ``(i1, i2)``, from half-scores
+  ``s1, s2 [..., n]``: scores and indices ``i1·n + i2``, ``[..., k]``."""
+  n = s1.shape[-1]
+  v1, i1 = cpu_kernels.top_k(s1, k)                         # [..., k], sorted descending
   v2, i2 = cpu_kernels.top_k(s2, k)
   pa, pb = candidate_pairs(k)
-  cand = v1[..., pa] + v2[..., pb]                       # [..., h, C], C ~ k ln k
+  cand = v1[..., pa] + v2[..., pb]                       # [..., C], C ~ k ln k
   cidx = i1[..., pa] * n + i2[..., pb]
   scores, pos = cpu_kernels.top_k(cand, k)
   return scores, jnp.take_along_axis(cidx, pos, axis=-1).astype(jnp.int32)
 
 
+def _topk_dense(q: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int):
+  """The algorithm on ``q [..., h, d_key]`` (no custom VJP, no chunking)."""
+  d = q.shape[-1]
+  return _select(half_scores(q[..., : d // 2], keys1), half_scores(q[..., d // 2:], keys2), k)
+
+
+def _topk_head_major(q: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int):
+  """The algorithm on head-major ``q [h, c, d_key]`` -> ``[h, c, k]``: the half-scores are
+  batched matmuls' natural ``[h, c, n]`` (a chunk of :func:`_topk_dense` would transpose
+  them to ``[c, h, n]``; ~20% of the retrieval on CPU)."""
+  d = q.shape[-1]
+
+  def half(qh, keys):
+    if keys.shape[0] == 1:
+      return jnp.einsum("hcd,nd->hcn", qh, keys[0])
+    return jnp.einsum("hcd,hnd->hcn", qh, keys)
+
+  return _select(half(q[..., : d // 2], keys1), half(q[..., d // 2:], keys2), k)
+
+
 def _topk_chunked(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int):
-  """:func:`_topk_dense` over chunks of tokens (``lax.map``), in at least float32."""
+  """:func:`_topk_dense` (over chunks of tokens on CPU, ``lax.map``), in at least float32."""
   dt = jnp.promote_types(queries.dtype, jnp.float32)
   lead, (h, d) = queries.shape[:-2], queries.shape[-2:]
   t = math.prod(lead)
@@ -90,9 +110,13 @@ def _topk_chunked(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int
   pad = -t % c
   if pad:   # padded tokens: their results are dropped
     q = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
-  s, i = jax.lax.map(lambda qc: _topk_dense(qc, keys1, keys2, k), q.reshape(-1, c, h, d))
-  return (s.reshape(-1, h, k)[:t].reshape(lead + (h, k)),
-          i.reshape(-1, h, k)[:t].reshape(lead + (h, k)))
+  chunks = q.reshape(-1, c, h, d).transpose(0, 2, 1, 3)     # [steps, h, c, d]
+  s, i = jax.lax.map(lambda qc: _topk_head_major(qc, keys1, keys2, k), chunks)
+
+  def tokens_major(a):   # [steps, h, c, k] -> [..., h, k]
+    return a.transpose(0, 2, 1, 3).reshape(-1, h, k)[:t].reshape(lead + (h, k))
+
+  return tokens_major(s), tokens_major(i)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
