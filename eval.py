@@ -12,7 +12,7 @@ import json
 from absl import app, flags
 from absl import logging as absl_logging
 
-from moejax import cli
+from moejax import cli, host_memory
 from moejax.errors import CheckpointError, ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -28,6 +28,7 @@ flags.DEFINE_bool("json", False, "Print the JSON report instead of the table.")
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/TFDS log every file op
+  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
   from moejax.evaluation import run
   from moejax.training.checkpoint import quiet_asyncio_noise
   quiet_asyncio_noise()

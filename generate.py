@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
+from moejax import host_memory
 from moejax.errors import CheckpointError, ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -45,6 +46,7 @@ def _prompts() -> list[str]:
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.ERROR)
+  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
   if FLAGS.max_new_tokens < 1 or FLAGS.top_k < 0 or not 0 < FLAGS.top_p <= 1 or FLAGS.temperature < 0:
     sys.exit("error: need --max_new_tokens >= 1, --top_k >= 0, 0 < --top_p <= 1, --temperature >= 0")
   from moejax import data

@@ -19,7 +19,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from moejax import cli
+from moejax import cli, host_memory
 from moejax.errors import (EXIT_NONFINITE, CheckpointError, ConfigError, DataError,
                            NonFiniteError)
 
@@ -42,6 +42,7 @@ flags.DEFINE_integer("process_id", -1, "This process for jax.distributed.")
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/TFDS log every file op
+  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
   from moejax.distributed import maybe_initialize
   maybe_initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   from moejax.training import checkpoint, loop

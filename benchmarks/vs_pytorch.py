@@ -547,6 +547,8 @@ def print_rows(case: Case, rows):
 
 def main(argv=None):
   a = parse_args(argv)
+  from moejax import host_memory
+  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
   torch, _, _ = require_torch_peers()
   torch.set_num_threads(os.cpu_count())
   print(machine_line(torch))
