@@ -154,27 +154,43 @@ def _unchunk(a, t: int):
   return None if a is None else a.reshape(-1, *a.shape[2:])[:t]
 
 
+def _operands(scores, up, down):
+  return (scores, up) if down is None else (scores, up, down)
+
+
 def _forward(x, idx, scores, up, down, activation):
-  """``y [T, d]`` in ``scores.dtype``, one chunk of tokens at a time."""
+  """``(y [T, d] in scores.dtype, a [T, H] = x · down rows or None)``, one chunk of tokens
+  at a time."""
   t, hh = idx.shape
   dt = scores.dtype
   act, _ = activations.get(activation)
 
   def chunk(args):
     xc, ic, sc = args
-    w = sc
+    w, a = sc, None
     if down is not None:
-      w = act(cpu_kernels.gather_dot(down, ic, xc.astype(dt))) * sc
-    return cpu_kernels.gather_weighted_sum(up, ic, w)
+      a = cpu_kernels.gather_dot(down, ic, xc.astype(dt))
+      w = act(a) * sc
+    return cpu_kernels.gather_weighted_sum(up, ic, w), a
 
-  c = _chunk_size(t, hh, up.shape[-1], dt, (scores, up) if down is None else (scores, up, down))
+  c = _chunk_size(t, hh, up.shape[-1], dt, _operands(scores, up, down))
   if c == t:   # one chunk (TPU / GPU, the C++ kernels, or a small batch): no loop
     return chunk((x, idx, scores))
-  return _unchunk(jax.lax.map(chunk, _chunks(t, c, (x, idx, scores))), t)
+  y, a = jax.lax.map(chunk, _chunks(t, c, (x, idx, scores)))
+  return _unchunk(y, t), _unchunk(a, t)
 
 
-def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, acc_dtypes):
-  """The lookup's VJP, one chunk of tokens at a time (rows regathered per chunk).
+def _residual_a(a, scores, up, down):
+  """The forward's ``a`` where the C++ backward takes it (it saves a third random read of
+  ``down``'s rows); elsewhere None: the backward gathers those rows for ``dx`` anyway and
+  recomputes ``a`` from them, holding no ``[T, H]`` residual."""
+  return a if a is not None and cpu_kernels.usable(*_operands(scores, up, down)) else None
+
+
+def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, acc_dtypes,
+              saved_a=None):
+  """The lookup's VJP, one chunk of tokens at a time (rows regathered per chunk; ``a`` from
+  ``saved_a [T, H]`` if given, else recomputed).
 
   The row gradients of retrieval ``(t, j)`` (``alpha·x_t`` for down, ``beta·dy_t`` for up)
   are scatter-added at ``targets[t, j]`` of ``[num_targets, d]`` accumulators of
@@ -195,14 +211,14 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
 
   def chunk(acc, args):
     g_up, g_down = acc
-    xc, ic, sc, dyc, tc = args
+    xc, ic, sc, dyc, tc, ac = args
     dyc = dyc.astype(dt)
     dw = cpu_kernels.gather_dot(up, ic, dyc)
     if down is None:
       dx, dsc, beta = None, dw, sc
     else:
       xc = xc.astype(dt)
-      a = cpu_kernels.gather_dot(down, ic, xc)
+      a = cpu_kernels.gather_dot(down, ic, xc) if ac is None else ac
       s = act(a)
       da = dw * sc * dact(a)
       # (elsewhere one gather of down's rows: XLA merges the two identical takes)
@@ -213,7 +229,7 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
 
   init = (zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))
   c = _chunk_size(t, hh, d, dt, [a for a in (scores, up, down, *init) if a is not None])
-  args = (x if down is not None else None, idx, scores, dy, targets)
+  args = (x if down is not None else None, idx, scores, dy, targets, saved_a)
   if c == t:   # one chunk (TPU / GPU, the C++ kernels, or a small batch): no loop
     (g_up, g_down), (dx, dsc) = chunk(init, args)
   else:
@@ -225,17 +241,18 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _lookup(x, idx, scores, up, down, activation):
-  return _forward(x, idx, scores, up, down, activation)
+  return _forward(x, idx, scores, up, down, activation)[0]
 
 
 def _lookup_fwd(x, idx, scores, up, down, activation):
-  return _forward(x, idx, scores, up, down, activation), (x, idx, scores, up, down)
+  y, a = _forward(x, idx, scores, up, down, activation)
+  return y, (x, idx, scores, up, down, _residual_a(a, scores, up, down))
 
 
 def _lookup_bwd(activation, res, dy):
-  x, idx, scores, up, down = res
+  x, idx, scores, up, down, a = res
   dx, dsc, g_up, g_down = _backward(x, idx, scores, up, down, dy, activation, idx, up.shape[0],
-                                    (up.dtype, None if down is None else down.dtype))
+                                    (up.dtype, None if down is None else down.dtype), a)
   return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores),
           match_vma(g_up, up), None if down is None else match_vma(g_down, down))
 
@@ -246,20 +263,20 @@ _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _lookup_sparse(x, idx, scores, up, down, tap_up, tap_down, rows, activation):
   del tap_up, tap_down, rows   # gradient sinks
-  return _forward(x, idx, scores, up, down, activation)
+  return _forward(x, idx, scores, up, down, activation)[0]
 
 
 def _lookup_sparse_fwd(x, idx, scores, up, down, tap_up, tap_down, rows, activation):
-  return (_forward(x, idx, scores, up, down, activation),
-          (x, idx, scores, up, down, tap_up, tap_down, rows))
+  y, a = _forward(x, idx, scores, up, down, activation)
+  return y, (x, idx, scores, up, down, tap_up, tap_down, rows, _residual_a(a, scores, up, down))
 
 
 def _lookup_sparse_bwd(activation, res, dy):
-  x, idx, scores, up, down, tap_up, tap_down, rows = res
+  x, idx, scores, up, down, tap_up, tap_down, rows, a = res
   slots = row_slots(idx, rows, up.shape[0])
   dx, dsc, g_up, g_down = _backward(
       x, idx, scores, up, down, dy, activation, slots, rows.shape[0],
-      (tap_up.dtype, None if tap_down is None else tap_down.dtype))
+      (tap_up.dtype, None if tap_down is None else tap_down.dtype), a)
   return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores), None, None,
           match_vma(g_up, tap_up), None if tap_down is None else match_vma(g_down, tap_down),
           None)
