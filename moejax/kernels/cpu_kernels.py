@@ -5,8 +5,16 @@
   PEER layer's forward at N = 1024², 4096 tokens. The kernel bounds the k-th entry by group
   maxima and sorts only the few entries above the bound: ~0.66 vs ~4.6 us per row.
 * :func:`take_rows` is ``jnp.take(table, indices, axis=0, mode="clip")`` for a float32
-  ``[N, d]`` table: whole-row copies with the next rows prefetched, ~2x XLA's gather on
-  random 1 KiB rows of a table far larger than the caches (the PEER expert lookups).
+  ``[N, d]`` table: whole-row copies over the thread pool, ~2x XLA's gather on random
+  1 KiB rows of a table far larger than the caches.
+* :func:`gather_dot`, :func:`gather_weighted_sum` and :func:`scatter_outer_add`: the
+  product-key lookup's contractions with gathered rows (``x · table[i]``, ``Σ w ·
+  table[i]``, ``acc[i] += c · v``), each random row read once and used in place. XLA's
+  gather + einsum writes the ``[T, H, d]`` rows out and reads them back (or runs over
+  small chunks of tokens to keep them in cache): the PEER lookup forward at N = 1024²,
+  4096 tokens takes 172 instead of 209 ms.
+* :func:`adam_rows`: the lazy-Adam update of distinct table rows and their moments, in
+  place, one pass per row (XLA gathers each row of three tables, updates, scatters back).
 
 Each is the XLA op instead (:func:`usable` is False) on TPU / GPU (the target platform,
 :func:`moejax.kernels.current_platform`), for other dtypes, with ``MOEJAX_CPU_KERNELS=0``,
