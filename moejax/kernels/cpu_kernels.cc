@@ -273,25 +273,26 @@ ffi::Error GatherWeightedSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tab
   return ffi::Error::Success();
 }
 
-// out = acc [R, d], then out[targets[t, j]] += coef[t, j] * vec[t] in (t, j) order,
-// targets outside [0, R) dropped (scatter-add's mode="drop"); out is acc's buffer (aliased).
-// Each part owns a range of rows and scans every (t, j): deterministic, the same sums in
-// the same order as one serial pass, whatever the thread count.
-ffi::Error ScatterOuterAddImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acc,
-                               ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> coef,
-                               ffi::Buffer<ffi::F32> vec, ffi::ResultBuffer<ffi::F32> out) {
-  auto ad = acc.dimensions(), td = targets.dimensions();
-  if (ad.size() != 2 || td.size() != 2) {
-    return ffi::Error::InvalidArgument("scatter_outer_add: acc [R, d], targets [T, H]");
+// out [R, d] = 0, then out[targets[t, j]] += coef[t, j] * vec[t] in (t, j) order, targets
+// outside [0, R) dropped (scatter-add's mode="drop"). Each part owns a range of rows (zeroes
+// them, then scans every (t, j)): deterministic, the same sums in the same order as one
+// serial pass, whatever the thread count. (No accumulator operand: one aliased to the
+// output made XLA copy a whole table the lookup reads, before the optimizer's in-place
+// update of it.)
+ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> targets,
+                            ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> vec,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  auto od = out->dimensions(), td = targets.dimensions();
+  if (od.size() != 2 || td.size() != 2) {
+    return ffi::Error::InvalidArgument("scatter_outer: targets [T, H], out [R, d]");
   }
-  const int64_t r = ad[0], d = ad[1], t = td[0], h = td[1];
-  const float* a = acc.typed_data();
+  const int64_t r = od[0], d = od[1], t = td[0], h = td[1];
   const int32_t* tg = targets.typed_data();
   const float* cs = coef.typed_data();
   const float* vs = vec.typed_data();
   float* o = out->typed_data();
   ParallelFor(pool, r, 4096, [&](int64_t begin, int64_t end) {
-    if (o != a) std::copy(a + begin * d, a + end * d, o + begin * d);
+    std::fill(o + begin * d, o + end * d, 0.f);
     for (int64_t i = 0; i < t; ++i) {
       for (int64_t j = 0; j < h; ++j) {
         const int64_t row = tg[i * h + j];
@@ -389,10 +390,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxGatherWeightedSumF32, GatherWeightedSumImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxScatterOuterAddF32, ScatterOuterAddImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxScatterOuterF32, ScatterOuterImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

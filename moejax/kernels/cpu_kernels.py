@@ -53,11 +53,11 @@ TOPK = "moejax_topk_f32"
 TAKE_ROWS = "moejax_take_rows_f32"
 GATHER_DOT = "moejax_gather_dot_f32"
 GATHER_WEIGHTED_SUM = "moejax_gather_weighted_sum_f32"
-SCATTER_OUTER_ADD = "moejax_scatter_outer_add_f32"
+SCATTER_OUTER = "moejax_scatter_outer_f32"
 ADAM_ROWS = "moejax_adam_rows_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
-            SCATTER_OUTER_ADD: "MoejaxScatterOuterAddF32", ADAM_ROWS: "MoejaxAdamRowsF32"}
+            SCATTER_OUTER: "MoejaxScatterOuterF32", ADAM_ROWS: "MoejaxAdamRowsF32"}
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 # Tried first, for this CPU's vector units (0.66 vs 0.9 us per row); dropped where the
@@ -204,17 +204,19 @@ def gather_weighted_sum(table: jax.Array, indices: jax.Array, w: jax.Array) -> j
   return jax.ffi.ffi_call(GATHER_WEIGHTED_SUM, out, vmap_method="sequential")(table, indices, w)
 
 
-def scatter_outer_add(acc: jax.Array, targets: jax.Array, coef: jax.Array,
+def scatter_outer_add(acc: jax.Array | jax.ShapeDtypeStruct, targets: jax.Array, coef: jax.Array,
                       vec: jax.Array) -> jax.Array:
   """``acc.at[targets[t, j]].add(coef[t, j] · vec[t], mode="drop")`` in ``(t, j)`` order:
-  ``acc [R, d]``, ``targets, coef [T, H]``, ``vec [T, d]`` -> ``[R, d]``."""
-  if not (acc.ndim == 2 and targets.ndim == 2 and usable(acc, coef, vec)):
-    rows = (coef[..., None] * vec[:, None, :]).reshape(-1, acc.shape[-1]).astype(acc.dtype)
-    return acc.at[targets.reshape(-1)].add(rows, mode="drop")
-  acc, targets, coef, vec = _same_vma(acc, targets.astype(jnp.int32), coef, vec)
-  call = jax.ffi.ffi_call(SCATTER_OUTER_ADD, jax.typeof(acc), vmap_method="sequential",
-                          input_output_aliases={0: 0})
-  return call(acc, targets, coef, vec)
+  ``acc [R, d]`` (a ``ShapeDtypeStruct``: zeros), ``targets, coef [T, H]``, ``vec [T, d]``
+  -> ``[R, d]``. The kernel runs from zeros only (the lookup's unchunked backward)."""
+  if isinstance(acc, jax.ShapeDtypeStruct):
+    if len(acc.shape) == 2 and targets.ndim == 2 and usable(coef, vec) and acc.dtype == jnp.float32:
+      targets, coef, vec = _same_vma(targets.astype(jnp.int32), coef, vec)
+      out = jax.typeof(vec).update(shape=acc.shape)
+      return jax.ffi.ffi_call(SCATTER_OUTER, out, vmap_method="sequential")(targets, coef, vec)
+    acc = jnp.zeros(acc.shape, acc.dtype)
+  rows = (coef[..., None] * vec[:, None, :]).reshape(-1, acc.shape[-1]).astype(acc.dtype)
+  return acc.at[targets.reshape(-1)].add(rows, mode="drop")
 
 
 def adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array, grads: jax.Array,

@@ -205,7 +205,11 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
   vary = tuple(sorted(set().union(*(kernels.varying(a) for a in (x, idx, scores, up, down, dy, targets)
                                     if a is not None))))
 
+  fresh = cpu_kernels.usable(*_operands(scores, up, down))
+
   def zeros(dtype):
+    if fresh:   # the C++ scatter writes its accumulator whole, from zeros (no loop here)
+      return jax.ShapeDtypeStruct((num_targets, d), dtype)
     z = jnp.zeros((num_targets, d), dtype)
     return jax.lax.pcast(z, vary, to="varying") if vary else z
 
@@ -228,7 +232,7 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
     return (cpu_kernels.scatter_outer_add(g_up, tc, beta, dyc), g_down), (dx, dsc)
 
   init = (zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))
-  c = _chunk_size(t, hh, d, dt, [a for a in (scores, up, down, *init) if a is not None])
+  c = _chunk_size(t, hh, d, dt, _operands(scores, up, down))
   args = (x if down is not None else None, idx, scores, dy, targets, saved_a)
   if c == t:   # one chunk (TPU / GPU, the C++ kernels, or a small batch): no loop
     (g_up, g_down), (dx, dsc) = chunk(init, args)

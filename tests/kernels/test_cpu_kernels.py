@@ -183,20 +183,25 @@ def test_gather_contractions_equal_einsum_of_take(n, d, t, h):
 
 @pytest.mark.parametrize("r,d,t,h", [(1, 3, 4, 2), (50, 40, 23, 12), (9000, 64, 40, 64)])
 def test_scatter_outer_add_equals_scatter_add_and_is_deterministic(r, d, t, h):
-  acc, _, vec, coef = _lookup_operands(r, d, t, h, seed=r)
+  _, _, vec, coef = _lookup_operands(r, d, t, h, seed=r)
   # repeats (few distinct rows) and out-of-range targets, which are dropped
   targets = jax.random.randint(jax.random.key(r + 1), (t, h), 0, min(r, 7) + 2)
   targets = jnp.where(targets > min(r, 7), r + targets, targets)
-  want = acc.at[targets.reshape(-1)].add((coef[..., None] * vec[:, None]).reshape(-1, d),
-                                         mode="drop")
-  f = jax.jit(cpu_kernels.scatter_outer_add)
-  assert cpu_kernels.SCATTER_OUTER_ADD in _lowered_text(cpu_kernels.scatter_outer_add, acc,
-                                                       targets, coef, vec)
-  got = f(acc, targets, coef, vec)
+  rows = (coef[..., None] * vec[:, None]).reshape(-1, d)
+  want = jnp.zeros((r, d)).at[targets.reshape(-1)].add(rows, mode="drop")
+  zeros = jax.ShapeDtypeStruct((r, d), jnp.float32)          # the kernel starts from zeros
+  f = jax.jit(lambda *a: cpu_kernels.scatter_outer_add(zeros, *a))
+  assert cpu_kernels.SCATTER_OUTER in _lowered_text(f, targets, coef, vec)
+  got = f(targets, coef, vec)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_equal(f(acc, targets, coef, vec), got)   # bit-identical again
+  chex.assert_trees_all_equal(f(targets, coef, vec), got)    # bit-identical again
   untouched = ~jnp.isin(jnp.arange(r), targets)
-  chex.assert_trees_all_equal(got[untouched], acc[untouched])
+  assert not np.asarray(got[untouched]).any()
+  # onto a given accumulator: XLA's scatter-add
+  acc = jnp.ones((r, d))
+  g = lambda *a: cpu_kernels.scatter_outer_add(acc, *a)
+  assert cpu_kernels.SCATTER_OUTER not in _lowered_text(g, targets, coef, vec)
+  np.testing.assert_allclose(jax.jit(g)(targets, coef, vec), want + 1, rtol=1e-5, atol=1e-5)
 
 
 def test_row_contractions_fall_back_and_run_in_shard_map():
