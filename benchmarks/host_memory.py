@@ -24,20 +24,11 @@ import json, resource, sys, time
 sys.path.insert(0, "benchmarks")
 from moejax import host_memory
 kept = host_memory.keep_freed_memory()
-import jax, numpy as np
+import jax
 import train_throughput as tt
-from moejax.training import state as state_lib
 config = tt.load_config(sys.argv[1])
-config.model.vocab_size = config.model.vocab_size or 258
 warmup, steps = int(sys.argv[2]), int(sys.argv[3])
-config.train.steps = warmup + steps + 1
-ts = state_lib.create_train_state(config)
-step = state_lib.make_train_step(ts)
-b, l = config.data.batch_size, config.data.seq_len
-tok = np.random.default_rng(0).integers(2, config.model.vocab_size, size=(b, l + 1)).astype(np.int32)
-ones = np.ones((b, l), np.float32)
-batch = state_lib.device_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": ones,
-                                "num_bytes": ones}, ts.mesh)
+ts, step, batch = tt.train_step_setup(config, warmup + steps + 1)
 with jax.set_mesh(ts.mesh):
   for _ in range(warmup):
     ts.state, m = step(ts.state, batch)

@@ -55,12 +55,11 @@ def step_flops_per_token(config, num_params: int) -> float:
   return 6.0 * (num_params - embed) + attn
 
 
-def measure(config, *, steps: int = 20, rounds: int = 5) -> dict:
-  """Times ``config``'s train step and an f32 matmul in alternating rounds (medians: on a
-  shared host the machine's speed drifts, and both sides of the ratio should see the same
-  drift). Returns step seconds, tokens/s, achieved and matmul FLOP/s, and the params."""
+def train_step_setup(config, total_steps: int):
+  """``(train state, jitted step, device batch of random tokens)`` for ``config``, whose
+  schedule is set to ``total_steps``."""
   config.model.vocab_size = config.model.vocab_size or 258
-  config.train.steps = steps + rounds + 2
+  config.train.steps = total_steps
   ts = state_lib.create_train_state(config)
   step = state_lib.make_train_step(ts)
   b, l = config.data.batch_size, config.data.seq_len
@@ -69,6 +68,15 @@ def measure(config, *, steps: int = 20, rounds: int = 5) -> dict:
   batch = state_lib.device_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                                   "weights": np.ones((b, l), np.float32),
                                   "num_bytes": np.ones((b, l), np.float32)}, ts.mesh)
+  return ts, step, batch
+
+
+def measure(config, *, steps: int = 20, rounds: int = 5) -> dict:
+  """Times ``config``'s train step and an f32 matmul in alternating rounds (medians: on a
+  shared host the machine's speed drifts, and both sides of the ratio should see the same
+  drift). Returns step seconds, tokens/s, achieved and matmul FLOP/s, and the params."""
+  ts, step, batch = train_step_setup(config, steps + rounds + 2)
+  b, l = config.data.batch_size, config.data.seq_len
   matmul = matmul_timer()
   step_times, peaks = [], []
   per_round = max(1, steps // rounds)

@@ -374,21 +374,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxTakeRowsF32, TakeRowsImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxGatherDotF32, GatherDotImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// The row contractions' signature: (pool; table [N, d], indices [T, H], operand) -> out.
+static auto RowContractionBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxGatherDotF32, GatherDotImpl, RowContractionBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxGatherWeightedSumF32, GatherWeightedSumImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              RowContractionBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxScatterOuterF32, ScatterOuterImpl,
                               ffi::Ffi::Bind()

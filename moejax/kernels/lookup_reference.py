@@ -128,10 +128,10 @@ gather_weighted_sum.defvjp(_gather_weighted_sum_fwd, _gather_weighted_sum_bwd)
 # On flat arrays: x [T, d] (None for PKM), idx / scores [T, H] (H = h·k), tables [R, d].
 
 
-def _chunk_size(t: int, h: int, d: int, dtype, operands) -> int:
+def _chunk_size(t: int, h: int, d: int, dtype, fused: bool) -> int:
   """Tokens per chunk: ``CHUNK_BYTES`` of gathered rows on CPU, all ``t`` elsewhere and
-  where the C++ kernels run on ``operands`` (they hold no gathered rows)."""
-  if cpu_kernels.usable(*operands):
+  where the C++ row contractions run (``fused``: they hold no gathered rows)."""
+  if fused:
     return t
   return kernels.cache_chunk(t, h * d * jnp.dtype(dtype).itemsize, CHUNK_BYTES)
 
@@ -154,8 +154,9 @@ def _unchunk(a, t: int):
   return None if a is None else a.reshape(-1, *a.shape[2:])[:t]
 
 
-def _operands(scores, up, down):
-  return (scores, up) if down is None else (scores, up, down)
+def _fused(scores, up, down) -> bool:
+  """Whether the C++ row contractions (``cpu_kernels``) run on these operands."""
+  return cpu_kernels.usable(*((scores, up) if down is None else (scores, up, down)))
 
 
 def _forward(x, idx, scores, up, down, activation):
@@ -173,7 +174,7 @@ def _forward(x, idx, scores, up, down, activation):
       w = act(a) * sc
     return cpu_kernels.gather_weighted_sum(up, ic, w), a
 
-  c = _chunk_size(t, hh, up.shape[-1], dt, _operands(scores, up, down))
+  c = _chunk_size(t, hh, up.shape[-1], dt, _fused(scores, up, down))
   if c == t:   # one chunk (TPU / GPU, the C++ kernels, or a small batch): no loop
     return chunk((x, idx, scores))
   y, a = jax.lax.map(chunk, _chunks(t, c, (x, idx, scores)))
@@ -184,7 +185,7 @@ def _residual_a(a, scores, up, down):
   """The forward's ``a`` where the C++ backward takes it (it saves a third random read of
   ``down``'s rows); elsewhere None: the backward gathers those rows for ``dx`` anyway and
   recomputes ``a`` from them, holding no ``[T, H]`` residual."""
-  return a if a is not None and cpu_kernels.usable(*_operands(scores, up, down)) else None
+  return a if a is not None and _fused(scores, up, down) else None
 
 
 def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, acc_dtypes,
@@ -205,10 +206,10 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
   vary = tuple(sorted(set().union(*(kernels.varying(a) for a in (x, idx, scores, up, down, dy, targets)
                                     if a is not None))))
 
-  fresh = cpu_kernels.usable(*_operands(scores, up, down))
+  fused = _fused(scores, up, down)
 
   def zeros(dtype):
-    if fresh:   # the C++ scatter writes its accumulator whole, from zeros (no loop here)
+    if fused:   # the C++ scatter writes its accumulator whole, from zeros (no loop here)
       return jax.ShapeDtypeStruct((num_targets, d), dtype)
     z = jnp.zeros((num_targets, d), dtype)
     return jax.lax.pcast(z, vary, to="varying") if vary else z
@@ -232,7 +233,7 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
     return (cpu_kernels.scatter_outer_add(g_up, tc, beta, dyc), g_down), (dx, dsc)
 
   init = (zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))
-  c = _chunk_size(t, hh, d, dt, _operands(scores, up, down))
+  c = _chunk_size(t, hh, d, dt, fused)
   args = (x if down is not None else None, idx, scores, dy, targets, saved_a)
   if c == t:   # one chunk (TPU / GPU, the C++ kernels, or a small batch): no loop
     (g_up, g_down), (dx, dsc) = chunk(init, args)
