@@ -181,12 +181,16 @@ def test_gather_contractions_equal_einsum_of_take(n, d, t, h):
                              jnp.einsum("tj,tjd->td", w, rows), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("r,d,t,h", [(1, 3, 4, 2), (50, 40, 23, 12), (9000, 64, 40, 64)])
-def test_scatter_outer_add_equals_scatter_add_and_is_deterministic(r, d, t, h):
+@pytest.mark.parametrize("r,d,t,h,spread", [(1, 3, 4, 2, False), (50, 40, 23, 12, False),
+                                            (9000, 64, 40, 64, False), (9000, 64, 300, 64, True),
+                                            (70_000, 256, 500, 64, True)])   # 68 MiB: streamed
+def test_scatter_outer_add_equals_scatter_add_and_is_deterministic(r, d, t, h, spread):
   _, _, vec, coef = _lookup_operands(r, d, t, h, seed=r)
-  # repeats (few distinct rows) and out-of-range targets, which are dropped
-  targets = jax.random.randint(jax.random.key(r + 1), (t, h), 0, min(r, 7) + 2)
-  targets = jnp.where(targets > min(r, 7), r + targets, targets)
+  if spread:   # targets over all rows (and ~1/8 past the end, dropped)
+    targets = jax.random.randint(jax.random.key(r + 1), (t, h), 0, r + r // 8)
+  else:        # repeats (few distinct rows) and out-of-range targets, which are dropped
+    targets = jax.random.randint(jax.random.key(r + 1), (t, h), 0, min(r, 7) + 2)
+    targets = jnp.where(targets > min(r, 7), r + targets, targets)
   rows = (coef[..., None] * vec[:, None]).reshape(-1, d)
   want = jnp.zeros((r, d)).at[targets.reshape(-1)].add(rows, mode="drop")
   zeros = jax.ShapeDtypeStruct((r, d), jnp.float32)          # the kernel starts from zeros
