@@ -104,6 +104,25 @@ def test_expert_choice_plan():
   np.testing.assert_allclose(combine[0].sum((1, 2)), [0.7, 0.8, 0.6, 0.5], rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["top2", "top1_dropping", "expert_choice"])
+def test_plan_slots_are_the_masks(kind):
+  """Each buffer slot holds the token, weight and validity that the masks say."""
+  logits = jax.random.normal(jax.random.key(3), (2, 12, 4))
+  mask = jnp.ones((2, 12), bool).at[1, 3:].set(False)      # group 1: 3 real tokens
+  if kind == "expert_choice":
+    plan = routing.expert_choice_route(logits, mask, capacity=5)
+  else:
+    k = 2 if kind == "top2" else 1
+    plan = routing.top_k_route(logits, mask, k=k, capacity=7 if k == 2 else 2)
+  dispatch, combine = plan.masks()                              # [G, S, E, C]
+  token, weight, valid = plan.slots()                           # [G, E, C]
+  hot = jax.nn.one_hot(token, 12, dtype=jnp.float32) * valid[..., None]   # [G, E, C, S]
+  chex.assert_trees_all_equal(jnp.transpose(hot, (0, 3, 1, 2)) > 0, dispatch)
+  np.testing.assert_allclose(jnp.einsum("gecs,gec->gsec", hot, weight), combine, rtol=1e-6)
+  assert not np.asarray(weight)[~np.asarray(valid)].any()
+  assert bool(valid.any()) and not bool(valid.all())          # some slots stay empty
+
+
 def test_second_policy_random_keeps_with_probability_2_g2():
   # renormalised g2 = 0.2 / (0.6 + 0.2) = 0.25 -> kept with prob 2 * 0.25 = 0.5.
   n = 4000

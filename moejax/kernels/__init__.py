@@ -53,6 +53,14 @@ def current_platform() -> str:
   return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
 
 
+def mesh_is_local() -> bool:
+  """No axis of several devices of the current (abstract) mesh is left to XLA's
+  partitioner: no mesh, or every such axis is manual here (inside ``shard_map``)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or all(size == 1 or name in mesh.manual_axes
+                           for name, size in zip(mesh.axis_names, mesh.axis_sizes))
+
+
 def cache_chunk(total: int, item_bytes: int, budget_bytes: int) -> int:
   """Items (tokens, rows) per chunk of a plain-JAX loop that keeps one chunk's temporaries
   in a core's cache: ``budget_bytes // item_bytes`` (in ``[1, total]``) on CPU, where the

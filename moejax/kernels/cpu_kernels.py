@@ -12,9 +12,14 @@
   table[i]``, ``acc[i] += c · v``), each random row read once and used in place. XLA's
   gather + einsum writes the ``[T, H, d]`` rows out and reads them back (or runs over
   small chunks of tokens to keep them in cache): the PEER lookup forward at N = 1024²,
-  4096 tokens takes 172 instead of 209 ms.
+  4096 tokens takes 172 instead of 209 ms. The contractions prefetch the rows a few
+  retrievals ahead. The scatter groups its ``(t, j)`` pairs by target first (a counting
+  sort) and writes each output row once, from a buffer in cache, past the cache when the
+  output is large: adding pair by pair is a read-modify-write of random 1 KiB rows.
+  At 512K pairs into ``[512K, 256]``: 43 instead of 229 ms.
 * :func:`adam_rows`: the lazy-Adam update of distinct table rows and their moments, in
-  place, one pass per row (XLA gathers each row of three tables, updates, scatters back).
+  place, one vectorised pass per row (XLA gathers each row of three tables, updates,
+  scatters back): 142 ms for 412K rows of ``[1024², 256]`` tables.
 
 Each is the XLA op instead (:func:`usable` is False) on TPU / GPU (the target platform,
 :func:`moejax.kernels.current_platform`), for other dtypes, with ``MOEJAX_CPU_KERNELS=0``,
@@ -126,17 +131,10 @@ def available() -> bool:
   return True
 
 
-def _rows_are_local() -> bool:
-  """No mesh axis of several devices is left to XLA's partitioner (see the module doc)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh.empty or all(size == 1 or name in mesh.manual_axes
-                           for name, size in zip(mesh.axis_names, mesh.axis_sizes))
-
-
 def usable(*arrays: jax.Array) -> bool:
   """The kernels run for these float32 operands here (see the module doc)."""
   return (all(a.dtype == jnp.float32 for a in arrays) and kernels.current_platform() == "cpu"
-          and enabled() and _rows_are_local() and available())
+          and enabled() and kernels.mesh_is_local() and available())
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

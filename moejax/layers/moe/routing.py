@@ -83,6 +83,22 @@ class TokenChoicePlan:
     dispatch = jnp.einsum("gske,gskc->gsec", e_hot, c_hot) > 0
     return dispatch, combine
 
+  def slots(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The buffer slots' view of :meth:`masks`: ``token`` int32, ``weight`` float32 and
+    ``valid`` bool, each ``[groups, experts, capacity]``: slot ``(e, c)`` of group ``g``
+    holds token ``token[g, e, c]`` with combine weight ``weight[g, e, c]`` where ``valid``
+    (elsewhere token 0, weight 0)."""
+    assert self.capacity is not None, "a dropless plan has no capacity buffers"
+    g, s, k = self.expert_index.shape
+    shape = (g, self.num_experts, self.capacity)
+    at = (jnp.arange(g)[:, None, None], self.expert_index,
+          jnp.where(self.kept, self.position, self.capacity))    # capacity: dropped on write
+    token = jnp.zeros(shape, jnp.int32).at[at].set(
+        jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :, None], (g, s, k)), mode="drop")
+    weight = jnp.zeros(shape, jnp.float32).at[at].set(self.weight, mode="drop")
+    valid = jnp.zeros(shape, bool).at[at].set(True, mode="drop")
+    return token, weight, valid
+
   def load(self) -> jax.Array:
     """float32 ``[experts]``: kept assignments per expert (tokens each expert processes)."""
     hot = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=jnp.float32)
@@ -131,6 +147,12 @@ class ExpertChoicePlan:
     dispatch = jnp.transpose(hot, (0, 3, 1, 2)) > 0
     combine = jnp.einsum("gecs,gec->gsec", hot, self.weight)
     return dispatch, combine
+
+  def slots(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``token``, ``weight``, ``valid [groups, experts, capacity]`` (see
+    :meth:`TokenChoicePlan.slots`)."""
+    return (jnp.where(self.valid, self.token_index, 0).astype(jnp.int32),
+            jnp.where(self.valid, self.weight, 0.0), self.valid)
 
   def load(self) -> jax.Array:
     """float32 ``[experts]``: real tokens each expert processes."""
