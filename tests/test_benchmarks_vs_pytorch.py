@@ -83,3 +83,15 @@ def test_missing_extra_is_one_line(monkeypatch, capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "pip install -e '.[compare]'" in err
+
+
+def test_lm_steps_run_in_a_child_process_with_train_py_memory_setting():
+  argv = ["--batch", "2", "--length", "16", "--n", "8", "--n_small", "4", "--peer_d", "32",
+          "--heads", "2", "--top_k", "2", "--d_key", "16", "--iters", "1"]
+  import platform
+  times, kept = vs.in_child("lm", argv)
+  assert kept == (platform.libc_ver()[0] == "glibc")          # CPU host, setting not turned off
+  assert sorted(times) == sorted(f"{u} N={n}²" for n in (8, 4) for u in ("dense", "row_sparse"))
+  assert all(0 < t < 60 for t in times.values())
+  with pytest.raises(RuntimeError, match="--n"):               # the child's error comes back
+    vs.in_child("lm", argv + ["--n", "not-a-number"])
