@@ -331,28 +331,28 @@ inline void StreamFence() {
 #endif
 }
 
-// out [R, d] = 0, then out[targets[t, j]] += coef[t, j] * vec[t] in (t, j) order, targets
-// outside [0, R) dropped (scatter-add's mode="drop"). The (t, j) pairs are first grouped by
-// target (a stable counting sort, so each group stays in (t, j) order); then each output
-// row is summed in a local buffer from its group's rows of vec and written once, rows in
-// order. Deterministic, the same sums in the same order as one serial pass, whatever the
-// thread count. Scattering pair by pair instead writes random 1 KiB rows of a buffer far
-// larger than the caches (read-modify-write, plus a zero-fill pass), while vec [T, d] is
-// small and stays cached: 2-3x slower at R = 512K, d = 256. (No accumulator operand: one
-// aliased to the output made XLA copy a whole table the lookup reads, before the
-// optimizer's in-place update of it.)
-ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> targets,
-                            ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> vec,
-                            ffi::ResultBuffer<ffi::F32> out) {
-  auto od = out->dimensions(), td = targets.dimensions();
-  if (od.size() != 2 || td.size() != 2) {
-    return ffi::Error::InvalidArgument("scatter_outer: targets [T, H], out [R, d]");
-  }
-  const int64_t r = od[0], d = od[1], pairs = td[0] * td[1], h = td[1];
-  const int32_t* tg = targets.typed_data();
-  const float* cs = coef.typed_data();
-  const float* vs = vec.typed_data();
-  float* o = out->typed_data();
+// One scatter of scatter_outer: out [R, d] from coef [T, H] and vec [T, d].
+struct OuterScatter {
+  const float* coef;
+  const float* vec;
+  float* out;
+  int64_t d;
+  bool stream;   // non-temporal stores (see kStreamBytes)
+};
+
+// Each out [R, d] = 0, then out[targets[t, j]] += coef[t, j] * vec[t] in (t, j) order,
+// targets outside [0, R) dropped (scatter-add's mode="drop"). The (t, j) pairs are first
+// grouped by target (a stable counting sort, so each group stays in (t, j) order, shared by
+// every scatter of the call); then each output row is summed in a local buffer from its
+// group's rows of vec and written once, rows in order. Deterministic, the same sums in the
+// same order as one serial pass, whatever the thread count. Scattering pair by pair
+// instead writes random 1 KiB rows of a buffer far larger than the caches (read-modify-
+// write, plus a zero-fill pass), while vec [T, d] is small and stays cached: 2-3x slower
+// at R = 512K, d = 256. (No accumulator operand: one aliased to the output made XLA copy a
+// whole table the lookup reads, before the optimizer's in-place update of it.)
+void ScatterOuterRows(ffi::ThreadPool& pool, const int32_t* tg, int64_t t, int64_t h,
+                      int64_t r, const std::vector<OuterScatter>& scatters) {
+  const int64_t pairs = t * h;
   // start[row] .. start[row + 1]: the pairs of row, in order[] (pair ids, ascending).
   std::vector<int64_t> start(r + 1, 0);
   for (int64_t p = 0; p < pairs; ++p) {
@@ -366,22 +366,74 @@ ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> targets,
       if (tg[p] >= 0 && tg[p] < r) order[fill[tg[p]]++] = static_cast<int32_t>(p);
     }
   }
-  const bool stream = CanStream(o, d) && r * d * sizeof(float) > kStreamBytes;
+  int64_t width = 0;
+  bool stream = false;
+  for (const auto& sc : scatters) width = std::max(width, sc.d), stream |= sc.stream;
   ParallelFor(pool, r, 4096, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(d);
+    std::vector<float> acc(width);
     float* __restrict y = acc.data();
     for (int64_t row = begin; row < end; ++row) {
-      std::fill(y, y + d, 0.f);
-      for (int64_t q = start[row]; q < start[row + 1]; ++q) {
-        const int64_t p = order[q];
-        const float c = cs[p];
-        const float* __restrict v = vs + (p / h) * d;
-        for (int64_t l = 0; l < d; ++l) y[l] += c * v[l];
+      for (const OuterScatter& sc : scatters) {
+        const int64_t d = sc.d;
+        std::fill(y, y + d, 0.f);
+        for (int64_t q = start[row]; q < start[row + 1]; ++q) {
+          const int64_t p = order[q];
+          const float c = sc.coef[p];
+          const float* __restrict v = sc.vec + (p / h) * d;
+          for (int64_t l = 0; l < d; ++l) y[l] += c * v[l];
+        }
+        StoreRow(sc.out + row * d, y, d, sc.stream);
       }
-      StoreRow(o + row * d, y, d, stream);
     }
     if (stream) StreamFence();
   });
+}
+
+// Checks one scatter's operands against targets [T, H] and R; fills sc.
+bool OuterOperands(ffi::Buffer<ffi::F32>& coef, ffi::Buffer<ffi::F32>& vec,
+                   ffi::ResultBuffer<ffi::F32>& out, int64_t t, int64_t h, int64_t r,
+                   OuterScatter& sc) {
+  auto od = out->dimensions(), vd = vec.dimensions();
+  if (od.size() != 2 || od[0] != r || vd.size() != 2 || vd[0] != t || vd[1] != od[1] ||
+      coef.element_count() != static_cast<size_t>(t * h)) {
+    return false;
+  }
+  sc = {coef.typed_data(), vec.typed_data(), out->typed_data(), od[1], false};
+  sc.stream = CanStream(sc.out, sc.d) && r * sc.d * int64_t{sizeof(float)} > kStreamBytes;
+  return true;
+}
+
+// out [R, d]: see ScatterOuterRows.
+ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> targets,
+                            ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> vec,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  auto td = targets.dimensions();
+  std::vector<OuterScatter> scatters(1);
+  if (td.size() != 2 || out->dimensions().size() != 2 ||
+      !OuterOperands(coef, vec, out, td[0], td[1], out->dimensions()[0], scatters[0])) {
+    return ffi::Error::InvalidArgument("scatter_outer: targets, coef [T, H], vec [T, d], out [R, d]");
+  }
+  ScatterOuterRows(pool, targets.typed_data(), td[0], td[1], out->dimensions()[0], scatters);
+  return ffi::Error::Success();
+}
+
+// Two scatters with the same targets (out1 from coef1, vec1; out2 from coef2, vec2) in one
+// pass: one counting sort, and one call that has the whole thread pool (XLA would run two
+// calls side by side, each on one thread).
+ffi::Error ScatterOuterPairImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> targets,
+                                ffi::Buffer<ffi::F32> coef1, ffi::Buffer<ffi::F32> vec1,
+                                ffi::Buffer<ffi::F32> coef2, ffi::Buffer<ffi::F32> vec2,
+                                ffi::ResultBuffer<ffi::F32> out1,
+                                ffi::ResultBuffer<ffi::F32> out2) {
+  auto td = targets.dimensions();
+  std::vector<OuterScatter> scatters(2);
+  if (td.size() != 2 || out1->dimensions().size() != 2 ||
+      !OuterOperands(coef1, vec1, out1, td[0], td[1], out1->dimensions()[0], scatters[0]) ||
+      !OuterOperands(coef2, vec2, out2, td[0], td[1], out1->dimensions()[0], scatters[1])) {
+    return ffi::Error::InvalidArgument(
+        "scatter_outer_pair: targets, coefs [T, H], vecs [T, d_i], outs [R, d_i]");
+  }
+  ScatterOuterRows(pool, targets.typed_data(), td[0], td[1], out1->dimensions()[0], scatters);
   return ffi::Error::Success();
 }
 
@@ -487,6 +539,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxScatterOuterF32, ScatterOuterImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxScatterOuterPairF32, ScatterOuterPairImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxAdamRowsF32, AdamRowsImpl,

@@ -59,10 +59,12 @@ TAKE_ROWS = "moejax_take_rows_f32"
 GATHER_DOT = "moejax_gather_dot_f32"
 GATHER_WEIGHTED_SUM = "moejax_gather_weighted_sum_f32"
 SCATTER_OUTER = "moejax_scatter_outer_f32"
+SCATTER_OUTER_PAIR = "moejax_scatter_outer_pair_f32"
 ADAM_ROWS = "moejax_adam_rows_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
-            SCATTER_OUTER: "MoejaxScatterOuterF32", ADAM_ROWS: "MoejaxAdamRowsF32"}
+            SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
+            ADAM_ROWS: "MoejaxAdamRowsF32"}
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # Tried first, for this CPU's vector units (0.66 vs 0.9 us per row); dropped where the
@@ -215,6 +217,25 @@ def scatter_outer_add(acc: jax.Array | jax.ShapeDtypeStruct, targets: jax.Array,
     acc = jnp.zeros(acc.shape, acc.dtype)
   rows = (coef[..., None] * vec[:, None, :]).reshape(-1, acc.shape[-1]).astype(acc.dtype)
   return acc.at[targets.reshape(-1)].add(rows, mode="drop")
+
+
+def scatter_outer_add_pair(acc1: jax.ShapeDtypeStruct, acc2: jax.ShapeDtypeStruct,
+                           targets: jax.Array, coef1: jax.Array, vec1: jax.Array,
+                           coef2: jax.Array, vec2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(scatter_outer_add(acc1, targets, coef1, vec1), scatter_outer_add(acc2, targets,
+  coef2, vec2))`` from zeros, as one kernel call where it runs (one grouping of the
+  targets; the whole thread pool for both)."""
+  ok = (targets.ndim == 2 and usable(coef1, vec1, coef2, vec2)
+        and all(len(a.shape) == 2 and a.dtype == jnp.float32 for a in (acc1, acc2))
+        and acc1.shape[0] == acc2.shape[0])
+  if not ok:
+    return (scatter_outer_add(acc1, targets, coef1, vec1),
+            scatter_outer_add(acc2, targets, coef2, vec2))
+  targets, coef1, vec1, coef2, vec2 = _same_vma(targets.astype(jnp.int32), coef1, vec1, coef2,
+                                                vec2)
+  outs = (jax.typeof(vec1).update(shape=acc1.shape), jax.typeof(vec2).update(shape=acc2.shape))
+  return tuple(jax.ffi.ffi_call(SCATTER_OUTER_PAIR, outs, vmap_method="sequential")(
+      targets, coef1, vec1, coef2, vec2))
 
 
 def adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array, grads: jax.Array,

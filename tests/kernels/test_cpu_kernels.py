@@ -208,6 +208,27 @@ def test_scatter_outer_add_equals_scatter_add_and_is_deterministic(r, d, t, h, s
   np.testing.assert_allclose(jax.jit(g)(targets, coef, vec), want + 1, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("r,d1,d2,t,h", [(50, 40, 24, 23, 12), (70_000, 256, 256, 300, 64)])
+def test_scatter_outer_add_pair_equals_two_scatters(r, d1, d2, t, h):
+  _, _, vec1, coef1 = _lookup_operands(r, d1, t, h, seed=r)
+  _, _, vec2, coef2 = _lookup_operands(r, d2, t, h, seed=r + 1)
+  targets = jax.random.randint(jax.random.key(r + 2), (t, h), 0, r + r // 8)   # some dropped
+  accs = (jax.ShapeDtypeStruct((r, d1), jnp.float32), jax.ShapeDtypeStruct((r, d2), jnp.float32))
+  pair = jax.jit(lambda *a: cpu_kernels.scatter_outer_add_pair(*accs, *a))
+  assert cpu_kernels.SCATTER_OUTER_PAIR in _lowered_text(pair, targets, coef1, vec1, coef2, vec2)
+  got = pair(targets, coef1, vec1, coef2, vec2)
+  single = jax.jit(cpu_kernels.scatter_outer_add, static_argnums=0)
+  chex.assert_trees_all_equal(got, (single(accs[0], targets, coef1, vec1),
+                                    single(accs[1], targets, coef2, vec2)))
+  want = jnp.zeros((r, d2)).at[targets.reshape(-1)].add(
+      (coef2[..., None] * vec2[:, None]).reshape(-1, d2), mode="drop")
+  np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-5)
+  with kernels.target_platform("tpu"):                          # two XLA scatter-adds there
+    text = _lowered_text(lambda *a: cpu_kernels.scatter_outer_add_pair(*accs, *a), targets,
+                         coef1, vec1, coef2, vec2)
+    assert cpu_kernels.SCATTER_OUTER_PAIR not in text and "scatter" in text
+
+
 def test_row_contractions_fall_back_and_run_in_shard_map():
   from jax.sharding import PartitionSpec as P
   table, _, _, _ = _lookup_operands()
