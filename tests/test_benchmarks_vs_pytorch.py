@@ -85,6 +85,7 @@ def test_missing_extra_is_one_line(monkeypatch, capsys):
   assert err.count("\n") == 1 and "pip install -e '.[compare]'" in err
 
 
+@pytest.mark.slow   # four LM programs compiled in a fresh process (~25 s)
 def test_lm_steps_run_in_a_child_process_with_train_py_memory_setting():
   argv = ["--batch", "2", "--length", "16", "--n", "8", "--n_small", "4", "--peer_d", "32",
           "--heads", "2", "--top_k", "2", "--d_key", "16", "--iters", "1"]
