@@ -204,31 +204,38 @@ def gather_weighted_sum(table: jax.Array, indices: jax.Array, w: jax.Array) -> j
   return jax.ffi.ffi_call(GATHER_WEIGHTED_SUM, out, vmap_method="sequential")(table, indices, w)
 
 
+def _scatter_runs(accs, targets, *operands) -> bool:
+  """The scatter kernels run: accumulators given as float32 ``[R, d]`` shapes (zeros),
+  ``targets [T, H]``, and operands the kernels take here."""
+  return (targets.ndim == 2 and usable(*operands)
+          and all(isinstance(a, jax.ShapeDtypeStruct) and len(a.shape) == 2
+                  and a.dtype == jnp.float32 for a in accs))
+
+
 def scatter_outer_add(acc: jax.Array | jax.ShapeDtypeStruct, targets: jax.Array, coef: jax.Array,
                       vec: jax.Array) -> jax.Array:
   """``acc.at[targets[t, j]].add(coef[t, j] · vec[t], mode="drop")`` in ``(t, j)`` order:
   ``acc [R, d]`` (a ``ShapeDtypeStruct``: zeros), ``targets, coef [T, H]``, ``vec [T, d]``
   -> ``[R, d]``. The kernel runs from zeros only (the lookup's unchunked backward)."""
+  if _scatter_runs((acc,), targets, coef, vec):
+    targets, coef, vec = _same_vma(targets.astype(jnp.int32), coef, vec)
+    out = jax.typeof(vec).update(shape=acc.shape)
+    return jax.ffi.ffi_call(SCATTER_OUTER, out, vmap_method="sequential")(targets, coef, vec)
   if isinstance(acc, jax.ShapeDtypeStruct):
-    if len(acc.shape) == 2 and targets.ndim == 2 and usable(coef, vec) and acc.dtype == jnp.float32:
-      targets, coef, vec = _same_vma(targets.astype(jnp.int32), coef, vec)
-      out = jax.typeof(vec).update(shape=acc.shape)
-      return jax.ffi.ffi_call(SCATTER_OUTER, out, vmap_method="sequential")(targets, coef, vec)
     acc = jnp.zeros(acc.shape, acc.dtype)
   rows = (coef[..., None] * vec[:, None, :]).reshape(-1, acc.shape[-1]).astype(acc.dtype)
   return acc.at[targets.reshape(-1)].add(rows, mode="drop")
 
 
-def scatter_outer_add_pair(acc1: jax.ShapeDtypeStruct, acc2: jax.ShapeDtypeStruct,
-                           targets: jax.Array, coef1: jax.Array, vec1: jax.Array,
-                           coef2: jax.Array, vec2: jax.Array) -> tuple[jax.Array, jax.Array]:
+def scatter_outer_add_pair(acc1: jax.Array | jax.ShapeDtypeStruct,
+                           acc2: jax.Array | jax.ShapeDtypeStruct, targets: jax.Array,
+                           coef1: jax.Array, vec1: jax.Array, coef2: jax.Array,
+                           vec2: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(scatter_outer_add(acc1, targets, coef1, vec1), scatter_outer_add(acc2, targets,
-  coef2, vec2))`` from zeros, as one kernel call where it runs (one grouping of the
+  coef2, vec2))``; from zeros, as one kernel call where it runs (one grouping of the
   targets; the whole thread pool for both)."""
-  ok = (targets.ndim == 2 and usable(coef1, vec1, coef2, vec2)
-        and all(len(a.shape) == 2 and a.dtype == jnp.float32 for a in (acc1, acc2))
-        and acc1.shape[0] == acc2.shape[0])
-  if not ok:
+  if not (_scatter_runs((acc1, acc2), targets, coef1, vec1, coef2, vec2)
+          and acc1.shape[0] == acc2.shape[0]):
     return (scatter_outer_add(acc1, targets, coef1, vec1),
             scatter_outer_add(acc2, targets, coef2, vec2))
   targets, coef1, vec1, coef2, vec2 = _same_vma(targets.astype(jnp.int32), coef1, vec1, coef2,

@@ -229,9 +229,8 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
       # (elsewhere one gather of down's rows: XLA merges the two identical takes)
       dx = cpu_kernels.gather_weighted_sum(down, ic, da)
       dsc, beta = dw * s, sc * s
-      if fused:   # g_up[tc] += beta · dy and g_down[tc] += da · x, in one kernel call
-        return cpu_kernels.scatter_outer_add_pair(g_up, g_down, tc, beta, dyc, da, xc), (dx, dsc)
-      g_down = cpu_kernels.scatter_outer_add(g_down, tc, da, xc)   # g_down[tc] += da · x
+      # g_up[tc] += beta · dy and g_down[tc] += da · x (one kernel call where it runs)
+      return cpu_kernels.scatter_outer_add_pair(g_up, g_down, tc, beta, dyc, da, xc), (dx, dsc)
     return (cpu_kernels.scatter_outer_add(g_up, tc, beta, dyc), g_down), (dx, dsc)
 
   init = (zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))
