@@ -21,6 +21,12 @@
   place, one vectorised pass per row (XLA gathers each row of three tables, updates,
   scatters back): 142 ms for 412K rows of ``[1024², 256]`` tables.
 
+* :func:`ragged_dot` is ``jax.lax.ragged_dot`` (a masked dense dot over all groups on
+  XLA:CPU) with its gradients as BLAS sgemms on each group's rows in place, one
+  single-threaded sgemm per pool thread: the dropless MoE's grouped matmuls. The BLAS is
+  the OpenBLAS inside numpy's wheels (:func:`blas_available`; ``MOEJAX_CPU_BLAS=0`` turns
+  it off); without it the dropless MoE runs its blocked XLA loop.
+
 Each is the XLA op instead (:func:`usable` is False) on TPU / GPU (the target platform,
 :func:`moejax.kernels.current_platform`), for other dtypes, with ``MOEJAX_CPU_KERNELS=0``,
 and under a mesh (``jax.set_mesh``) with an axis of several devices that is not manual
@@ -61,10 +67,14 @@ GATHER_WEIGHTED_SUM = "moejax_gather_weighted_sum_f32"
 SCATTER_OUTER = "moejax_scatter_outer_f32"
 SCATTER_OUTER_PAIR = "moejax_scatter_outer_pair_f32"
 ADAM_ROWS = "moejax_adam_rows_f32"
+GROUPED_MATMUL = "moejax_grouped_matmul_f32"
+GROUPED_MATMUL_T = "moejax_grouped_matmul_t_f32"
+GROUPED_TMATMUL = "moejax_grouped_tmatmul_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
             SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
-            ADAM_ROWS: "MoejaxAdamRowsF32"}
+            ADAM_ROWS: "MoejaxAdamRowsF32", GROUPED_MATMUL: "MoejaxGroupedMatmulF32",
+            GROUPED_MATMUL_T: "MoejaxGroupedMatmulTF32", GROUPED_TMATMUL: "MoejaxGroupedTMatmulF32"}
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # Tried first, for this CPU's vector units (0.66 vs 0.9 us per row); dropped where the
@@ -118,18 +128,63 @@ def _build() -> Path:
 
 
 @functools.cache
-def available() -> bool:
-  """Builds (or loads) the kernels and registers their FFI targets; False, with one
-  warning, where that fails (e.g. no C++ compiler)."""
+def _library() -> ctypes.CDLL | None:
+  """The built kernels with their FFI targets registered; None, with one warning, where
+  that fails (e.g. no C++ compiler)."""
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build()))
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     log.warning("moejax: the CPU kernels could not be built (%s); XLA's top_k and gather "
                 "run instead (slower product-key layers on CPU). Set CXX to a C++17 "
                 "compiler, or MOEJAX_CPU_KERNELS=0 to silence this.", e)
-    return False
+    return None
   for target, symbol in _SYMBOLS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  return lib
+
+
+def available() -> bool:
+  """Builds (or loads) the kernels and registers their FFI targets; False where that fails."""
+  return _library() is not None
+
+
+# The grouped matmuls' BLAS: cblas_sgemm with 64-bit integers in the OpenBLAS that numpy's
+# wheels bundle (numpy.libs), and its thread-local thread count (OpenBLAS >= 0.3.27; the
+# kernels run one single-threaded sgemm per pool thread). Found next to the loaded numpy,
+# never downloaded.
+_SGEMM_SYMBOL = "scipy_cblas_sgemm64_"
+_THREADS_LOCAL_SYMBOLS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_")
+
+
+def _numpy_blas() -> tuple[int, int | None] | None:
+  """Addresses of numpy's bundled ``cblas_sgemm`` (64-bit ints) and thread-local thread
+  setter (None if absent), or None."""
+  import numpy
+  address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value
+  for path in sorted((Path(numpy.__file__).parent.parent / "numpy.libs").glob("*openblas64*.so*")):
+    try:
+      lib = ctypes.CDLL(str(path))
+    except OSError:
+      continue
+    sgemm = getattr(lib, _SGEMM_SYMBOL, None)
+    if sgemm is not None:
+      local = next((getattr(lib, name) for name in _THREADS_LOCAL_SYMBOLS
+                    if hasattr(lib, name)), None)
+      return address(sgemm), (address(local) if local is not None else None)
+  return None
+
+
+@functools.cache
+def blas_available() -> bool:
+  """The grouped matmuls have their BLAS (numpy's bundled OpenBLAS) and kernels here."""
+  lib = _library()
+  if lib is None or os.environ.get("MOEJAX_CPU_BLAS", "1") == "0":
+    return False
+  found = _numpy_blas()
+  if found is None:
+    log.info("moejax: no OpenBLAS sgemm next to numpy; CPU grouped matmuls use XLA's dots")
+    return False
+  lib.MoejaxSetSgemm(ctypes.c_void_p(found[0]), ctypes.c_void_p(found[1]))
   return True
 
 
@@ -260,3 +315,49 @@ def adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array, g
   call = jax.ffi.ffi_call(ADAM_ROWS, (jax.typeof(table), jax.typeof(mu), jax.typeof(nu)),
                           vmap_method="sequential", input_output_aliases={0: 0, 1: 1, 2: 2})
   return call(table, mu, nu, rows, grads, hyper)
+
+
+# ------------------------------------------------------------------ grouped matmul (BLAS)
+
+
+def grouped_matmul_usable(*arrays: jax.Array) -> bool:
+  """:func:`ragged_dot` runs its kernels for these float32 operands here: :func:`usable`
+  and numpy's OpenBLAS found (``MOEJAX_CPU_BLAS=0`` turns it off)."""
+  return usable(*arrays) and blas_available()
+
+
+def _grouped(target, lhs, rhs, group_sizes, out_shape):
+  lhs, rhs, group_sizes = _same_vma(lhs, rhs, group_sizes.astype(jnp.int32))
+  out = jax.typeof(lhs).update(shape=out_shape)
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(lhs, rhs, group_sizes)
+
+
+@jax.custom_vjp
+def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """``jax.lax.ragged_dot(lhs [m, k], rhs [E, k, n], group_sizes [E])`` -> ``[m, n]``:
+  rows in consecutive groups, group ``e`` times ``rhs[e]``; rows past the groups 0.
+
+  One BLAS sgemm per group on its rows in place, and per group for each gradient
+  (``dy @ rhs[e]^T``, ``lhs_e^T dy_e``), where :func:`grouped_matmul_usable`; XLA's
+  ``ragged_dot`` (a masked dense dot on CPU) elsewhere. Group sizes get no gradient.
+  """
+  if not grouped_matmul_usable(lhs, rhs):
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+  return _grouped(GROUPED_MATMUL, lhs, rhs, group_sizes, (lhs.shape[0], rhs.shape[2]))
+
+
+def _ragged_dot_fwd(lhs, rhs, group_sizes):
+  return ragged_dot(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+
+def _ragged_dot_bwd(res, dy):
+  lhs, rhs, group_sizes = res
+  if not grouped_matmul_usable(lhs, rhs, dy):
+    _, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, group_sizes), lhs, rhs)
+    return (*vjp(dy), None)
+  dlhs = _grouped(GROUPED_MATMUL_T, dy, rhs, group_sizes, lhs.shape)
+  drhs = _grouped(GROUPED_TMATMUL, lhs, dy, group_sizes, rhs.shape)
+  return dlhs, drhs, None
+
+
+ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)

@@ -339,3 +339,47 @@ def test_concurrent_calls_share_the_thread_pool_without_deadlock():
   done = subprocess.run([sys.executable, "-c", _CONCURRENT], env=env, capture_output=True,
                         text=True, timeout=240, cwd=root)
   assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ grouped matmul (BLAS)
+
+
+@pytest.mark.parametrize("sizes,m,k,n", [
+    ((30, 0, 50, 10), 100, 24, 16),      # an empty group, 10 rows past the groups
+    ((1, 1, 1), 3, 1, 1),
+    ((700, 300, 24, 0), 1024, 512, 256),  # uneven groups, pieces of unequal rows
+])
+def test_ragged_dot_equals_xla_ragged_dot_values_and_gradients(sizes, m, k, n):
+  assert cpu_kernels.blas_available(), "numpy's OpenBLAS sgemm was not found (see the log)"
+  gs = jnp.asarray(sizes, jnp.int32)
+  lhs = jax.random.normal(jax.random.key(0), (m, k))
+  rhs = jax.random.normal(jax.random.key(1), (len(sizes), k, n))
+  dy = jax.random.normal(jax.random.key(2), (m, n))
+
+  def run(dot):
+    return jax.jit(jax.value_and_grad(lambda a, b: jnp.vdot(dot(a, b, gs), dy), (0, 1)))(lhs, rhs)
+
+  text = _lowered_text(jax.grad(lambda a, b: jnp.sum(cpu_kernels.ragged_dot(a, b, gs)), (0, 1)),
+                       lhs, rhs)
+  for target in (cpu_kernels.GROUPED_MATMUL_T, cpu_kernels.GROUPED_TMATMUL):
+    assert target in text
+  assert "ragged" not in text.replace("ragged_dot", "")   # no XLA ragged op left
+  got, want = run(cpu_kernels.ragged_dot), run(jax.lax.ragged_dot)
+  tol = 2e-5 * k
+  chex.assert_trees_all_close(got, want, atol=tol, rtol=1e-4)
+  y = jax.jit(lambda a, b: cpu_kernels.ragged_dot(a, b, gs))(lhs, rhs)
+  assert float(jnp.abs(y[sum(sizes):]).max(initial=0.0)) == 0.0          # rows past the groups
+  empty = [e for e, s in enumerate(sizes) if s == 0]
+  for e in empty:                                                        # no rows, no gradient
+    assert float(jnp.abs(got[1][1][e]).max()) == 0.0
+
+
+def test_ragged_dot_falls_back_without_blas(monkeypatch):
+  monkeypatch.setattr(cpu_kernels, "blas_available", lambda: False)
+  gs = jnp.asarray([2, 3], jnp.int32)
+  lhs, rhs = jnp.ones((6, 4)), jnp.ones((2, 4, 5))
+  text = _lowered_text(lambda a, b: cpu_kernels.ragged_dot(a, b, gs), lhs, rhs)
+  assert cpu_kernels.GROUPED_MATMUL not in text
+  got = jax.grad(lambda a, b: jnp.sum(cpu_kernels.ragged_dot(a, b, gs)), (0, 1))(lhs, rhs)
+  want = jax.grad(lambda a, b: jnp.sum(jax.lax.ragged_dot(a, b, gs)), (0, 1))(lhs, rhs)
+  chex.assert_trees_all_close(got, want)
