@@ -134,8 +134,9 @@ def grouped_mlp(x: jax.Array, wi: jax.Array, wg: jax.Array | None, wo: jax.Array
   """Grouped FFN ``act(x @ wi[e]) * (x @ wg[e]) @ wo[e]`` on each block (no gate: ``wg`` None).
 
   Args:
-    x: ``[rows, embed]`` in the layout of ``blocks``; padding rows must be 0 (they still
-      pass through the matmuls of their block).
+    x: ``[rows, embed]`` in the layout of ``blocks``; padding rows pass through the
+      matmuls of their block, so they must be finite, and the caller must not read their
+      outputs (then their cotangent is 0, and they add 0 to every weight gradient).
     wi, wg: ``[experts, embed, mlp]``; wo: ``[experts, mlp, embed]``.
     blocks, sizes: from :func:`block_layout` / :func:`block_sizes` (``sizes`` static).
 
