@@ -55,6 +55,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moejax import kernels
 
@@ -70,11 +71,13 @@ ADAM_ROWS = "moejax_adam_rows_f32"
 GROUPED_MATMUL = "moejax_grouped_matmul_f32"
 GROUPED_MATMUL_T = "moejax_grouped_matmul_t_f32"
 GROUPED_TMATMUL = "moejax_grouped_tmatmul_f32"
+SUM_SQUARES_ROWS = "moejax_sum_squares_rows_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
             SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
             ADAM_ROWS: "MoejaxAdamRowsF32", GROUPED_MATMUL: "MoejaxGroupedMatmulF32",
-            GROUPED_MATMUL_T: "MoejaxGroupedMatmulTF32", GROUPED_TMATMUL: "MoejaxGroupedTMatmulF32"}
+            GROUPED_MATMUL_T: "MoejaxGroupedMatmulTF32", GROUPED_TMATMUL: "MoejaxGroupedTMatmulF32",
+            SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32"}
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # Tried first, for this CPU's vector units (0.66 vs 0.9 us per row); dropped where the
@@ -315,6 +318,18 @@ def adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array, g
   call = jax.ffi.ffi_call(ADAM_ROWS, (jax.typeof(table), jax.typeof(mu), jax.typeof(nu)),
                           vmap_method="sequential", input_output_aliases={0: 0, 1: 1, 2: 2})
   return call(table, mu, nu, rows, grads, hyper)
+
+
+def sum_squares_rows(rows: jax.Array, g: jax.Array, num_rows: int) -> jax.Array:
+  """``jnp.sum(g * g)`` (float32 scalar) of row gradients ``g [U, d]`` whose slots with
+  ``rows [U]`` out of ``[0, num_rows)`` (padding) hold zeros: the kernel skips those
+  slots and sums the rest on all threads, in double per block of slots."""
+  if g.ndim != 2 or not usable(g):
+    return jnp.sum(g * g)
+  rows, g = _same_vma(rows.astype(jnp.int32), g)
+  out = jax.typeof(g).update(shape=())
+  return jax.ffi.ffi_call(SUM_SQUARES_ROWS, out, vmap_method="sequential")(
+      rows, g, num_rows=np.int64(num_rows))
 
 
 # ------------------------------------------------------------------ grouped matmul (BLAS)

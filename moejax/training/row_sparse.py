@@ -187,6 +187,14 @@ class TableAdam(nnx.Object):
                                  layer.row_deltas[name][...].astype(jnp.float32))
     return out
 
+  def squared_norm(self, model: nnx.Module, rows: dict[str, tuple]) -> jax.Array:
+    """Σ of every table's squared row gradients (from ``row_grads``): their share of the
+    global clip norm. On CPU a kernel that skips the padding slots
+    (``cpu_kernels.sum_squares_rows``)."""
+    return sum(cpu_kernels.sum_squares_rows(*rows[_key(path, name)],
+                                            getattr(layer, name).shape[0])
+               for path, layer in row_layers(model) for name in layer.row_tables)
+
   def apply(self, model: nnx.Module, rows: dict[str, tuple], count: jax.Array,
             scale: jax.Array | float = 1.0) -> None:
     """Lazy Adam on each table from ``row_grads`` (times ``scale``, e.g. a clip factor).

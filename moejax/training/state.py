@@ -197,7 +197,7 @@ def make_train_step(ts: TrainState):
       grads, delta_grads = nnx.split_state(grads, nnx.Not(RowDelta), RowDelta)
       rows = table_adam[0].row_grads(model, delta_grads)
       # One global norm over all gradients, tables' (row sums) included, as dense clipping.
-      sq = optax.tree.norm(grads, squared=True) + sum(jnp.sum(g * g) for _, g in rows.values())
+      sq = optax.tree.norm(grads, squared=True) + table_adam[0].squared_norm(model, rows)
       metrics["grad_norm"] = jnp.sqrt(sq)
       clip = ts.config.optim.grad_clip
       scale = jnp.minimum(1.0, clip / (metrics["grad_norm"] + 1e-12)) if clip > 0 else 1.0

@@ -383,3 +383,19 @@ def test_ragged_dot_falls_back_without_blas(monkeypatch):
   got = jax.grad(lambda a, b: jnp.sum(cpu_kernels.ragged_dot(a, b, gs)), (0, 1))(lhs, rhs)
   want = jax.grad(lambda a, b: jnp.sum(jax.lax.ragged_dot(a, b, gs)), (0, 1))(lhs, rhs)
   chex.assert_trees_all_close(got, want)
+
+
+@pytest.mark.parametrize("u,used,d", [(1, 1, 1), (5000, 3900, 256), (70, 0, 24)])
+def test_sum_squares_rows_equals_the_sum_and_skips_padding(u, used, d):
+  n = 10_000
+  rows = jnp.concatenate([jnp.arange(used, dtype=jnp.int32) * 2, jnp.full((u - used,), n)])
+  g = jax.random.normal(jax.random.key(0), (u, d)) * (jnp.arange(u) < used)[:, None]
+  f = lambda r, g: cpu_kernels.sum_squares_rows(r, g, n)
+  assert cpu_kernels.SUM_SQUARES_ROWS in _lowered_text(f, rows, g)
+  got = jax.jit(f)(rows, g)
+  np.testing.assert_allclose(float(got), float(jnp.sum(g.astype(jnp.float64) ** 2)
+                                               if jax.config.jax_enable_x64 else jnp.sum(g * g)),
+                             rtol=2e-6)
+  # padding slots are skipped: garbage there does not count
+  junk = g.at[used:].set(7.0)
+  assert float(jax.jit(f)(rows, junk)) == float(got)
