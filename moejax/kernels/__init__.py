@@ -79,6 +79,20 @@ def varying(a) -> set:
   return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
 
 
+def match_vma(ct, like):
+  """Inside ``shard_map``: a cotangent with the device-variance type of its primal.
+
+  A table replicated over (say) 'data' gets row-gradients that differ per data shard: its
+  cotangent is their sum (psum). Outside shard_map this is the identity.
+  """
+  have, want = varying(ct), varying(like)
+  if have - want:
+    ct = jax.lax.psum(ct, tuple(sorted(have - want)))
+  if want - have:
+    ct = jax.lax.pcast(ct, tuple(sorted(want - have)), to="varying")
+  return ct
+
+
 @dataclasses.dataclass(frozen=True)
 class Ops:
   """One implementation of the product-key ops (same signatures as the references).

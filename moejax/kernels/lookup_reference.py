@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import kernels
-from moejax.kernels import activations, cpu_kernels
+from moejax.kernels import activations, cpu_kernels, match_vma
 from moejax.kernels.row_plan import row_slots, unique_rows
 
 # Gathered rows per chunk of tokens (bytes): stays in a core's cache.
@@ -55,20 +55,6 @@ def _gather(table, indices, dtype):
   # Gather first, then cast: casting the whole [N, d] table would cost O(N·d) per step.
   # (= jnp.take(mode="clip"); on CPU a prefetching C++ row copy, ~2x XLA's gather.)
   return cpu_kernels.take_rows(table, indices).astype(dtype)
-
-
-def match_vma(ct, like):
-  """Inside ``shard_map``: a cotangent with the device-variance type of its primal.
-
-  A table replicated over (say) 'data' gets row-gradients that differ per data shard: its
-  cotangent is their sum (psum). Outside shard_map this is the identity.
-  """
-  have, want = kernels.varying(ct), kernels.varying(like)
-  if have - want:
-    ct = jax.lax.psum(ct, tuple(sorted(have - want)))
-  if want - have:
-    ct = jax.lax.pcast(ct, tuple(sorted(want - have)), to="varying")
-  return ct
 
 
 def _scatter_rows(table, indices, rows):

@@ -33,8 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels import activations
-from moejax.kernels.lookup_reference import match_vma
+from moejax.kernels import activations, match_vma
 from moejax.kernels.row_plan import RowPlan, row_plan
 
 

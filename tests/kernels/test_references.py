@@ -1,6 +1,8 @@
 """The plain-JAX references: product-key top-k == exhaustive top-k over all N keys; the
 gathered contractions' VJPs; per-row score sums."""
 
+from unittest import mock
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from absl.testing import parameterized
 from jax import enable_x64
 from jax.test_util import check_grads
 
+from moejax.kernels import cpu_kernels
 from moejax.kernels import lookup_reference as lr
 from moejax.kernels import retrieval_reference as pk
 from moejax.layers import table_mix
@@ -145,3 +148,10 @@ def test_chunked_rescore_vjp_equals_plain_vjp(hk):
   for chunk in (1, 4, 21, 64):    # 21 tokens: exact, padded and single-chunk cases
     chex.assert_trees_all_close(pk.rescore_vjp(q, keys1, keys2, i, g, chunk_tokens=chunk),
                                 want, atol=1e-5, rtol=1e-5)
+  # On CPU the row kernels (no chunks) run instead of the chunked scan: both agree.
+  rows = lambda *a, **kw: pk.rescore_vjp(*a, row_kernels=True, **kw)
+  text = jax.jit(rows).lower(q, keys1, keys2, i, g).as_text()
+  assert cpu_kernels.SCATTER_OUTER in text and cpu_kernels.GATHER_WEIGHTED_SUM in text
+  with mock.patch.object(cpu_kernels, "usable", lambda *a: False):
+    chunked = jax.jit(lambda *a: rows(*a, chunk_tokens=4))(q, keys1, keys2, i, g)
+  chex.assert_trees_all_close(rows(q, keys1, keys2, i, g), chunked, atol=1e-5, rtol=1e-5)
