@@ -579,19 +579,49 @@ std::vector<int64_t> GroupStarts(const int32_t* sizes, int64_t groups, int64_t r
   return start;
 }
 
-// Runs piece(e, p, pieces) for every group e and p < pieces (pieces = the pool's threads,
-// or 1 without a thread-local BLAS setting), each thread's sgemms single-threaded. Thread
-// t runs piece t of every group, so uneven groups still split evenly.
+// Runs piece(e, p, pieces) over every group e, each thread's sgemms single-threaded (or
+// one piece per group, pieces = 1, without a thread-local BLAS setting). With enough
+// groups to balance (2 per thread), whole groups go to threads, longest first onto the
+// least loaded: no two threads pack the same operand (the weight gradients ran ~10%
+// faster than cut in halves). Otherwise thread t runs piece t of every group.
 template <typename Piece>
-void ForPieces(ffi::ThreadPool& pool, int64_t groups, const Piece& piece) {
+void ForPieces(ffi::ThreadPool& pool, const std::vector<int64_t>& start, const Piece& piece) {
+  const int64_t groups = static_cast<int64_t>(start.size()) - 1;
   const SetThreadsLocal set_local = g_set_threads_local.load();
-  const int64_t pieces = set_local ? std::max<int64_t>(pool.num_threads(), 1) : 1;
-  ParallelFor(pool, pieces, 1, [&](int64_t begin, int64_t end) {
+  const int64_t threads = set_local ? std::max<int64_t>(pool.num_threads(), 1) : 1;
+  auto single = [&](auto&& run) {
     const int before = set_local ? set_local(1) : 0;
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t e = 0; e < groups; ++e) piece(e, p, pieces);
-    }
+    run();
     if (set_local) set_local(before);
+  };
+  if (threads > 1 && groups >= 2 * threads) {
+    std::vector<int64_t> order(groups);
+    for (int64_t e = 0; e < groups; ++e) order[e] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return start[a + 1] - start[a] > start[b + 1] - start[b];
+    });
+    std::vector<std::vector<int64_t>> mine(threads);
+    std::vector<int64_t> load(threads, 0);
+    for (int64_t e : order) {
+      const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+      mine[t].push_back(e);
+      load[t] += start[e + 1] - start[e] + 1;   // + 1: empty groups (zero fills) spread too
+    }
+    ParallelFor(pool, threads, 1, [&](int64_t begin, int64_t end) {
+      single([&] {
+        for (int64_t t = begin; t < end; ++t) {
+          for (int64_t e : mine[t]) piece(e, 0, 1);
+        }
+      });
+    });
+    return;
+  }
+  ParallelFor(pool, threads, 1, [&](int64_t begin, int64_t end) {
+    single([&] {
+      for (int64_t p = begin; p < end; ++p) {
+        for (int64_t e = 0; e < groups; ++e) piece(e, p, threads);
+      }
+    });
   });
 }
 
@@ -617,7 +647,7 @@ ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
   const float* b = rhs.typed_data();
   float* o = out->typed_data();
   const std::vector<int64_t> start = GroupStarts(group_sizes.typed_data(), groups, m);
-  ForPieces(pool, groups, [&](int64_t e, int64_t p, int64_t pieces) {
+  ForPieces(pool, start, [&](int64_t e, int64_t p, int64_t pieces) {
     const int64_t rows = start[e + 1] - start[e];
     const int64_t lo = start[e] + rows * p / pieces, hi = start[e] + rows * (p + 1) / pieces;
     if (hi > lo) {
@@ -647,7 +677,7 @@ ffi::Error GroupedTMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
   const float* g = dy.typed_data();
   float* o = out->typed_data();
   const std::vector<int64_t> start = GroupStarts(group_sizes.typed_data(), groups, m);
-  ForPieces(pool, groups, [&](int64_t e, int64_t p, int64_t pieces) {
+  ForPieces(pool, start, [&](int64_t e, int64_t p, int64_t pieces) {
     const int64_t rows = start[e + 1] - start[e];
     const int64_t lo = n * p / pieces, hi = n * (p + 1) / pieces;
     float* oe = o + e * k * n;
