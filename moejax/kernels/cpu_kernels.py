@@ -152,9 +152,11 @@ def available() -> bool:
 
 
 # The grouped matmuls' BLAS: cblas_sgemm with 64-bit integers in the OpenBLAS that numpy's
-# wheels bundle (numpy.libs), and its thread-local thread count (OpenBLAS >= 0.3.27; the
-# kernels run one single-threaded sgemm per pool thread). Found next to the loaded numpy,
-# never downloaded.
+# wheels bundle (numpy.libs), and openblas_set_num_threads_local (OpenBLAS >= 0.3.27): the
+# kernels' sgemms run single-threaded on XLA's pool threads. In numpy's build that setting
+# is process-wide, so numpy's own BLAS runs on one thread after the first grouped matmul
+# (its threads would compete with XLA's); MOEJAX_CPU_BLAS=0 leaves it alone. Found next to
+# the loaded numpy, never downloaded.
 _SGEMM_SYMBOL = "scipy_cblas_sgemm64_"
 _THREADS_LOCAL_SYMBOLS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_")
 
@@ -188,6 +190,8 @@ def blas_available() -> bool:
     log.info("moejax: no OpenBLAS sgemm next to numpy; CPU grouped matmuls use XLA's dots")
     return False
   lib.MoejaxSetSgemm(ctypes.c_void_p(found[0]), ctypes.c_void_p(found[1]))
+  log.info("moejax: CPU grouped matmuls use numpy's OpenBLAS, single-threaded per XLA thread "
+           "(numpy's BLAS then runs on one thread; MOEJAX_CPU_BLAS=0 to keep it as it is)")
   return True
 
 
@@ -372,7 +376,7 @@ def _ragged_dot_bwd(res, dy):
     return (*vjp(dy), None)
   dlhs = _grouped(GROUPED_MATMUL_T, dy, rhs, group_sizes, lhs.shape)
   drhs = _grouped(GROUPED_TMATMUL, lhs, dy, group_sizes, rhs.shape)
-  return dlhs, drhs, None
+  return kernels.match_vma(dlhs, lhs), kernels.match_vma(drhs, rhs), None
 
 
 ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)

@@ -348,6 +348,7 @@ def test_concurrent_calls_share_the_thread_pool_without_deadlock():
     ((30, 0, 50, 10), 100, 24, 16),      # an empty group, 10 rows past the groups
     ((1, 1, 1), 3, 1, 1),
     ((700, 300, 24, 0), 1024, 512, 256),  # uneven groups, pieces of unequal rows
+    (tuple(range(64)), 2100, 40, 24),     # many groups: whole groups per thread
 ])
 def test_ragged_dot_equals_xla_ragged_dot_values_and_gradients(sizes, m, k, n):
   assert cpu_kernels.blas_available(), "numpy's OpenBLAS sgemm was not found (see the log)"
@@ -399,3 +400,26 @@ def test_sum_squares_rows_equals_the_sum_and_skips_padding(u, used, d):
   # padding slots are skipped: garbage there does not count
   junk = g.at[used:].set(7.0)
   assert float(jax.jit(f)(rows, junk)) == float(got)
+
+
+
+
+def test_grouped_matmuls_from_several_threads_agree():
+  """Concurrent calls (XLA runs independent ops side by side) give the same results."""
+  import threading
+  gs = jnp.full((16,), 64, jnp.int32)
+  f = jax.jit(jax.grad(lambda a, b: jnp.sum(cpu_kernels.ragged_dot(a, b, gs) ** 2), (0, 1)))
+  a = jax.random.normal(jax.random.key(0), (1024, 64))
+  b = jax.random.normal(jax.random.key(1), (16, 64, 32))
+  want = jax.block_until_ready(f(a, b))
+  got = [None] * 4
+
+  def run(i):
+    got[i] = jax.block_until_ready(f(a, b))
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  for g in got:
+    chex.assert_trees_all_equal(g, want)
