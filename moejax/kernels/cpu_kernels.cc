@@ -522,21 +522,11 @@ ffi::Error SumSquaresRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> rows,
   const int64_t blocks = (u + kSumBlock - 1) / kSumBlock;
   std::vector<double> partial(blocks, 0.0);
   ParallelFor(pool, blocks, 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kLanes = 16;
     for (int64_t b = begin; b < end; ++b) {
       double acc = 0.0;
       for (int64_t s = b * kSumBlock; s < std::min(u, (b + 1) * kSumBlock); ++s) {
         if (rs[s] < 0 || rs[s] >= num_rows) continue;
-        const float* __restrict x = gs + s * d;
-        float lanes[kLanes] = {};
-        int64_t i = 0;
-        for (; i + kLanes <= d; i += kLanes) {
-          for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[i + l] * x[i + l];
-        }
-        for (int64_t l = 0; i < d; ++i, ++l) lanes[l] += x[i] * x[i];
-        float row = 0.f;
-        for (int64_t l = 0; l < kLanes; ++l) row += lanes[l];
-        acc += row;
+        acc += Dot(gs + s * d, gs + s * d, d);
       }
       partial[b] = acc;
     }

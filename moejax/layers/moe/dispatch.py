@@ -195,32 +195,13 @@ def _blocked_grouped_mlp(x, source, expert, weights, activation, block=0):
   src = jnp.full((m,), x.shape[0], jnp.int32).at[dest].set(source, mode="drop")
   xb = x.at[src].get(mode="fill", fill_value=0)                     # [m, D], padding rows 0
   yb = gml.grouped_mlp(xb, wi, wg, wo, blocks, sizes, activation)   # [m, D]
-  return _take_rows(yb, dest, back)
+  routed = (expert < wi.shape[0]).astype(yb.dtype)[:, None]         # each row: 1 choice
+  return _rows_out(yb, dest[:, None], back, routed)
 
 
 def _int_zeros(a):
   """The cotangent of an integer operand."""
   return np.zeros(a.shape, jax.dtypes.float0)
-
-
-@jax.custom_vjp
-def _take_rows(yb, dest, back):
-  """``yb[dest]`` (0 where ``dest`` is out of range). ``dest`` is one-to-one onto the rows
-  it reaches and ``back`` its inverse (out of range elsewhere), so the cotangent is the
-  gather ``dy[back]``: no zero-filled ``[rows, embed]`` buffer and scatter-add."""
-  return yb.at[dest].get(mode="fill", fill_value=0)
-
-
-def _take_rows_fwd(yb, dest, back):
-  return _take_rows(yb, dest, back), (dest, back)
-
-
-def _take_rows_bwd(res, dy):
-  dest, back = res
-  return dy.at[back].get(mode="fill", fill_value=0), _int_zeros(dest), _int_zeros(back)
-
-
-_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def _blocked_dropless(xt, expert, weight, weights, activation, block=0):
