@@ -30,9 +30,11 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using namespace moejax_cpu;
 
 namespace {
 
@@ -41,37 +43,6 @@ inline int32_t Key(float f) {
   int32_t b;
   std::memcpy(&b, &f, sizeof b);
   return b ^ ((b >> 31) & 0x7fffffff);
-}
-
-// Runs body(begin, end) over [0, count) in up to pool.num_threads() parts of at least
-// min_part items. Parts are claimed from a shared counter by this thread and by pool
-// tasks alike, and this thread waits only for parts another thread has claimed (so are
-// running): a pool whose threads are all busy (e.g. in other calls like this one) cannot
-// deadlock it; tasks that start late find nothing left and touch nothing but the counters.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t min_part, const Body& body) {
-  const int64_t parts = std::max<int64_t>(
-      1, std::min<int64_t>(pool.num_threads(), count / std::max<int64_t>(min_part, 1)));
-  if (parts == 1) {
-    body(0, count);
-    return;
-  }
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto work = [counters, parts, count, &body] {
-    for (int64_t p; (p = counters->next.fetch_add(1)) < parts;) {
-      body(count * p / parts, count * (p + 1) / parts);
-      counters->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t p = 1; p < parts; ++p) {
-    auto task = work;   // Schedule takes its own copy (an rvalue)
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (counters->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
 }
 
 // Top k of one row x [n] into values / indices [k]. scratch: groups + n + k int32.
@@ -548,14 +519,6 @@ ffi::Error SumSquaresRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> rows,
 // Threads: the work is shared out over XLA's pool threads (see ForPieces), each sgemm
 // single-threaded. Left to its own threads, OpenBLAS shared the cores with XLA's pool:
 // 1024 x 512 x 1024 per group ran at 143 GFLOP/s, against 327 in a process of its own.
-
-using Sgemm64 = void (*)(int order, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
-                         float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
-                         float beta, float* c, int64_t ldc);
-using SetThreadsLocal = int (*)(int);
-std::atomic<Sgemm64> g_sgemm{nullptr};
-std::atomic<SetThreadsLocal> g_set_threads_local{nullptr};
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
 // Each kernel thread sets OpenBLAS to one thread (openblas_set_num_threads_local(1)) and
 // leaves it so. That function is thread-local in some builds and sets the process-wide

@@ -27,6 +27,13 @@
   the OpenBLAS inside numpy's wheels (:func:`blas_available`; ``MOEJAX_CPU_BLAS=0`` turns
   it off); without it the dropless MoE runs its blocked XLA loop.
 
+* :func:`attention` is masked softmax attention with its rotary positions
+  (``cpu_attention.cc``; reference ``attention_reference.attention``): per (batch, head) in
+  cache, a block of queries at a time over only the keys it may see, the small matmuls in
+  registers, the backward from the saved log-sum-exp. XLA ran the default LM's attention
+  as a dozen passes over the ``[batch, heads, L, L]`` scores and their gradients: one
+  layer's fwd + bwd at 16 × 128 tokens, 4 heads of 32 took 2.5 instead of 5.4 ms.
+
 Each is the XLA op instead (:func:`usable` is False) on TPU / GPU (the target platform,
 :func:`moejax.kernels.current_platform`), for other dtypes, with ``MOEJAX_CPU_KERNELS=0``,
 and under a mesh (``jax.set_mesh``) with an axis of several devices that is not manual
@@ -34,9 +41,10 @@ here: XLA cannot partition a custom call, so it would all-gather the operands (a
 table) onto every device. Inside ``shard_map`` over those axes each device has its own
 rows, and the kernels run.
 
-Build: the first use compiles ``cpu_kernels.cc`` with the C++ compiler (``$CXX``, else
-``c++``) against the XLA FFI headers that ship with jaxlib (``jax.ffi.include_dir()``) into
-``$MOEJAX_CACHE_DIR`` (default ``~/.cache/moejax``), named by a hash of the source, the jax
+Build: the first use compiles ``cpu_kernels.cc`` and ``cpu_attention.cc`` (sharing
+``cpu_common.h``) into one library with the C++ compiler (``$CXX``, else ``c++``) against
+the XLA FFI headers that ship with jaxlib (``jax.ffi.include_dir()``) into
+``$MOEJAX_CACHE_DIR`` (default ``~/.cache/moejax``), named by a hash of the sources, the jax
 version, the flags and this CPU's features; later processes load that file. Without a
 compiler it logs one warning and the XLA ops run. No network is used.
 """
@@ -58,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import kernels
+from moejax.kernels import attention_reference
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +81,17 @@ GROUPED_MATMUL = "moejax_grouped_matmul_f32"
 GROUPED_MATMUL_T = "moejax_grouped_matmul_t_f32"
 GROUPED_TMATMUL = "moejax_grouped_tmatmul_f32"
 SUM_SQUARES_ROWS = "moejax_sum_squares_rows_f32"
+ATTENTION_FWD = "moejax_attention_fwd_f32"
+ATTENTION_BWD = "moejax_attention_bwd_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
             SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
             ADAM_ROWS: "MoejaxAdamRowsF32", GROUPED_MATMUL: "MoejaxGroupedMatmulF32",
             GROUPED_MATMUL_T: "MoejaxGroupedMatmulTF32", GROUPED_TMATMUL: "MoejaxGroupedTMatmulF32",
-            SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32"}
-_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+            SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32", ATTENTION_FWD: "MoejaxAttentionFwdF32",
+            ATTENTION_BWD: "MoejaxAttentionBwdF32"}
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc"))
+_HEADERS = (Path(__file__).with_name("cpu_common.h"),)
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # Tried first, for this CPU's vector units (0.66 vs 0.9 us per row); dropped where the
 # compiler refuses it. The cache name includes the CPU's feature flags, so a cache shared
@@ -107,8 +120,9 @@ def _build() -> Path:
   """The shared library's path, compiled now unless already in the cache."""
   include = jax.ffi.include_dir()
   digest = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), include.encode(), jax.__version__.encode(),
-               platform.machine().encode(), _cpu_features(), " ".join(_FLAGS).encode()):
+  for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), include.encode(),
+               jax.__version__.encode(), platform.machine().encode(), _cpu_features(),
+               " ".join(_FLAGS).encode()):
     digest.update(part)
   lib = cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
   if lib.exists():
@@ -119,7 +133,7 @@ def _build() -> Path:
     out = Path(tmp) / lib.name
     errors = []
     for extra in (_NATIVE, ()):
-      cmd = [cxx, *_FLAGS, *extra, f"-I{include}", str(_SOURCE), "-o", str(out)]
+      cmd = [cxx, *_FLAGS, *extra, f"-I{include}", *map(str, _SOURCES), "-o", str(out)]
       done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
       if done.returncode == 0:
         break
@@ -380,3 +394,76 @@ def _ragged_dot_bwd(res, dy):
 
 
 ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
+
+
+# ------------------------------------------------------------------------------- attention
+
+
+def attention_usable(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     sin: jax.Array | None = None) -> bool:
+  """:func:`attention` runs its kernel for these operands here: float32 ``q [B, Lq, H, D]``,
+  ``k, v [B, Lk, H, D]``, a bool mask ``[1 | B, 1, Lq | 1, Lk | 1]`` (the same for every
+  head), rotary angles (if any) ``[1 | B, L, D / 2]`` with ``Lq = Lk = L``, and
+  :func:`usable`."""
+  if q.ndim != 4 or k.ndim != 4 or mask.ndim != 4:
+    return False
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  rope_ok = sin is None or (sin.ndim == 3 and sin.shape[0] in (1, b) and lq == lk
+                            and d % 2 == 0 and sin.shape[1:] == (lq, d // 2))
+  return (k.shape == v.shape == (b, lk, h, d) and d > 0 and lk > 0 and rope_ok
+          and mask.dtype == jnp.bool_ and mask.shape[0] in (1, b) and mask.shape[1] == 1
+          and usable(q, k, v, *(() if sin is None else (sin,))))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              sin: jax.Array | None = None, cos: jax.Array | None = None) -> jax.Array:
+  """``jax.nn.dot_product_attention(q, k, v, mask=mask)``, ``q`` and ``k`` first rotated by
+  ``sin, cos [1 | B, L, D / 2]`` (rotary positions, rotate-half; None: not rotated):
+  ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]``, bool ``mask [1 | B, 1, Lq, Lk]`` (True: the
+  query may see the key) -> ``[B, Lq, H, D]``.
+
+  Where :func:`attention_usable`, one kernel (``cpu_attention.cc``) per (batch, head) in
+  cache: rotation, scores and softmax of a block of queries at a time over only the keys the
+  block may see, its small matmuls in registers; the backward recomputes the probabilities
+  from the saved log-sum-exp, and rotates the gradients back. Elsewhere its XLA form,
+  ``attention_reference.attention``.
+  """
+  if not attention_usable(q, k, v, mask, sin):
+    return attention_reference.attention(q, k, v, mask, sin, cos)
+  rotate = sin is not None
+  lq, lk = q.shape[1], k.shape[1]
+  mask = jnp.broadcast_to(mask, (mask.shape[0], 1, lq, lk))[:, 0]
+  # The mask as the kernel's float32 bias [1 | B, Lq, Lk]: 0 where True, -inf where False.
+  bias = jnp.where(mask, 0.0, -jnp.inf).astype(jnp.float32)
+  if not rotate:   # placeholders, not read
+    sin = cos = jnp.zeros((1, 1, 1), jnp.float32)
+  return _attention(rotate, q, k, v, bias, sin.astype(jnp.float32), cos.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(rotate, q, k, v, bias, sin, cos):
+  return _attention_fwd(rotate, q, k, v, bias, sin, cos)[0]
+
+
+def _attention_fwd(rotate, q, k, v, bias, sin, cos):
+  b, lq, h, _ = q.shape
+  operands = _same_vma(q, k, v, bias, sin, cos)
+  aval = jax.typeof(operands[0])
+  o, lse = jax.ffi.ffi_call(ATTENTION_FWD, (aval, aval.update(shape=(b, h, lq))),
+                            vmap_method="sequential")(*operands, rotate=np.bool_(rotate))
+  return o, (q, k, v, bias, sin, cos, o, lse)
+
+
+def _attention_bwd(rotate, res, do):
+  q, k, v, bias, sin, cos, o, lse = res
+  operands = _same_vma(q, k, v, bias, sin, cos, o, lse, do)
+  aval = jax.typeof(operands[0])
+  dq, dk, dv = jax.ffi.ffi_call(ATTENTION_BWD, (aval, aval.update(shape=k.shape),
+                                                aval.update(shape=v.shape)),
+                                vmap_method="sequential")(*operands, rotate=np.bool_(rotate))
+  return (kernels.match_vma(dq, q), kernels.match_vma(dk, k), kernels.match_vma(dv, v),
+          None, None, None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

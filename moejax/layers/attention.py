@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import kernels, sharding
-from moejax.layers.attention_core import causal_mask, masked_attention
+from moejax.kernels import attention_reference, cpu_kernels
+from moejax.kernels.attention_reference import causal_mask
 from moejax.layers.projection import project
 
 
@@ -31,22 +32,13 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
-def _rotate(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """Rotate-half: ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` on the last dim."""
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-@jax.custom_vjp
-def _rotate_cpu(x, sin, cos):
-  return _rotate(x, sin, cos)
-
-
-# A rotation's transpose is the rotation by the opposite angle: the backward is the forward
-# with -sin, one fused pass. Autodiff of split / concatenate is a pad and an add per half
-# (four passes over q and k per layer on XLA:CPU).
-_rotate_cpu.defvjp(lambda x, sin, cos: (_rotate(x, sin, cos), (sin, cos)),
-                   lambda res, dy: (_rotate(dy, -res[0], res[1]), None, None))
+def rope_angles(positions: jax.Array, theta: float, head_dim: int) -> tuple[jax.Array, jax.Array]:
+  """``(sin, cos)`` of the rotary angles, ``[batch, length, head_dim / 2]`` float32, for int
+  ``positions [batch, length]``."""
+  half = head_dim // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)          # [half]
+  angle = positions[..., None].astype(jnp.float32) * freq               # [batch, length, half]
+  return jnp.sin(angle), jnp.cos(angle)
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -56,12 +48,10 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     x: [batch, length, heads, head_dim].
     positions: [batch, length] int.
   """
-  half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)          # [half]
-  angle = positions[..., None].astype(jnp.float32) * freq               # [batch, length, half]
-  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
-  rotate = _rotate_cpu if kernels.current_platform() == "cpu" else _rotate
-  return rotate(x.astype(jnp.float32), sin, cos).astype(x.dtype)
+  sin, cos = rope_angles(positions, theta, x.shape[-1])
+  rotate = (attention_reference.rotate_half_vjp if kernels.current_platform() == "cpu"
+            else attention_reference.rotate_half)
+  return rotate(x.astype(jnp.float32), sin[:, :, None], cos[:, :, None]).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -81,11 +71,13 @@ class Attention(nnx.Module):
     self.rope_theta = rope_theta
     self.dtype = dtype
 
-  def _qkv(self, x, positions):
+  def _qkv(self, x, positions, *, rotate: bool = True):
+    """q, k, v ``[batch, length, heads, head_dim]``; q and k rotated unless not ``rotate``."""
     x = x.astype(self.dtype)
     q, k, v = (project(x, w[...].astype(self.dtype)) for w in (self.wq, self.wk, self.wv))
-    q = rotary(q, positions, self.rope_theta)
-    k = rotary(k, positions, self.rope_theta)
+    if rotate:
+      q = rotary(q, positions, self.rope_theta)
+      k = rotary(k, positions, self.rope_theta)
     return sharding.constrain(q, ("batch", "length", "heads", "kv")), k, v
 
   def _out(self, out):
@@ -95,10 +87,12 @@ class Attention(nnx.Module):
                segment_ids: jax.Array | None = None) -> jax.Array:
     """``positions [batch, length]`` (RoPE); ``segment_ids [batch, length]`` or None (one
     document per row): attention is causal and stays inside each token's document."""
+    if kernels.current_platform() == "cpu":   # rotary and attention in one kernel
+      q, k, v = self._qkv(x, positions, rotate=False)
+      sin, cos = rope_angles(positions, self.rope_theta, q.shape[-1])
+      mask = causal_mask(x.shape[1], segment_ids)
+      return self._out(cpu_kernels.attention(q, k, v, mask, sin, cos))
     q, k, v = self._qkv(x, positions)
-    if kernels.current_platform() == "cpu":   # one pass per softmax step (attention_core)
-      out = masked_attention(q, k, v, causal_mask(x.shape[1], segment_ids))
-      return self._out(out)
     mask = None
     if segment_ids is not None:
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]   # [b, 1, l, l]
