@@ -142,46 +142,36 @@ template <int R, int NV>
   }
 }
 
-[[gnu::optimize("fp-contract=fast")]] void SmallGemm(int64_t m, int64_t n, int64_t k,
-                                                     float alpha, const float* a, int64_t ars,
-                                                     int64_t acs, const float* b, int64_t ldb,
-                                                     bool accumulate, float* c, int64_t ldc) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    const float* ai = a + i * ars;
-    float* ci = c + i * ldc;
-    int64_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-      GemmTile<4, 2>(k, alpha, ai, ars, acs, b + j, ldb, accumulate, ci + j, ldc);
-    }
-    for (; j + 16 <= n; j += 16) {
-      GemmTile<4, 1>(k, alpha, ai, ars, acs, b + j, ldb, accumulate, ci + j, ldc);
-    }
-    if (j < n) {   // the last < 16 columns, row by row below
-      for (int64_t r = 0; r < 4; ++r) {
-        for (int64_t jj = j; jj < n; ++jj) {
-          float sum = 0.f;
-          for (int64_t p = 0; p < k; ++p) sum += ai[r * ars + p * acs] * b[p * ldb + jj];
-          ci[r * ldc + jj] = alpha * sum + (accumulate ? ci[r * ldc + jj] : 0.f);
-        }
-      }
+// R rows of c: tiles of 32 and 16 columns, then the last < 16 columns one by one.
+template <int R>
+[[gnu::optimize("fp-contract=fast")]] void GemmRows(int64_t n, int64_t k, float alpha,
+                                                    const float* a, int64_t ars, int64_t acs,
+                                                    const float* b, int64_t ldb, bool accumulate,
+                                                    float* c, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    GemmTile<R, 2>(k, alpha, a, ars, acs, b + j, ldb, accumulate, c + j, ldc);
+  }
+  for (; j + 16 <= n; j += 16) {
+    GemmTile<R, 1>(k, alpha, a, ars, acs, b + j, ldb, accumulate, c + j, ldc);
+  }
+  for (; j < n; ++j) {
+    for (int64_t r = 0; r < R; ++r) {
+      float sum = 0.f;
+      for (int64_t p = 0; p < k; ++p) sum += a[r * ars + p * acs] * b[p * ldb + j];
+      c[r * ldc + j] = alpha * sum + (accumulate ? c[r * ldc + j] : 0.f);
     }
   }
+}
+
+void SmallGemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t ars,
+               int64_t acs, const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    GemmRows<4>(n, k, alpha, a + i * ars, ars, acs, b, ldb, accumulate, c + i * ldc, ldc);
+  }
   for (; i < m; ++i) {
-    const float* ai = a + i * ars;
-    float* ci = c + i * ldc;
-    int64_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-      GemmTile<1, 2>(k, alpha, ai, ars, acs, b + j, ldb, accumulate, ci + j, ldc);
-    }
-    for (; j + 16 <= n; j += 16) {
-      GemmTile<1, 1>(k, alpha, ai, ars, acs, b + j, ldb, accumulate, ci + j, ldc);
-    }
-    for (; j < n; ++j) {
-      float sum = 0.f;
-      for (int64_t p = 0; p < k; ++p) sum += ai[p * acs] * b[p * ldb + j];
-      ci[j] = alpha * sum + (accumulate ? ci[j] : 0.f);
-    }
+    GemmRows<1>(n, k, alpha, a + i * ars, ars, acs, b, ldb, accumulate, c + i * ldc, ldc);
   }
 }
 
@@ -467,30 +457,28 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 }  // namespace
 
-// The attention signatures: (pool; q, k, v, bias, sin, cos[, o, lse, do]) -> results,
-// attribute rotate.
+// The attention signatures begin alike: (pool; q, k, v, bias, sin, cos).
+static auto AttentionBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
+}
+
+// -> o, lse.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxAttentionFwdF32, AttentionFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              AttentionBinding()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("rotate"));
 
+// (..., o, lse, do) -> dq, dk, dv.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxAttentionBwdF32, AttentionBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              AttentionBinding()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
