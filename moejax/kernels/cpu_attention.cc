@@ -37,12 +37,14 @@ constexpr int64_t kQueryBlock = 32;
 
 // exp(x) for float, vectorisable (libm's expf is a call per element): 2^n · p(r) with
 // x = n ln2 + r, |r| <= ln2 / 2, p the degree-6 Taylor polynomial (relative error < 2e-7);
-// 0 below -87.3 (and for -inf). Arguments here are <= 0 (scores minus their maximum or
-// log-sum-exp). n is rounded by the 1.5·2²³ trick: nearbyint would not inline.
+// 0 below -87.3 (and for -inf), NaN for NaN. Arguments here are <= 0 (scores minus their
+// maximum or log-sum-exp). n is rounded by the 1.5·2²³ trick: nearbyint would not inline.
+// The clamp is written so that NaN clamps to a number (-87.3): no float-to-int conversion
+// of NaN.
 inline float FastExp(float x) {
   const float kLog2e = 1.44269504f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   const float kRound = 12582912.f;
-  const float xc = std::min(std::max(x, -87.3f), 0.f);
+  const float xc = x > -87.3f ? (x < 0.f ? x : 0.f) : -87.3f;
   const float n = (xc * kLog2e + kRound) - kRound;
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.f / 720;
@@ -55,7 +57,7 @@ inline float FastExp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.3f ? 0.f : p * scale;
+  return x < -87.3f ? 0.f : (x != x ? x : p * scale);
 }
 
 constexpr int64_t kLanes = 16;   // lanes of the row reductions (vectorised, fixed order)
@@ -255,18 +257,26 @@ inline void RotateRow(const float* __restrict x, float* __restrict y, const Rope
   }
 }
 
-// Per-thread buffers, reused across the (batch, head) pairs a thread runs.
+// Per-thread buffers, reused across the (batch, head) pairs a thread runs; vt, kr, dkr,
+// dqr and ds only for the backward.
 struct Scratch {
-  explicit Scratch(const Shapes& s)
-      : kt(new float[s.d * s.lk]), vt(new float[s.d * s.lk]), kr(new float[s.lk * s.d]),
-        dkr(new float[s.lk * s.d]), qr(new float[kQueryBlock * s.d]),
-        dqr(new float[kQueryBlock * s.d]), p(new float[kQueryBlock * s.lk]),
-        ds(new float[kQueryBlock * s.lk]), row(new float[s.d]) {}
-  std::unique_ptr<float[]> kt, vt;   // [D, Lk]: rotated keys, values, transposed
-  std::unique_ptr<float[]> kr, dkr;  // [Lk, D]: rotated keys; their gradient
-  std::unique_ptr<float[]> qr, dqr;  // [kQueryBlock, D]: rotated queries; their gradient
-  std::unique_ptr<float[]> p, ds;    // [kQueryBlock, Lk]: scores / probabilities; their gradient
-  std::unique_ptr<float[]> row;      // [D]
+  Scratch(const Shapes& s, bool backward)
+      : kt(new float[s.d * s.lk]), qr(new float[kQueryBlock * s.d]),
+        p(new float[kQueryBlock * s.lk]), row(new float[s.d]) {
+    if (backward) {
+      vt.reset(new float[s.d * s.lk]);
+      kr.reset(new float[s.lk * s.d]);
+      dkr.reset(new float[s.lk * s.d]);
+      dqr.reset(new float[kQueryBlock * s.d]);
+      ds.reset(new float[kQueryBlock * s.lk]);
+    }
+  }
+  std::unique_ptr<float[]> kt, qr, p, row;   // [D, Lk] rotated keys transposed; [kQueryBlock,
+                                             // D] rotated queries; [kQueryBlock, Lk] scores /
+                                             // probabilities; [D]
+  std::unique_ptr<float[]> vt, kr, dkr;      // [D, Lk] values transposed; [Lk, D] rotated
+                                             // keys, their gradient
+  std::unique_ptr<float[]> dqr, ds;          // gradients of qr and of the scores
 };
 
 // One (batch, head) of q [B, Lq, H, D] or k, v [B, Lk, H, D]: row i at base + i · ld.
@@ -287,9 +297,9 @@ void Transposed(HeadRows x, const Shapes& s, const Rope& rope, int64_t b, float*
 
 // Runs body(b, h, scratch) over every (batch, head) pair on the pool.
 template <typename Body>
-void ForHeads(ffi::ThreadPool& pool, const Shapes& s, const Body& body) {
+void ForHeads(ffi::ThreadPool& pool, const Shapes& s, bool backward, const Body& body) {
   ParallelFor(pool, s.b * s.h, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(s);
+    Scratch scratch(s, backward);
     for (int64_t p = begin; p < end; ++p) body(p / s.h, p % s.h, scratch);
   });
 }
@@ -327,7 +337,7 @@ ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const auto ranges = KeyRanges(bias.typed_data(), s);
   const int64_t blocks = (s.lq + kQueryBlock - 1) / kQueryBlock;
   float *os = o->typed_data(), *lses = lse->typed_data();
-  ForHeads(pool, s, [&](int64_t b, int64_t h, Scratch& w) {
+  ForHeads(pool, s, false, [&](int64_t b, int64_t h, Scratch& w) {
     const HeadRows qh{q.typed_data() + b * s.lq * ld + h * s.d, ld};
     const HeadRows kh{k.typed_data() + b * s.lk * ld + h * s.d, ld};
     const HeadRows vh{v.typed_data() + b * s.lk * ld + h * s.d, ld};
@@ -401,7 +411,7 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const int64_t blocks = (s.lq + kQueryBlock - 1) / kQueryBlock;
   const float *lses = lse.typed_data();
   float *dqs = dq->typed_data(), *dks = dk->typed_data(), *dvs = dv->typed_data();
-  ForHeads(pool, s, [&](int64_t b, int64_t h, Scratch& w) {
+  ForHeads(pool, s, true, [&](int64_t b, int64_t h, Scratch& w) {
     const int64_t q_off = b * s.lq * ld + h * s.d, kv_off = b * s.lk * ld + h * s.d;
     const HeadRows qh{q.typed_data() + q_off, ld}, oh{o.typed_data() + q_off, ld};
     const HeadRows doh{d_o.typed_data() + q_off, ld};

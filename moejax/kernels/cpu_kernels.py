@@ -400,20 +400,21 @@ ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
 
 
 def attention_usable(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                     sin: jax.Array | None = None) -> bool:
+                     sin: jax.Array | None = None, cos: jax.Array | None = None) -> bool:
   """:func:`attention` runs its kernel for these operands here: float32 ``q [B, Lq, H, D]``,
   ``k, v [B, Lk, H, D]``, a bool mask ``[1 | B, 1, Lq | 1, Lk | 1]`` (the same for every
-  head), rotary angles (if any) ``[1 | B, L, D / 2]`` with ``Lq = Lk = L``, and
+  head), rotary ``sin, cos`` (if any) ``[1 | B, L, D / 2]`` with ``Lq = Lk = L``, and
   :func:`usable`."""
   if q.ndim != 4 or k.ndim != 4 or mask.ndim != 4:
     return False
   b, lq, h, d = q.shape
   lk = k.shape[1]
-  rope_ok = sin is None or (sin.ndim == 3 and sin.shape[0] in (1, b) and lq == lk
-                            and d % 2 == 0 and sin.shape[1:] == (lq, d // 2))
+  rope_ok = (sin is None and cos is None) or (
+      sin is not None and cos is not None and sin.shape == cos.shape and sin.ndim == 3
+      and sin.shape[0] in (1, b) and lq == lk and d % 2 == 0 and sin.shape[1:] == (lq, d // 2))
   return (k.shape == v.shape == (b, lk, h, d) and d > 0 and lk > 0 and rope_ok
           and mask.dtype == jnp.bool_ and mask.shape[0] in (1, b) and mask.shape[1] == 1
-          and usable(q, k, v, *(() if sin is None else (sin,))))
+          and usable(q, k, v, *(() if sin is None else (sin, cos))))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -429,7 +430,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   from the saved log-sum-exp, and rotates the gradients back. Elsewhere its XLA form,
   ``attention_reference.attention``.
   """
-  if not attention_usable(q, k, v, mask, sin):
+  if (sin is None) != (cos is None):
+    raise ValueError("attention: give both sin and cos (rotary positions), or neither")
+  if not attention_usable(q, k, v, mask, sin, cos):
     return attention_reference.attention(q, k, v, mask, sin, cos)
   rotate = sin is not None
   lq, lk = q.shape[1], k.shape[1]
@@ -438,7 +441,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   bias = jnp.where(mask, 0.0, -jnp.inf).astype(jnp.float32)
   if not rotate:   # placeholders, not read
     sin = cos = jnp.zeros((1, 1, 1), jnp.float32)
-  return _attention(rotate, q, k, v, bias, sin.astype(jnp.float32), cos.astype(jnp.float32))
+  return _attention(rotate, q, k, v, bias, sin, cos)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

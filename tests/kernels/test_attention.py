@@ -83,7 +83,7 @@ def _kernel_case(b, lq, lk, h, d, seed):
 
 
 def _check_kernel(q, k, v, do, mask, sin=None, cos=None):
-  assert cpu_kernels.attention_usable(q, k, v, mask, sin)
+  assert cpu_kernels.attention_usable(q, k, v, mask, sin, cos)
   f = lambda fn: jax.jit(lambda q, k, v: jax.vjp(
       lambda q, k, v: fn(q, k, v, mask, sin, cos), q, k, v))
   text = jax.jit(lambda q, k, v: jax.grad(lambda q, k, v: jnp.sum(
@@ -145,3 +145,14 @@ def test_kernel_steps_aside_under_a_sharded_mesh():
     assert not cpu_kernels.attention_usable(q, k, v, mask)
     text = jax.jit(lambda q, k, v: cpu_kernels.attention(q, k, v, mask)).lower(q, k, v).as_text()
   assert cpu_kernels.ATTENTION_FWD not in text
+
+
+def test_kernel_rotary_needs_both_angles():
+  q, k, v, _ = _kernel_case(1, 8, 8, 1, 4, seed=3)
+  sin, cos = attention.rope_angles(jnp.arange(8)[None], 1e4, 4)
+  mask = attention_reference.causal_mask(8)
+  with pytest.raises(ValueError, match="sin and cos"):
+    cpu_kernels.attention(q, k, v, mask, sin, None)
+  assert cpu_kernels.attention_usable(q, k, v, mask, sin, cos)
+  assert not cpu_kernels.attention_usable(q, k, v, mask, sin, cos[:, :4])   # wrong shape
+  assert not cpu_kernels.attention_usable(q, k, v, mask, sin, cos.astype(jnp.bfloat16))
