@@ -97,14 +97,14 @@ def _check_kernel(q, k, v, do, mask, sin=None, cos=None):
   chex.assert_trees_all_close(got_vjp(do), want_vjp(do), atol=5e-5, rtol=5e-5)
 
 
-@pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("b,l,h,d,segments", [
-    (2, 128, 4, 32, False),   # the default config's shape: whole query blocks, 2 column tiles
-    (3, 45, 2, 16, True),     # a partial last block of queries, one column tile
-    (1, 70, 3, 24, True),     # head_dim off the 16-column tile (its scalar tail)
-    (2, 9, 1, 6, False),      # smaller than one tile
+@pytest.mark.parametrize("b,l,h,d,segments,rope", [
+    (2, 128, 4, 32, False, True),   # the default config's shape: whole query blocks, 2 column tiles
+    (2, 128, 4, 32, False, False),
+    (3, 45, 2, 16, True, True),     # a partial last block of queries, one column tile
+    (1, 70, 3, 24, True, False),    # head_dim off the 16-column tile (its scalar tail)
+    (2, 9, 1, 6, False, True),      # smaller than one tile
 ])
-def test_kernel_equals_reference(rope, b, l, h, d, segments):
+def test_kernel_equals_reference(b, l, h, d, segments, rope):
   q, k, v, do = _kernel_case(b, l, l, h, d, seed=l)
   seg = jnp.sort(jax.random.randint(jax.random.key(1), (b, l), 0, 3), axis=1) if segments else None
   mask = attention_reference.causal_mask(l, seg)
