@@ -107,14 +107,22 @@ rotate_half_vjp.defvjp(lambda x, sin, cos: (rotate_half(x, sin, cos), (sin, cos)
                        lambda res, dy: (rotate_half(dy, -res[0], res[1]), None, None))
 
 
+def rotate_heads(x: jax.Array, sin: jax.Array, cos: jax.Array, *,
+                 fused_backward: bool = True) -> jax.Array:
+  """``x [batch, length, heads, head_dim]`` rotated (in float32, back in ``x.dtype``) by
+  ``sin, cos [1 | batch, length, head_dim / 2]``: :func:`rotate_half_vjp`, or with
+  ``fused_backward=False`` plain :func:`rotate_half` (autodiff's backward)."""
+  rotate = rotate_half_vjp if fused_backward else rotate_half
+  return rotate(x.astype(jnp.float32), sin[:, :, None], cos[:, :, None]).astype(x.dtype)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
               sin: jax.Array | None = None, cos: jax.Array | None = None) -> jax.Array:
   """:func:`masked_attention` of ``q`` and ``k`` rotated by ``sin, cos [1 | batch, length,
   head_dim / 2]`` (rotary positions; None: not rotated) — what ``cpu_kernels.attention``
   computes."""
   if sin is not None:
-    rot = lambda x: rotate_half_vjp(x.astype(jnp.float32), sin[:, :, None], cos[:, :, None])
-    q, k = rot(q).astype(q.dtype), rot(k).astype(k.dtype)
+    q, k = rotate_heads(q, sin, cos), rotate_heads(k, sin, cos)
   return masked_attention(q, k, v, mask)
 
 

@@ -1,5 +1,5 @@
 // What the CPU kernels' sources share (cpu_kernels.cc, cpu_attention.cc): the thread-pool
-// loop, and the BLAS sgemm that Python hands over (MoejaxSetSgemm, in cpu_kernels.cc).
+// loop.
 
 #ifndef MOEJAX_KERNELS_CPU_COMMON_H_
 #define MOEJAX_KERNELS_CPU_COMMON_H_
@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
-#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -46,25 +45,6 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t min_part, const B
   }
   work();
   while (counters->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
-}
-
-// cblas_sgemm with 64-bit integers (its enums stay C ints): numpy's bundled OpenBLAS, set
-// from Python before first use; null where there is none (callers then fall back).
-using Sgemm64 = void (*)(int order, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
-                         float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
-                         float beta, float* c, int64_t ldc);
-using SetThreadsLocal = int (*)(int);
-inline std::atomic<Sgemm64> g_sgemm{nullptr};
-inline std::atomic<SetThreadsLocal> g_set_threads_local{nullptr};
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-
-// Makes this thread's sgemms single-threaded (see ForPieces in cpu_kernels.cc for why it
-// is set and left so); false where OpenBLAS has no thread-local setting, and the caller
-// should then not run sgemms on several threads at once.
-inline bool SingleThreadedBlas() {
-  const SetThreadsLocal set_local = g_set_threads_local.load();
-  if (set_local) set_local(1);
-  return set_local != nullptr;
 }
 
 }  // namespace moejax_cpu

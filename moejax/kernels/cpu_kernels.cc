@@ -520,6 +520,14 @@ ffi::Error SumSquaresRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> rows,
 // single-threaded. Left to its own threads, OpenBLAS shared the cores with XLA's pool:
 // 1024 x 512 x 1024 per group ran at 143 GFLOP/s, against 327 in a process of its own.
 
+using Sgemm64 = void (*)(int order, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                         float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                         float beta, float* c, int64_t ldc);
+using SetThreadsLocal = int (*)(int);
+std::atomic<Sgemm64> g_sgemm{nullptr};
+std::atomic<SetThreadsLocal> g_set_threads_local{nullptr};
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
 // Each kernel thread sets OpenBLAS to one thread (openblas_set_num_threads_local(1)) and
 // leaves it so. That function is thread-local in some builds and sets the process-wide
 // count in others (numpy's 0.3.31): there numpy's BLAS stays single-threaded afterwards.

@@ -49,9 +49,8 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     positions: [batch, length] int.
   """
   sin, cos = rope_angles(positions, theta, x.shape[-1])
-  rotate = (attention_reference.rotate_half_vjp if kernels.current_platform() == "cpu"
-            else attention_reference.rotate_half)
-  return rotate(x.astype(jnp.float32), sin[:, :, None], cos[:, :, None]).astype(x.dtype)
+  return attention_reference.rotate_heads(
+      x, sin, cos, fused_backward=kernels.current_platform() == "cpu")
 
 
 class Attention(nnx.Module):
