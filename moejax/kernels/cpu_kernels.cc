@@ -311,6 +311,41 @@ struct OuterScatter {
   bool stream;   // non-temporal stores (see kStreamBytes)
 };
 
+// Runs of a stable counting sort of ids [M] into r buckets (ids outside [0, r) dropped):
+// run b is order[start[b] .. start[b + 1]), the positions e of ids[e] == b, ascending.
+struct Runs {
+  std::vector<int64_t> start;   // [r + 1]
+  std::vector<int32_t> order;   // [start[r]]
+};
+
+Runs CountingSort(const int32_t* ids, int64_t m, int64_t r) {
+  Runs runs{std::vector<int64_t>(r + 1, 0), {}};
+  auto& start = runs.start;
+  for (int64_t e = 0; e < m; ++e) {
+    if (ids[e] >= 0 && ids[e] < r) ++start[ids[e] + 1];
+  }
+  for (int64_t b = 0; b < r; ++b) start[b + 1] += start[b];
+  runs.order.resize(start[r]);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t e = 0; e < m; ++e) {
+    if (ids[e] >= 0 && ids[e] < r) runs.order[fill[ids[e]]++] = static_cast<int32_t>(e);
+  }
+  return runs;
+}
+
+// y[0, d) = sum over q in [begin, end), in order, of coef[order[q]] * vec[order[q] / h]:
+// one row's gradient from the lookup's factors (coef per retrieval, vec [T, d] per token).
+inline void RunSum(const int32_t* order, int64_t begin, int64_t end, const float* coef,
+                   const float* vec, int64_t h, int64_t d, float* __restrict y) {
+  std::fill(y, y + d, 0.f);
+  for (int64_t q = begin; q < end; ++q) {
+    const int64_t p = order[q];
+    const float c = coef[p];
+    const float* __restrict v = vec + (p / h) * d;
+    for (int64_t l = 0; l < d; ++l) y[l] += c * v[l];
+  }
+}
+
 // Each out [R, d] = 0, then out[targets[t, j]] += coef[t, j] * vec[t] in (t, j) order,
 // targets outside [0, R) dropped (scatter-add's mode="drop"). The (t, j) pairs are first
 // grouped by target (a stable counting sort, so each group stays in (t, j) order, shared by
@@ -323,37 +358,17 @@ struct OuterScatter {
 // whole table the lookup reads, before the optimizer's in-place update of it.)
 void ScatterOuterRows(ffi::ThreadPool& pool, const int32_t* tg, int64_t t, int64_t h,
                       int64_t r, const std::vector<OuterScatter>& scatters) {
-  const int64_t pairs = t * h;
-  // start[row] .. start[row + 1]: the pairs of row, in order[] (pair ids, ascending).
-  std::vector<int64_t> start(r + 1, 0);
-  for (int64_t p = 0; p < pairs; ++p) {
-    if (tg[p] >= 0 && tg[p] < r) ++start[tg[p] + 1];
-  }
-  for (int64_t row = 0; row < r; ++row) start[row + 1] += start[row];
-  std::vector<int32_t> order(start[r]);
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t p = 0; p < pairs; ++p) {
-      if (tg[p] >= 0 && tg[p] < r) order[fill[tg[p]]++] = static_cast<int32_t>(p);
-    }
-  }
+  const Runs runs = CountingSort(tg, t * h, r);
   int64_t width = 0;
   bool stream = false;
   for (const auto& sc : scatters) width = std::max(width, sc.d), stream |= sc.stream;
   ParallelFor(pool, r, 4096, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(width);
-    float* __restrict y = acc.data();
     for (int64_t row = begin; row < end; ++row) {
       for (const OuterScatter& sc : scatters) {
-        const int64_t d = sc.d;
-        std::fill(y, y + d, 0.f);
-        for (int64_t q = start[row]; q < start[row + 1]; ++q) {
-          const int64_t p = order[q];
-          const float c = sc.coef[p];
-          const float* __restrict v = sc.vec + (p / h) * d;
-          for (int64_t l = 0; l < d; ++l) y[l] += c * v[l];
-        }
-        StoreRow(sc.out + row * d, y, d, sc.stream);
+        RunSum(runs.order.data(), runs.start[row], runs.start[row + 1], sc.coef, sc.vec, h,
+               sc.d, acc.data());
+        StoreRow(sc.out + row * sc.d, acc.data(), sc.d, sc.stream);
       }
     }
     if (stream) StreamFence();
@@ -505,6 +520,180 @@ ffi::Error SumSquaresRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> rows,
   double total = 0.0;
   for (double p : partial) total += p;
   *out->typed_data() = static_cast<float>(total);
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------- row gradients as the lookup's factors
+//
+// Row-sparse training on CPU (training/row_sparse.py) keeps a table's row gradients as the
+// lookup's factors instead of writing them out: slot s (a distinct retrieved row) has
+//   g[s] = sum over retrievals e with slots[e] == s, in retrieval order, of coefs[e] * vec[e / H]
+// (coefs, slots [T, H]; vec [T, d]: the tokens' inputs or output gradients, a few MiB that
+// stay in cache). slot_runs groups the retrievals by slot once; the clip norm and lazy Adam
+// then each rebuild g[s] in a local buffer from its run. Written out, the [U, d] gradients
+// were 512 MiB per table at N = 1024², 4096 tokens: written by the scatter, read for the
+// norm and read again by Adam, ~40% of the row-sparse step's DRAM traffic.
+
+// order [M] and starts [U + 1] (int32) of CountingSort(slots, M, U) as XLA buffers.
+ffi::Error SlotRunsImpl(ffi::Buffer<ffi::S32> slots, ffi::ResultBuffer<ffi::S32> order,
+                        ffi::ResultBuffer<ffi::S32> starts) {
+  const int64_t m = static_cast<int64_t>(slots.element_count());
+  const int64_t u = static_cast<int64_t>(starts->element_count()) - 1;
+  if (u < 0 || static_cast<int64_t>(order->element_count()) != m) {
+    return ffi::Error::InvalidArgument("slot_runs: slots [M], order [M], starts [U + 1]");
+  }
+  const Runs runs = CountingSort(slots.typed_data(), m, u);
+  int32_t* o = order->typed_data();
+  std::copy(runs.order.begin(), runs.order.end(), o);
+  std::fill(o + runs.order.size(), o + m, 0);   // retrievals of no slot: not read
+  int32_t* st = starts->typed_data();
+  for (int64_t b = 0; b <= u; ++b) st[b] = static_cast<int32_t>(runs.start[b]);
+  return ffi::Error::Success();
+}
+
+// The operands shared by the factored kernels: runs (order [M], starts [U + 1]) over
+// coefs [T, H] and vec [T, d].
+struct Factors {
+  const int32_t* order;
+  const int32_t* starts;
+  const float* coefs;
+  const float* vec;
+  int64_t u, h, d;
+
+  void Row(int64_t s, float* y) const {
+    RunSum(order, starts[s], starts[s + 1], coefs, vec, h, d, y);
+  }
+  bool Empty(int64_t s) const { return starts[s] == starts[s + 1]; }
+};
+
+bool FactorOperands(ffi::Buffer<ffi::S32>& order, ffi::Buffer<ffi::S32>& starts,
+                    ffi::Buffer<ffi::F32>& coefs, ffi::Buffer<ffi::F32>& vec, Factors& f) {
+  auto cd = coefs.dimensions(), vd = vec.dimensions();
+  if (cd.size() != 2 || vd.size() != 2 || cd[0] != vd[0] ||
+      order.element_count() != coefs.element_count() || starts.element_count() < 1) {
+    return false;
+  }
+  f = {order.typed_data(), starts.typed_data(), coefs.typed_data(), vec.typed_data(),
+       static_cast<int64_t>(starts.element_count()) - 1, cd[1], vd[1]};
+  return true;
+}
+
+// sum over slots of |g[s]|^2 = sum_e c_e^2 |v_e|^2 + 2 sum_{e < e' in a run} c_e c_e' (v_e . v_e'):
+// the first sum over all retrievals e in order (coefs read once, with the tokens' squared
+// norms), the cross terms only for slots retrieved more than once (~1/3 of them at N =
+// 1024², 4096 tokens, most twice or three times). Rebuilding every g[s] instead read a
+// random 1 KiB row of vec per retrieval: 2x the time (212 vs ~105 ms of thread time). Equal to
+// sum_squares_rows of the written-out gradients up to rounding (double sums over fixed
+// blocks, then in block order: the same bits whatever the thread count).
+// Runs up to this long take their cross terms pair by pair; longer ones rebuild g[s].
+constexpr int64_t kPairwiseRun = 8;
+
+ffi::Error FactoredSumSquaresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> order,
+                                  ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::F32> coefs,
+                                  ffi::Buffer<ffi::F32> vec, ffi::ResultBuffer<ffi::F32> out) {
+  Factors f;
+  if (!FactorOperands(order, starts, coefs, vec, f)) {
+    return ffi::Error::InvalidArgument(
+        "factored_sum_squares: order [M], starts [U + 1], coefs [T, H], vec [T, d]");
+  }
+  const int64_t tokens = static_cast<int64_t>(vec.dimensions()[0]);
+  const int64_t token_blocks = (tokens + kSumBlock - 1) / kSumBlock;
+  const int64_t slot_blocks = (f.u + kSumBlock - 1) / kSumBlock;
+  std::vector<double> norms(tokens), partial(token_blocks + slot_blocks, 0.0);
+  ParallelFor(pool, token_blocks, 1, [&](int64_t begin, int64_t end) {   // the diagonal
+    for (int64_t b = begin; b < end; ++b) {
+      double acc = 0.0;
+      for (int64_t t = b * kSumBlock; t < std::min(tokens, (b + 1) * kSumBlock); ++t) {
+        norms[t] = Dot(f.vec + t * f.d, f.vec + t * f.d, f.d);
+        double c2 = 0.0;
+        for (int64_t j = 0; j < f.h; ++j) c2 += double{f.coefs[t * f.h + j]} * f.coefs[t * f.h + j];
+        acc += c2 * norms[t];
+      }
+      partial[b] = acc;
+    }
+  });
+  ParallelFor(pool, slot_blocks, 1, [&](int64_t begin, int64_t end) {   // repeated rows
+    std::vector<float> g(f.d);
+    for (int64_t b = begin; b < end; ++b) {
+      double acc = 0.0;
+      for (int64_t s = b * kSumBlock; s < std::min(f.u, (b + 1) * kSumBlock); ++s) {
+        const int64_t first = f.starts[s], last = f.starts[s + 1];
+        if (last - first < 2) continue;
+        if (last - first <= kPairwiseRun) {   // the cross terms 2 c c' (v . v')
+          for (int64_t q = first; q + 1 < last; ++q) {
+            const int64_t p = f.order[q], t = p / f.h;
+            for (int64_t q2 = q + 1; q2 < last; ++q2) {
+              const int64_t p2 = f.order[q2], t2 = p2 / f.h;
+              const double dot = t == t2 ? norms[t] : Dot(f.vec + t * f.d, f.vec + t2 * f.d, f.d);
+              acc += 2.0 * f.coefs[p] * f.coefs[p2] * dot;
+            }
+          }
+          continue;
+        }
+        // A long run (a row many tokens retrieve): |g|^2 minus its diagonal terms, linear
+        // in the run's length where the pairs are quadratic.
+        f.Row(s, g.data());
+        double diag = 0.0;
+        for (int64_t q = first; q < last; ++q) {
+          const double c = f.coefs[f.order[q]];
+          diag += c * c * norms[f.order[q] / f.h];
+        }
+        acc += Dot(g.data(), g.data(), f.d) - diag;
+      }
+      partial[token_blocks + b] = acc;
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  *out->typed_data() = static_cast<float>(total);
+  return ffi::Error::Success();
+}
+
+// adam_rows with g[s] rebuilt from the factors (rows [U]: the table row of each slot, N
+// for padding): the same update, bit for bit, without reading a [U, d] gradient.
+ffi::Error FactoredAdamRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
+                                ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu,
+                                ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> order,
+                                ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::F32> coefs,
+                                ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> hyper,
+                                ffi::ResultBuffer<ffi::F32> table_out,
+                                ffi::ResultBuffer<ffi::F32> mu_out,
+                                ffi::ResultBuffer<ffi::F32> nu_out) {
+  auto td = table.dimensions();
+  Factors f;
+  if (td.size() != 2 || hyper.element_count() != 9 ||
+      !FactorOperands(order, starts, coefs, vec, f) || f.d != td[1] ||
+      static_cast<int64_t>(rows.element_count()) != f.u) {
+    return ffi::Error::InvalidArgument(
+        "factored_adam_rows: table [N, d], rows [U], order [M], starts [U + 1], coefs [T, H], "
+        "vec [T, d], hyper [9]");
+  }
+  if (table_out->typed_data() != table.typed_data() || mu_out->typed_data() != mu.typed_data() ||
+      nu_out->typed_data() != nu.typed_data()) {
+    return ffi::Error::InvalidArgument("factored_adam_rows: outputs must alias table, mu, nu");
+  }
+  const int64_t n = td[0], d = td[1];
+  const AdamHyper hy(hyper.typed_data());
+  float* p = table_out->typed_data();
+  float* mo = mu_out->typed_data();
+  float* vo = nu_out->typed_data();
+  const int32_t* rs = rows.typed_data();
+  ParallelFor(pool, f.u, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(d);
+    for (int64_t s = begin; s < end; ++s) {
+      if (s + kAhead < end && rs[s + kAhead] >= 0 && rs[s + kAhead] < n) {
+        const int64_t next = rs[s + kAhead] * d;
+        PrefetchRow(p + next, d);
+        PrefetchRow(mo + next, d);
+        PrefetchRow(vo + next, d);
+      }
+      const int64_t row = rs[s];
+      if (row < 0 || row >= n) continue;
+      if (s + 1 < end && !f.Empty(s + 1)) PrefetchRow(f.vec + f.order[f.starts[s + 1]] / f.h * d, d);
+      f.Row(s, g.data());
+      AdamRow(hy, g.data(), p + row * d, mo + row * d, vo + row * d, d);
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -734,6 +923,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxSumSquaresRowsF32, SumSquaresRowsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("num_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxSlotRunsS32, SlotRunsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxFactoredSumSquaresF32, FactoredSumSquaresImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxFactoredAdamRowsF32, FactoredAdamRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // The grouped matmuls' signature: (pool; lhs, rhs or dy, group sizes) -> out.
 static auto GroupedBinding() {

@@ -21,6 +21,11 @@
   place, one vectorised pass per row (XLA gathers each row of three tables, updates,
   scatters back): 142 ms for 412K rows of ``[1024², 256]`` tables.
 
+* :func:`slot_runs`, :func:`factored_sum_squares`, :func:`factored_adam_rows`: the
+  row-sparse tables' clip norm and lazy Adam with each row gradient rebuilt in cache from
+  the lookup's factors (``Σ coef · vec`` over the row's retrievals) instead of read from a
+  written-out ``[U, d]`` gradient (512 MiB per table at N = 1024², 4096 tokens).
+
 * :func:`ragged_dot` is ``jax.lax.ragged_dot`` (a masked dense dot over all groups on
   XLA:CPU) with its gradients as BLAS sgemms on each group's rows in place, one
   single-threaded sgemm per pool thread: the dropless MoE's grouped matmuls. The BLAS is
@@ -83,13 +88,18 @@ GROUPED_TMATMUL = "moejax_grouped_tmatmul_f32"
 SUM_SQUARES_ROWS = "moejax_sum_squares_rows_f32"
 ATTENTION_FWD = "moejax_attention_fwd_f32"
 ATTENTION_BWD = "moejax_attention_bwd_f32"
+SLOT_RUNS = "moejax_slot_runs_s32"
+FACTORED_SUM_SQUARES = "moejax_factored_sum_squares_f32"
+FACTORED_ADAM_ROWS = "moejax_factored_adam_rows_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
             SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
             ADAM_ROWS: "MoejaxAdamRowsF32", GROUPED_MATMUL: "MoejaxGroupedMatmulF32",
             GROUPED_MATMUL_T: "MoejaxGroupedMatmulTF32", GROUPED_TMATMUL: "MoejaxGroupedTMatmulF32",
             SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32", ATTENTION_FWD: "MoejaxAttentionFwdF32",
-            ATTENTION_BWD: "MoejaxAttentionBwdF32"}
+            ATTENTION_BWD: "MoejaxAttentionBwdF32", SLOT_RUNS: "MoejaxSlotRunsS32",
+            FACTORED_SUM_SQUARES: "MoejaxFactoredSumSquaresF32",
+            FACTORED_ADAM_ROWS: "MoejaxFactoredAdamRowsF32"}
 _SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc"))
 _HEADERS = (Path(__file__).with_name("cpu_common.h"),)
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
@@ -321,6 +331,13 @@ def scatter_outer_add_pair(acc1: jax.Array | jax.ShapeDtypeStruct,
       targets, coef1, vec1, coef2, vec2))
 
 
+def _adam_hyper(lr, b1, b2, eps, c1, c2, scale) -> jax.Array:
+  """The Adam kernels' hyperparameters ``[9]``, the constants as XLA would fold them:
+  ``1 - b`` in double precision, then float32."""
+  return jnp.stack([jnp.asarray(v, jnp.float32) for v in
+                    (lr, b1, 1 - b1, b2, 1 - b2, eps, c1, c2, scale)])
+
+
 def adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array, grads: jax.Array,
               *, lr, b1: float, b2: float, eps: float, c1, c2, scale=1.0):
   """Lazy Adam on ``rows [M]`` (distinct; out-of-range ones skipped) of float32 ``table,
@@ -328,9 +345,7 @@ def adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array, g
   ``(table, mu, nu)``. ``c1, c2``: the bias corrections ``1 - b^count``. The kernel only
   (callers check :func:`usable`); its XLA form is ``training.row_sparse``'s chunked update.
   """
-  # The constants as XLA would fold them: (1 - b) in double precision, then float32.
-  hyper = jnp.stack([jnp.asarray(v, jnp.float32) for v in
-                     (lr, b1, 1 - b1, b2, 1 - b2, eps, c1, c2, scale)])
+  hyper = _adam_hyper(lr, b1, b2, eps, c1, c2, scale)
   table, mu, nu, rows, grads, hyper = _same_vma(table, mu, nu, rows.astype(jnp.int32), grads,
                                                 hyper)
   call = jax.ffi.ffi_call(ADAM_ROWS, (jax.typeof(table), jax.typeof(mu), jax.typeof(nu)),
@@ -348,6 +363,62 @@ def sum_squares_rows(rows: jax.Array, g: jax.Array, num_rows: int) -> jax.Array:
   out = jax.typeof(g).update(shape=())
   return jax.ffi.ffi_call(SUM_SQUARES_ROWS, out, vmap_method="sequential")(
       rows, g, num_rows=np.int64(num_rows))
+
+
+# Row gradients as the lookup's factors (training.row_sparse on CPU): slot s's gradient is
+# g[s] = Σ_{e: slots[e] = s} coefs[e] · vectors[e // H], in retrieval order. The kernels only
+# (callers check :func:`usable`); the XLA form is :func:`factored_rows` and the [U, d] kernels.
+
+
+def slot_runs(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
+  """The retrievals grouped by slot (a stable counting sort): ``slots [T, H]`` int32 in
+  ``[0, num_slots)`` -> ``order [T·H]`` (retrieval ids, by slot, ascending within a slot)
+  and ``starts [num_slots + 1]``: slot ``s``'s retrievals are ``order[starts[s]:starts[s+1]]``."""
+  slots = slots.astype(jnp.int32)
+  m = slots.size
+  if not usable():
+    flat = slots.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    return order, jnp.searchsorted(flat[order], jnp.arange(num_slots + 1)).astype(jnp.int32)
+  aval = jax.typeof(slots)
+  return tuple(jax.ffi.ffi_call(SLOT_RUNS, (aval.update(shape=(m,)),
+                                            aval.update(shape=(num_slots + 1,))),
+                                vmap_method="sequential")(slots))
+
+
+def factored_rows(order, starts, coefs, vectors) -> jax.Array:
+  """``g [U, d]`` written out from the factors (XLA ops): the reference of the kernels below."""
+  m, h = coefs.size, coefs.shape[-1]
+  u = starts.shape[0] - 1
+  slot = jnp.searchsorted(starts[1:], jnp.arange(m), side="right")   # slot of order[q]
+  contrib = coefs.reshape(-1)[order][:, None] * vectors[order // h]
+  return jax.ops.segment_sum(contrib, slot, num_segments=u, indices_are_sorted=True)
+
+
+def factored_sum_squares(order: jax.Array, starts: jax.Array, coefs: jax.Array,
+                         vectors: jax.Array) -> jax.Array:
+  """``Σ_s |g[s]|²`` (float32 scalar): :func:`sum_squares_rows` of the written-out
+  gradients, bit for bit, from ``order, starts`` (:func:`slot_runs`), ``coefs [T, H]``,
+  ``vectors [T, d]``."""
+  if not usable(coefs, vectors):
+    g = factored_rows(order, starts, coefs, vectors)
+    return jnp.sum(g * g)
+  operands = _same_vma(order, starts, coefs, vectors)
+  out = jax.typeof(operands[2]).update(shape=())
+  return jax.ffi.ffi_call(FACTORED_SUM_SQUARES, out, vmap_method="sequential")(*operands)
+
+
+def factored_adam_rows(table, mu, nu, rows, order, starts, coefs, vectors, *, lr, b1: float,
+                       b2: float, eps: float, c1, c2, scale=1.0):
+  """:func:`adam_rows` with slot ``s``'s gradient rebuilt from the factors (``rows [U]``
+  the table row of each slot, out of range for padding): the same update, bit for bit,
+  in place (donate ``table, mu, nu``). The kernel only (callers check :func:`usable`)."""
+  hyper = _adam_hyper(lr, b1, b2, eps, c1, c2, scale)
+  operands = _same_vma(table, mu, nu, rows.astype(jnp.int32), order, starts, coefs, vectors,
+                       hyper)
+  call = jax.ffi.ffi_call(FACTORED_ADAM_ROWS, tuple(jax.typeof(a) for a in operands[:3]),
+                          vmap_method="sequential", input_output_aliases={0: 0, 1: 1, 2: 2})
+  return call(*operands)
 
 
 # ------------------------------------------------------------------ grouped matmul (BLAS)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from moejax import kernels
 from moejax.kernels import activations, cpu_kernels, match_vma
-from moejax.kernels.row_plan import row_slots, unique_rows
+from moejax.kernels.row_plan import RowFactors, row_slots, unique_rows
 
 # Gathered rows per chunk of tokens (bytes): stays in a core's cache.
 CHUNK_BYTES = 4 << 20
@@ -182,6 +182,8 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
   The row gradients of retrieval ``(t, j)`` (``alpha·x_t`` for down, ``beta·dy_t`` for up)
   are scatter-added at ``targets[t, j]`` of ``[num_targets, d]`` accumulators of
   ``acc_dtypes`` (up, down): the table rows (dense) or the tap slots (row-sparse).
+  ``targets=None``: no scatter, the row gradients are returned as their factors
+  (:class:`RowFactors` ``(beta, dy)`` and ``(alpha, x)``).
   Returns ``(dx [T, d] or None, dscores [T, H], grad_up, grad_down or None)``.
   """
   t, hh = idx.shape
@@ -193,6 +195,7 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
                                     if a is not None))))
 
   fused = _fused(scores, up, down)
+  factored = targets is None
 
   def zeros(dtype):
     if fused:   # the C++ scatter writes its accumulator whole, from zeros (no loop here)
@@ -215,18 +218,29 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
       # (elsewhere one gather of down's rows: XLA merges the two identical takes)
       dx = cpu_kernels.gather_weighted_sum(down, ic, da)
       dsc, beta = dw * s, sc * s
+      if factored:
+        return acc, (dx, dsc, beta, da)
       # g_up[tc] += beta · dy and g_down[tc] += da · x (one kernel call where it runs)
       return cpu_kernels.scatter_outer_add_pair(g_up, g_down, tc, beta, dyc, da, xc), (dx, dsc)
+    if factored:
+      return acc, (dx, dsc, beta, None)
     return (cpu_kernels.scatter_outer_add(g_up, tc, beta, dyc), g_down), (dx, dsc)
 
-  init = (zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))
+  init = (None, None) if factored else (
+      zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))
   c = _chunk_size(t, hh, d, dt, fused)
   args = (x if down is not None else None, idx, scores, dy, targets, saved_a)
   if c == t:   # one chunk (TPU / GPU, the C++ kernels, or a small batch): no loop
-    (g_up, g_down), (dx, dsc) = chunk(init, args)
+    (g_up, g_down), out = chunk(init, args)
   else:
-    (g_up, g_down), (dx, dsc) = jax.lax.scan(chunk, init, _chunks(t, c, args))
-    dx, dsc = _unchunk(dx, t), _unchunk(dsc, t)
+    (g_up, g_down), out = jax.lax.scan(chunk, init, _chunks(t, c, args))
+    out = tuple(_unchunk(a, t) for a in out)
+  dx, dsc = out[:2]
+  if factored:   # the row gradients' factors, in the taps' dtypes
+    beta, alpha = out[2:]
+    g_up = RowFactors(beta.astype(acc_dtypes[0]), dy.astype(acc_dtypes[0]))
+    g_down = None if down is None else RowFactors(alpha.astype(acc_dtypes[1]),
+                                                  x.astype(acc_dtypes[1]))
   dx = None if down is None else dx.astype(x.dtype)
   return dx, dsc, g_up, g_down
 
@@ -265,13 +279,14 @@ def _lookup_sparse_fwd(x, idx, scores, up, down, tap_up, tap_down, rows, activat
 
 def _lookup_sparse_bwd(activation, res, dy):
   x, idx, scores, up, down, tap_up, tap_down, rows, a = res
-  slots = row_slots(idx, rows, up.shape[0])
-  dx, dsc, g_up, g_down = _backward(
-      x, idx, scores, up, down, dy, activation, slots, rows.shape[0],
-      (tap_up.dtype, None if tap_down is None else tap_down.dtype), a)
+  dtype = lambda tap: None if tap is None else jax.tree.leaves(tap)[0].dtype
+  # Factored taps take the row gradients' factors: no slots, no scatter.
+  slots = None if isinstance(tap_up, RowFactors) else row_slots(idx, rows, up.shape[0])
+  dx, dsc, g_up, g_down = _backward(x, idx, scores, up, down, dy, activation, slots,
+                                    rows.shape[0], (dtype(tap_up), dtype(tap_down)), a)
   return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores), None, None,
-          match_vma(g_up, tap_up), None if tap_down is None else match_vma(g_down, tap_down),
-          None)
+          jax.tree.map(match_vma, g_up, tap_up),
+          None if tap_down is None else jax.tree.map(match_vma, g_down, tap_down), None)
 
 
 _lookup_sparse.defvjp(_lookup_sparse_fwd, _lookup_sparse_bwd)
@@ -305,9 +320,14 @@ def lookup_sparse(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up
   the whole batch). The gradient of ``tap[s]`` is the table gradient of row ``rows[s]``
   (summed over every retrieval); tables are not differentiated. Taps are zeros (row-sparse
   training attaches fresh ones each step): like the Pallas kernels, their values are not
-  read.
+  read. Or both taps :class:`RowFactors` (``coefs [..., h·k]``, ``vectors [..., d]``
+  flattened over tokens, zeros): their gradients are the factors of the row gradients,
+  nothing is scattered (the rows are then those of ``indices``'s own retrievals).
   """
   tap_down, tap_up = taps
+  if isinstance(tap_up, RowFactors) and rows is not None:
+    raise ValueError("lookup_sparse: factored taps hold this call's own retrievals; they "
+                     "take no rows of a larger batch (use [U, d] taps under batch sharding)")
   rows = unique_rows(indices, up.shape[0]) if rows is None else rows
   y = _lookup_sparse(*_flat(x, indices, scores, down), up, down, tap_up, tap_down, rows,
                      activation)

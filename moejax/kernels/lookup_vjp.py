@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.kernels import activations, match_vma
-from moejax.kernels.row_plan import RowPlan, row_plan
+from moejax.kernels.row_plan import RowFactors, RowPlan, row_plan
 
 
 class LookupKernels(NamedTuple):
@@ -168,6 +168,9 @@ def make_lookup(kernels: LookupKernels):
 
   def lookup_sparse(x, indices, scores, up, down, taps, *, activation="gelu_tanh", rows=None):
     tap_down, tap_up = taps
+    if isinstance(tap_up, RowFactors):
+      raise ValueError("factored row taps are the reference lookup's (CPU); the Pallas "
+                       "kernels take [U, d] taps")
     own_rows = rows is None
     if own_rows:
       rows = jnp.zeros((0,), jnp.int32)    # unused: the slots are this call's distinct rows

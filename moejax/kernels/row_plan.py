@@ -97,3 +97,20 @@ def row_plan(indices: jax.Array, num_rows: int) -> RowPlan:
   starts = jnp.searchsorted(rows, unique, side="left").astype(jnp.int32)
   starts = jnp.concatenate([starts, jnp.full((1,), m, jnp.int32)])
   return RowPlan(order, rows, unique, starts)
+
+
+class RowFactors(NamedTuple):
+  """A table's row gradients as the lookup's factors, not written out as ``[U, d]`` rows.
+
+  coefs:   ``[T, H]`` one coefficient per retrieval (H = h·k per token).
+  vectors: ``[T, d]`` one vector per token (PEER ``down``: the layer inputs; ``up``: the
+           output gradients).
+
+  The gradient of the row retrieved at ``(t, j)`` gets ``coefs[t, j] · vectors[t]``; a
+  distinct row's gradient sums those of its retrievals. A row-sparse tap of this form
+  (zeros) receives these factors as its cotangent (``lookup_reference.lookup_sparse``),
+  and the CPU optimizer kernels rebuild each row gradient in cache from them.
+  """
+
+  coefs: jax.Array
+  vectors: jax.Array

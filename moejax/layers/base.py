@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from moejax.kernels.row_plan import RowFactors, row_slots, unique_rows
+
 
 @flax.struct.dataclass
 class Aux:
@@ -70,10 +72,10 @@ class TableParam(nnx.Param):
 
   A layer whose tables support row-sparse updates names them in a class attribute
   ``row_tables`` (e.g. ``('u', 'v')``), gives the shape ``(U,)`` of the distinct rows a
-  step can retrieve by ``row_index_shape(batch, length)`` and, when ``self.row_deltas``
-  (``{name: RowDelta}``, each ``[U, d]``) is attached, stores the distinct rows it
-  retrieved in ``self.row_index`` (a :class:`RowIndex`) and hands the deltas to its
-  lookup as row taps.
+  step can retrieve by ``row_index_shape(batch, length)`` and the shape ``(T, H)`` of its
+  retrievals by ``retrieval_shape(batch, length)``, and, when ``self.row_deltas`` is
+  attached, calls :func:`row_taps` with the indices it retrieved and hands the taps to its
+  lookup.
   """
 
 
@@ -83,13 +85,35 @@ class RowDelta(nnx.Variable):
   Row-sparse training attaches these before the forward pass and differentiates
   with respect to them instead of the table: the gradient of slot ``s`` is the
   gradient of table row ``row_index[s]``, summed over all its retrievals (see
-  ``moejax.training.row_sparse``).
+  ``moejax.training.row_sparse``). Or, factored, a pair ``{"coefs": [T, H], "vectors":
+  [T, d]}`` whose gradients are the factors of those row gradients
+  (:class:`~moejax.kernels.row_plan.RowFactors`).
   """
 
 
 class RowIndex(nnx.Variable):
   """The distinct table rows a layer retrieved in its last forward pass ``[U]`` (int32,
-  ascending, padded with the table's row count)."""
+  ascending, padded with the table's row count); with factored taps also the slot of
+  each retrieval ``[T, H]`` (``row_slots``)."""
+
+
+def row_taps(layer: nnx.Module, indices: jax.Array, num_rows: int):
+  """In a row-sparse step (``layer.row_deltas`` attached): records the distinct rows
+  ``indices [..., h, k]`` retrieves in ``layer.row_index`` (and, for factored taps, the slot
+  of each retrieval in ``layer.row_slots``); returns ``({table: tap}, rows [U])`` for the
+  lookup. Elsewhere ``(None, None)``."""
+  if getattr(layer, "row_deltas", None) is None:
+    return None, None
+  layer.row_index[...] = rows = unique_rows(indices, num_rows)
+  taps = {}
+  for name, delta in layer.row_deltas.items():
+    if isinstance(delta, RowDelta):
+      taps[name] = delta[...]
+    else:
+      taps[name] = RowFactors(delta["coefs"][...], delta["vectors"][...])
+  if getattr(layer, "row_slots", None) is not None:
+    layer.row_slots[...] = row_slots(indices, rows, num_rows).reshape(layer.row_slots.shape)
+  return taps, rows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,11 +51,11 @@ from flax import nnx
 from moejax import sharding
 from moejax import kernels
 from moejax.kernels import activations as act_lib
-from moejax.kernels.row_plan import num_unique_slots, unique_rows
+from moejax.kernels.row_plan import num_unique_slots
 from moejax.layers import query as pkq
 from moejax.layers import table_mix as tm
 from moejax.layers.base import masked_mean
-from moejax.layers.base import Aux, TableParam, register_ffn
+from moejax.layers.base import Aux, TableParam, register_ffn, row_taps
 
 # Names of moejax.kernels.activations (the one table: gelu = exact erf, gelu_tanh, ...).
 ACTIVATIONS = act_lib.NAMES
@@ -146,6 +146,10 @@ class PEER(nnx.Module):
     """Shape of the distinct rows a row-sparse step can touch: ``(U,)``."""
     return (num_unique_slots(batch * length * self.heads * self.top_k, self.u.shape[0]),)
 
+  def retrieval_shape(self, batch: int, length: int) -> tuple[int, int]:
+    """``(T, H)``: tokens and retrievals per token of a step."""
+    return batch * length, self.heads * self.top_k
+
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     ops = kernels.get(kernels.resolve(self.kernel, width=x.shape[-1]))
     raw, idx = self.retrieval(x, mask, ops=ops)            # [b, l, h, k] float32 / int32
@@ -154,10 +158,9 @@ class PEER(nnx.Module):
       idx = idx + (jnp.arange(self.heads, dtype=idx.dtype) * self.num_experts)[:, None]
     x = x.astype(self.dtype)
     # bld,blhkd->blhk; σ; × g; blhk,blhkd->bld
-    taps = rows = None
-    if getattr(self, "row_deltas", None) is not None:   # row-sparse training step
-      taps = (self.row_deltas["u"][...], self.row_deltas["v"][...])
-      self.row_index[...] = rows = unique_rows(idx, self.u.shape[0])
+    taps, rows = row_taps(self, idx, self.u.shape[0])     # row-sparse training step
+    if taps is not None:
+      taps = (taps["u"], taps["v"])
     y = tm.table_mix(x, idx, g.astype(self.dtype), down=self.u[...], up=self.v[...],
                      activation=self.activation, ops=ops, taps=taps,
                      rows=rows)

@@ -32,11 +32,11 @@ from flax import nnx
 
 from moejax import sharding
 from moejax import kernels
-from moejax.kernels.row_plan import num_unique_slots, unique_rows
+from moejax.kernels.row_plan import num_unique_slots
 from moejax.layers import query as pkq
 from moejax.layers import table_mix as tm
 from moejax.layers.base import masked_mean
-from moejax.layers.base import Aux, TableParam, register_ffn
+from moejax.layers.base import Aux, TableParam, register_ffn, row_taps
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -95,14 +95,17 @@ class PKM(nnx.Module):
     r = self.retrieval
     return (num_unique_slots(batch * length * r.heads * r.top_k, self.num_slots),)
 
+  def retrieval_shape(self, batch: int, length: int) -> tuple[int, int]:
+    """``(T, H)``: tokens and retrievals per token of a step."""
+    return batch * length, self.retrieval.heads * self.retrieval.top_k
+
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     ops = kernels.get(kernels.resolve(self.kernel, width=x.shape[-1]))
     raw, idx = self.retrieval(x, mask, ops=ops)
     g = jax.nn.softmax(raw, axis=-1)
-    taps = rows = None
-    if getattr(self, "row_deltas", None) is not None:   # row-sparse training step
-      taps = (None, self.row_deltas["values"][...])
-      self.row_index[...] = rows = unique_rows(idx, self.num_slots)
+    taps, rows = row_taps(self, idx, self.num_slots)      # row-sparse training step
+    if taps is not None:
+      taps = (None, taps["values"])
     y = tm.table_mix(None, idx, g.astype(self.dtype), up=self.values[...], ops=ops, taps=taps,
                      rows=rows)
     y = sharding.constrain(y, ("batch", "length", "embed"))

@@ -9,7 +9,9 @@ only the rows retrieved in the step:
 * gradients arrive as ``(unique rows [U], row_grads [U, d])``: each distinct row retrieved
   in the step once, its gradient summed over every retrieval (the layer's lookup computes
   these directly, see ``moejax.kernels.lookup_reference.lookup_sparse``; the Pallas kernels
-  never build a per-retrieval ``[tokens, h, k, d]`` gradient);
+  never build a per-retrieval ``[tokens, h, k, d]`` gradient). On CPU they stay as the
+  lookup's factors (:class:`FactoredRowGrads`): the clip norm and the update rebuild each
+  row in cache, and no ``[U, d]`` gradient is written or read;
 * for those rows only: ``m = b1·m + (1-b1)·g``, ``v = b2·v + (1-b2)·g²``,
   ``row -= lr · m̂ / (√v̂ + eps)`` with the bias correction of the global step;
 * every other row, and its moments, is left as it is.
@@ -23,6 +25,8 @@ M = tokens · h · k.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +79,24 @@ def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, indices: jax.
 ADAM_CHUNK_ROWS = 2048
 
 
+class FactoredRowGrads(NamedTuple):
+  """Row gradients ``g [U, d]`` as the lookup's factors (CPU, see :func:`factored_taps`):
+  ``g[s] = Σ coefs[e] · vectors[e // H]`` over the retrievals ``e`` of slot ``s``, which are
+  ``order[starts[s]:starts[s+1]]`` (``cpu_kernels.slot_runs``). ``coefs [T, H]``,
+  ``vectors [T, d]``."""
+
+  order: jax.Array
+  starts: jax.Array
+  coefs: jax.Array
+  vectors: jax.Array
+
+  def squared_norm(self) -> jax.Array:
+    return cpu_kernels.factored_sum_squares(*self)
+
+
 def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, scale=None):
-  """Lazy Adam given deduplicated ``unique [M]`` row ids (N = padding) and gradients ``g [M, d]``.
+  """Lazy Adam given deduplicated ``unique [M]`` row ids (N = padding) and gradients ``g [M, d]``
+  (or :class:`FactoredRowGrads`: on CPU each row's gradient is rebuilt in cache, none read).
 
   Returns the new ``(table, mu, nu)`` ``[N, d]``. Over chunks of :data:`ADAM_CHUNK_ROWS`
   rows (``lax.scan``, the tables as its carry): each chunk is gathered, updated and
@@ -86,6 +106,12 @@ def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, sca
   """
   count = count.astype(jnp.float32)
   c1, c2 = 1 - b1 ** count, 1 - b2 ** count
+  if isinstance(g, FactoredRowGrads):
+    if cpu_kernels.usable(table, mu, nu, g.coefs, g.vectors):
+      return cpu_kernels.factored_adam_rows(table, mu, nu, unique, *g, lr=lr, b1=b1, b2=b2,
+                                            eps=eps, c1=c1, c2=c2,
+                                            scale=1.0 if scale is None else scale)
+    g = cpu_kernels.factored_rows(*g)
   if cpu_kernels.usable(table, mu, nu, g):
     # On CPU one pass in place, skipping padding slots (~20% of them at N = 1024²).
     return cpu_kernels.adam_rows(table, mu, nu, unique, g, lr=lr, b1=b1, b2=b2, eps=eps, c1=c1,
@@ -124,7 +150,9 @@ def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, sca
 #   1. attach(model, b, l): every layer with ``row_tables`` gets zero RowDeltas ("taps")
 #      [U, d] and a RowIndex [U]; its forward stores the distinct rows it retrieved in the
 #      RowIndex and hands the taps to its lookup, whose gradient w.r.t. a tap is the
-#      summed gradient of row RowIndex[s] of the table;
+#      summed gradient of row RowIndex[s] of the table. On CPU (factored_taps) the taps are
+#      instead the lookup's factors, coefs [T, H] and vectors [T, d], plus the slot of each
+#      retrieval [T, H]: nothing [U, d] is written, the optimizer kernels rebuild each row;
 #   2. differentiate w.r.t. non-table Params and RowDeltas (tables get no gradient);
 #   3. TableAdam.row_grads pairs each table's rows with its tap gradients; the global norm
 #      for clipping covers them and the other gradients; TableAdam.apply does lazy Adam;
@@ -144,12 +172,33 @@ def _key(path, name: str) -> str:
   return "/".join(str(p) for p in path) + "/" + name
 
 
+def factored_taps(layer: nnx.Module) -> bool:
+  """Whether ``layer``'s row gradients stay as the lookup's factors (:class:`RowFactors
+  <moejax.kernels.row_plan.RowFactors>`): where its lookup is the reference one and the CPU
+  kernels run for its float32 tables (a local mesh). Written out, the ``[U, d]`` row
+  gradients were ~40% of the row-sparse PEER step's memory traffic at N = 1024² (and 1 GiB
+  of its memory). Elsewhere (TPU / GPU kernels, a sharded batch) ``[U, d]`` taps."""
+  tables = [getattr(layer, name)[...] for name in layer.row_tables]
+  return (kernels.resolve(getattr(layer, "kernel", "reference"), width=tables[0].shape[-1])
+          == "reference" and jnp.dtype(getattr(layer, "dtype", jnp.float32)) == jnp.float32
+          and cpu_kernels.usable(*tables))
+
+
 def attach(model: nnx.Module, batch: int, length: int) -> None:
   for _, layer in row_layers(model):
     shape = layer.row_index_shape(batch, length)
-    layer.row_deltas = nnx.Dict({
-        name: RowDelta(jnp.zeros(shape + (getattr(layer, name).shape[-1],), jnp.float32))
-        for name in layer.row_tables})
+    width = lambda name: getattr(layer, name).shape[-1]
+    if factored_taps(layer):
+      t, h = layer.retrieval_shape(batch, length)
+      layer.row_deltas = nnx.Dict({
+          name: nnx.Dict({"coefs": RowDelta(jnp.zeros((t, h), jnp.float32)),
+                          "vectors": RowDelta(jnp.zeros((t, width(name)), jnp.float32))})
+          for name in layer.row_tables})
+      layer.row_slots = RowIndex(jnp.zeros((t, h), jnp.int32))
+    else:
+      layer.row_deltas = nnx.Dict({
+          name: RowDelta(jnp.zeros(shape + (width(name),), jnp.float32))
+          for name in layer.row_tables})
     layer.row_index = RowIndex(jnp.zeros(shape, jnp.int32))
 
 
@@ -157,6 +206,8 @@ def detach(model: nnx.Module) -> None:
   for _, layer in row_layers(model):
     del layer.row_deltas
     del layer.row_index
+    if getattr(layer, "row_slots", None) is not None:
+      del layer.row_slots
 
 
 class TableAdam(nnx.Object):
@@ -178,22 +229,32 @@ class TableAdam(nnx.Object):
     self.b1, self.b2, self.eps = b1, b2, eps
 
   def row_grads(self, model: nnx.Module, delta_grads: nnx.State) -> dict[str, tuple]:
-    """{table key: (unique row ids [U] (N = padding), summed row gradients [U, d])}."""
+    """{table key: (unique row ids [U] (N = padding), summed row gradients [U, d] or their
+    :class:`FactoredRowGrads`)}."""
     nnx.update(model, delta_grads)          # RowDeltas now hold the row gradients
     out = {}
     for path, layer in row_layers(model):
+      rows = layer.row_index[...]
+      slots = getattr(layer, "row_slots", None)
+      runs = None if slots is None else cpu_kernels.slot_runs(slots[...], rows.shape[0])
       for name in layer.row_tables:
-        out[_key(path, name)] = (layer.row_index[...],
-                                 layer.row_deltas[name][...].astype(jnp.float32))
+        delta = layer.row_deltas[name]
+        out[_key(path, name)] = (rows, delta[...].astype(jnp.float32) if runs is None else
+                                 FactoredRowGrads(*runs, delta["coefs"][...],
+                                                  delta["vectors"][...]))
     return out
 
   def squared_norm(self, model: nnx.Module, rows: dict[str, tuple]) -> jax.Array:
     """Σ of every table's squared row gradients (from ``row_grads``): their share of the
     global clip norm. On CPU a kernel that skips the padding slots
-    (``cpu_kernels.sum_squares_rows``)."""
-    return sum(cpu_kernels.sum_squares_rows(*rows[_key(path, name)],
-                                            getattr(layer, name).shape[0])
-               for path, layer in row_layers(model) for name in layer.row_tables)
+    (``cpu_kernels.sum_squares_rows``), or rebuilds each row from its factors."""
+    total = jnp.zeros((), jnp.float32)
+    for path, layer in row_layers(model):
+      for name in layer.row_tables:
+        unique, g = rows[_key(path, name)]
+        total += (g.squared_norm() if isinstance(g, FactoredRowGrads) else
+                  cpu_kernels.sum_squares_rows(unique, g, getattr(layer, name).shape[0]))
+    return total
 
   def apply(self, model: nnx.Module, rows: dict[str, tuple], count: jax.Array,
             scale: jax.Array | float = 1.0) -> None:

@@ -423,3 +423,60 @@ def test_grouped_matmuls_from_several_threads_agree():
     t.join()
   for g in got:
     chex.assert_trees_all_equal(g, want)
+
+
+def _factors(t, h, d, u, seed, hot_row=False):
+  """Slots [t, h] of u slots (some unused: padding), coefs [t, h], vectors [t, d]; with
+  ``hot_row`` one slot taken by many retrievals (a run past the pairwise limit)."""
+  ks = jax.random.split(jax.random.key(seed), 3)
+  slots = jax.random.randint(ks[0], (t, h), 0, max(1, u - 3))   # the last 3 slots: padding
+  if hot_row:
+    slots = slots.at[:, 0].set(0)
+  return (slots.astype(jnp.int32), jax.random.normal(ks[1], (t, h)),
+          jax.random.normal(ks[2], (t, d)))
+
+
+@pytest.mark.parametrize("t,h,d,u,hot", [(1, 1, 1, 4, False), (23, 12, 40, 200, False),
+                                         (300, 16, 256, 4000, True), (64, 4, 24, 3000, False)])
+def test_slot_runs_and_factored_sum_squares(t, h, d, u, hot):
+  """slot_runs is a stable grouping by slot; the factored norm equals the sum of squares
+  of the written-out row gradients (and of the scatter kernel's) to rounding."""
+  slots, coefs, vectors = _factors(t, h, d, u, seed=t, hot_row=hot)
+  runs = jax.jit(cpu_kernels.slot_runs, static_argnums=1)
+  assert cpu_kernels.SLOT_RUNS in runs.lower(slots, u).as_text()
+  order, starts = runs(slots, u)
+  flat = np.asarray(slots).reshape(-1)
+  np.testing.assert_array_equal(order, np.argsort(flat, kind="stable"))
+  np.testing.assert_array_equal(starts, np.searchsorted(np.sort(flat), np.arange(u + 1)))
+  g = cpu_kernels.factored_rows(order, starts, coefs, vectors)
+  scattered = cpu_kernels.scatter_outer_add(jax.ShapeDtypeStruct((u, d), jnp.float32), slots,
+                                            coefs, vectors)
+  chex.assert_trees_all_close(g, scattered, rtol=1e-5, atol=1e-5)
+  got = jax.jit(cpu_kernels.factored_sum_squares)(order, starts, coefs, vectors)
+  want = np.sum(np.asarray(scattered, np.float64) ** 2)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_factored_adam_rows_equals_adam_rows_on_the_written_out_rows():
+  """Bit for bit, padding slots skipped, other rows untouched, in place."""
+  n, d, t, h = 5000, 24, 300, 8
+  slots, coefs, vectors = _factors(t, h, d, u=2000, seed=5, hot_row=True)
+  order, starts = cpu_kernels.slot_runs(slots, 2000)
+  rows = jnp.where(jnp.arange(2000) < 2000 - 3, jnp.arange(2000) * 2 + 1, n).astype(jnp.int32)
+  ks = jax.random.split(jax.random.key(6), 3)
+  table, mu = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (n, d)) * 0.1
+  nu = jax.random.uniform(ks[2], (n, d))
+  hyper = dict(lr=jnp.float32(1e-2), b1=0.9, b2=0.999, eps=1e-8, c1=jnp.float32(0.271),
+               c2=jnp.float32(0.003), scale=jnp.float32(0.7))
+  factored = jax.jit(lambda *a: cpu_kernels.factored_adam_rows(*a, **hyper))
+  assert cpu_kernels.FACTORED_ADAM_ROWS in _lowered_text(
+      lambda *a: cpu_kernels.factored_adam_rows(*a, **hyper), table, mu, nu, rows, order, starts,
+      coefs, vectors)
+  got = factored(table, mu, nu, rows, order, starts, coefs, vectors)
+  g = cpu_kernels.scatter_outer_add(jax.ShapeDtypeStruct((2000, d), jnp.float32), slots, coefs,
+                                    vectors)   # the rows the [U, d] path writes out
+  want = jax.jit(lambda *a: cpu_kernels.adam_rows(*a, **hyper))(table, mu, nu, rows, g)
+  chex.assert_trees_all_equal(got, want)
+  untouched = np.setdiff1d(np.arange(n), np.asarray(rows))
+  chex.assert_trees_all_equal([a[untouched] for a in got],
+                              [table[untouched], mu[untouched], nu[untouched]])

@@ -31,9 +31,11 @@ def _lm_config(kind, kernel, update="dense"):
 @pytest.mark.parametrize("kind,update", [("peer", "dense"), ("peer", "row_sparse"),
                                          ("pkm", "dense")])
 def test_lm_with_interpreted_kernels_matches_reference(kind, update):
-  """20 train steps: the Pallas kernels (TPU interpret mode) give the reference's losses."""
-  ref = train_losses(_lm_config(kind, "reference", update), 20)
-  got = train_losses(_lm_config(kind, "interpret", update), 20)
+  """8 train steps: the Pallas kernels (TPU interpret mode) give the reference's losses.
+  (Each interpreted step takes seconds on CPU; 8 steps move the tables well past their
+  initial values, and the losses must still agree.)"""
+  ref = train_losses(_lm_config(kind, "reference", update), 8)
+  got = train_losses(_lm_config(kind, "interpret", update), 8)
   np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
   assert ref[-1] < ref[0]
 
