@@ -539,13 +539,17 @@ ffi::Error SlotRunsImpl(ffi::Buffer<ffi::S32> slots, ffi::ResultBuffer<ffi::S32>
                         ffi::ResultBuffer<ffi::S32> starts) {
   const int64_t m = static_cast<int64_t>(slots.element_count());
   const int64_t u = static_cast<int64_t>(starts->element_count()) - 1;
-  if (u < 0 || static_cast<int64_t>(order->element_count()) != m) {
-    return ffi::Error::InvalidArgument("slot_runs: slots [M], order [M], starts [U + 1]");
+  if (u < 0 || static_cast<int64_t>(order->element_count()) != m ||
+      m > std::numeric_limits<int32_t>::max()) {
+    return ffi::Error::InvalidArgument("slot_runs: slots [M < 2^31], order [M], starts [U + 1]");
   }
-  const Runs runs = CountingSort(slots.typed_data(), m, u);
-  int32_t* o = order->typed_data();
-  std::copy(runs.order.begin(), runs.order.end(), o);
-  std::fill(o + runs.order.size(), o + m, 0);   // retrievals of no slot: not read
+  const int32_t* ids = slots.typed_data();
+  // Every retrieval has a slot (row_slots): the factored norm's diagonal sums them all.
+  if (std::any_of(ids, ids + m, [u](int32_t s) { return s < 0 || s >= u; })) {
+    return ffi::Error::InvalidArgument("slot_runs: every slot must be in [0, U)");
+  }
+  const Runs runs = CountingSort(ids, m, u);
+  std::copy(runs.order.begin(), runs.order.end(), order->typed_data());
   int32_t* st = starts->typed_data();
   for (int64_t b = 0; b <= u; ++b) st[b] = static_cast<int32_t>(runs.start[b]);
   return ffi::Error::Success();
@@ -645,7 +649,8 @@ ffi::Error FactoredSumSquaresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> or
   });
   double total = 0.0;
   for (double p : partial) total += p;
-  *out->typed_data() = static_cast<float>(total);
+  // (Rounding in a long run's |g|^2 - diag could take a sum of squares below zero.)
+  *out->typed_data() = static_cast<float>(std::max(total, 0.0));
   return ffi::Error::Success();
 }
 

@@ -371,8 +371,8 @@ def sum_squares_rows(rows: jax.Array, g: jax.Array, num_rows: int) -> jax.Array:
 
 
 def slot_runs(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
-  """The retrievals grouped by slot (a stable counting sort): ``slots [T, H]`` int32 in
-  ``[0, num_slots)`` -> ``order [T·H]`` (retrieval ids, by slot, ascending within a slot)
+  """The retrievals grouped by slot (a stable counting sort): ``slots [T, H]`` int32, each
+  in ``[0, num_slots)`` (the kernel rejects others) -> ``order [T·H]`` (retrieval ids, by slot, ascending within a slot)
   and ``starts [num_slots + 1]``: slot ``s``'s retrievals are ``order[starts[s]:starts[s+1]]``."""
   slots = slots.astype(jnp.int32)
   m = slots.size
@@ -398,8 +398,8 @@ def factored_rows(order, starts, coefs, vectors) -> jax.Array:
 def factored_sum_squares(order: jax.Array, starts: jax.Array, coefs: jax.Array,
                          vectors: jax.Array) -> jax.Array:
   """``Σ_s |g[s]|²`` (float32 scalar): :func:`sum_squares_rows` of the written-out
-  gradients, bit for bit, from ``order, starts`` (:func:`slot_runs`), ``coefs [T, H]``,
-  ``vectors [T, d]``."""
+  gradients to rounding (summed in another order), from ``order, starts``
+  (:func:`slot_runs`), ``coefs [T, H]``, ``vectors [T, d]``."""
   if not usable(coefs, vectors):
     g = factored_rows(order, starts, coefs, vectors)
     return jnp.sum(g * g)

@@ -12,7 +12,9 @@ Two gradient forms of the tables:
 * :func:`lookup_sparse` — row-sparse: the tables get no gradient; each table has a *tap*
   ``[U, d]`` (zeros) on its rows ``unique_rows(indices, N)``, and the tap's gradient is
   the table gradient of exactly those rows, summed over repeats. Lazy Adam
-  (``moejax.training.row_sparse``) consumes (unique rows, tap gradients) as they are.
+  (``moejax.training.row_sparse``) consumes (unique rows, tap gradients) as they are. On
+  CPU the taps can instead be :class:`~moejax.kernels.row_plan.RowFactors`, whose gradients
+  are the factors of those rows (nothing ``[U, d]`` is written).
 
 Both run over chunks of tokens (``lax.map`` / ``lax.scan``, :data:`CHUNK_BYTES` of
 gathered rows ``[c, h·k, d]`` per chunk): a chunk's rows are contracted while in cache, so
@@ -236,11 +238,10 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
     (g_up, g_down), out = jax.lax.scan(chunk, init, _chunks(t, c, args))
     out = tuple(_unchunk(a, t) for a in out)
   dx, dsc = out[:2]
-  if factored:   # the row gradients' factors, in the taps' dtypes
+  if factored:   # the row gradients' factors (the caller casts them to the taps' dtypes)
     beta, alpha = out[2:]
-    g_up = RowFactors(beta.astype(acc_dtypes[0]), dy.astype(acc_dtypes[0]))
-    g_down = None if down is None else RowFactors(alpha.astype(acc_dtypes[1]),
-                                                  x.astype(acc_dtypes[1]))
+    g_up = RowFactors(beta, dy)
+    g_down = None if down is None else RowFactors(alpha, x)
   dx = None if down is None else dx.astype(x.dtype)
   return dx, dsc, g_up, g_down
 
@@ -279,14 +280,17 @@ def _lookup_sparse_fwd(x, idx, scores, up, down, tap_up, tap_down, rows, activat
 
 def _lookup_sparse_bwd(activation, res, dy):
   x, idx, scores, up, down, tap_up, tap_down, rows, a = res
-  dtype = lambda tap: None if tap is None else jax.tree.leaves(tap)[0].dtype
+  factored = isinstance(tap_up, RowFactors)
   # Factored taps take the row gradients' factors: no slots, no scatter.
-  slots = None if isinstance(tap_up, RowFactors) else row_slots(idx, rows, up.shape[0])
-  dx, dsc, g_up, g_down = _backward(x, idx, scores, up, down, dy, activation, slots,
-                                    rows.shape[0], (dtype(tap_up), dtype(tap_down)), a)
+  slots = None if factored else row_slots(idx, rows, up.shape[0])
+  dx, dsc, g_up, g_down = _backward(
+      x, idx, scores, up, down, dy, activation, slots, rows.shape[0],
+      (None, None) if factored else (tap_up.dtype, None if tap_down is None else tap_down.dtype),
+      a)
+  # (each cotangent in its tap's dtype)
+  like = lambda g, tap: jax.tree.map(lambda a, b: match_vma(a.astype(b.dtype), b), g, tap)
   return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores), None, None,
-          jax.tree.map(match_vma, g_up, tap_up),
-          None if tap_down is None else jax.tree.map(match_vma, g_down, tap_down), None)
+          like(g_up, tap_up), None if tap_down is None else like(g_down, tap_down), None)
 
 
 _lookup_sparse.defvjp(_lookup_sparse_fwd, _lookup_sparse_bwd)
@@ -320,9 +324,9 @@ def lookup_sparse(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up
   the whole batch). The gradient of ``tap[s]`` is the table gradient of row ``rows[s]``
   (summed over every retrieval); tables are not differentiated. Taps are zeros (row-sparse
   training attaches fresh ones each step): like the Pallas kernels, their values are not
-  read. Or both taps :class:`RowFactors` (``coefs [..., h·k]``, ``vectors [..., d]``
-  flattened over tokens, zeros): their gradients are the factors of the row gradients,
-  nothing is scattered (the rows are then those of ``indices``'s own retrievals).
+  read. Or both taps :class:`RowFactors` (zeros ``coefs [T, h·k]`` and ``vectors [T, d]``,
+  T the tokens of ``indices [..., h, k]`` flattened): their gradients are the factors of
+  the row gradients and nothing is scattered (no ``rows`` then: the call's own retrievals).
   """
   tap_down, tap_up = taps
   if isinstance(tap_up, RowFactors) and rows is not None:

@@ -181,6 +181,7 @@ def factored_taps(layer: nnx.Module) -> bool:
   tables = [getattr(layer, name)[...] for name in layer.row_tables]
   return (kernels.resolve(getattr(layer, "kernel", "reference"), width=tables[0].shape[-1])
           == "reference" and jnp.dtype(getattr(layer, "dtype", jnp.float32)) == jnp.float32
+          and not sharding.mesh_axes("batch")   # table_mix's batch-parallel lookup: [U, d]
           and cpu_kernels.usable(*tables))
 
 

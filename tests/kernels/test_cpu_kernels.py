@@ -445,6 +445,9 @@ def test_slot_runs_and_factored_sum_squares(t, h, d, u, hot):
   runs = jax.jit(cpu_kernels.slot_runs, static_argnums=1)
   assert cpu_kernels.SLOT_RUNS in runs.lower(slots, u).as_text()
   order, starts = runs(slots, u)
+  with pytest.raises((ValueError, jax.errors.JaxRuntimeError),
+                     match=r"every slot must be in \[0, U\)"):
+    jax.block_until_ready(runs(slots.at[0, 0].set(u), u))
   flat = np.asarray(slots).reshape(-1)
   np.testing.assert_array_equal(order, np.argsort(flat, kind="stable"))
   np.testing.assert_array_equal(starts, np.searchsorted(np.sort(flat), np.arange(u + 1)))
