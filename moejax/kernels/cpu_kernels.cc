@@ -444,6 +444,35 @@ inline void AdamRow(const AdamHyper hy, const float* __restrict g, float* __rest
   }
 }
 
+// For each slot s with row = rows[s] in [0, N) (others skipped), the Adam update of
+// table[row], mu[row], nu[row] in place with gradient grad(s, scratch) (a pointer to d
+// floats; scratch is this thread's [d] buffer). The rows kAhead slots on are prefetched.
+template <typename Grad>
+void AdamOnRows(ffi::ThreadPool& pool, ffi::ResultBuffer<ffi::F32>& table,
+                ffi::ResultBuffer<ffi::F32>& mu, ffi::ResultBuffer<ffi::F32>& nu,
+                ffi::Buffer<ffi::S32>& rows, const AdamHyper hy, const Grad& grad) {
+  const int64_t n = table->dimensions()[0], d = table->dimensions()[1];
+  float* p = table->typed_data();
+  float* mo = mu->typed_data();
+  float* vo = nu->typed_data();
+  const int32_t* rs = rows.typed_data();
+  ParallelFor(pool, static_cast<int64_t>(rows.element_count()), 256,
+              [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(d);
+    for (int64_t s = begin; s < end; ++s) {
+      if (s + kAhead < end && rs[s + kAhead] >= 0 && rs[s + kAhead] < n) {
+        const int64_t next = rs[s + kAhead] * d;
+        PrefetchRow(p + next, d);
+        PrefetchRow(mo + next, d);
+        PrefetchRow(vo + next, d);
+      }
+      const int64_t row = rs[s];
+      if (row < 0 || row >= n) continue;
+      AdamRow(hy, grad(s, scratch.data()), p + row * d, mo + row * d, vo + row * d, d);
+    }
+  });
+}
+
 // Lazy Adam on the rows of a table and its moments (moejax.training.row_sparse), in place
 // (outputs alias inputs 0-2): for each slot s with row = rows[s] in [0, N) (others skipped):
 //   g = grads[s] * scale;  m = b1·mu[row] + (1-b1)·g;  v = b2·nu[row] + (1-b2)·g²;
@@ -464,27 +493,10 @@ ffi::Error AdamRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
       nu_out->typed_data() != nu.typed_data()) {
     return ffi::Error::InvalidArgument("adam_rows: outputs must alias table, mu, nu");
   }
-  const int64_t n = td[0], d = td[1];
-  const int64_t m = static_cast<int64_t>(rows.element_count());
-  const AdamHyper hy(hyper.typed_data());
-  float* p = table_out->typed_data();
-  float* mo = mu_out->typed_data();
-  float* vo = nu_out->typed_data();
-  const int32_t* rs = rows.typed_data();
   const float* gs = grads.typed_data();
-  ParallelFor(pool, m, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      if (s + kAhead < end && rs[s + kAhead] >= 0 && rs[s + kAhead] < n) {
-        const int64_t next = rs[s + kAhead] * d;
-        PrefetchRow(p + next, d);
-        PrefetchRow(mo + next, d);
-        PrefetchRow(vo + next, d);
-      }
-      const int64_t row = rs[s];
-      if (row < 0 || row >= n) continue;
-      AdamRow(hy, gs + s * d, p + row * d, mo + row * d, vo + row * d, d);
-    }
-  });
+  const int64_t d = td[1];
+  AdamOnRows(pool, table_out, mu_out, nu_out, rows, AdamHyper(hyper.typed_data()),
+             [&](int64_t s, float*) { return gs + s * d; });
   return ffi::Error::Success();
 }
 
@@ -677,28 +689,16 @@ ffi::Error FactoredAdamRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tabl
       nu_out->typed_data() != nu.typed_data()) {
     return ffi::Error::InvalidArgument("factored_adam_rows: outputs must alias table, mu, nu");
   }
-  const int64_t n = td[0], d = td[1];
-  const AdamHyper hy(hyper.typed_data());
-  float* p = table_out->typed_data();
-  float* mo = mu_out->typed_data();
-  float* vo = nu_out->typed_data();
-  const int32_t* rs = rows.typed_data();
-  ParallelFor(pool, f.u, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> g(d);
-    for (int64_t s = begin; s < end; ++s) {
-      if (s + kAhead < end && rs[s + kAhead] >= 0 && rs[s + kAhead] < n) {
-        const int64_t next = rs[s + kAhead] * d;
-        PrefetchRow(p + next, d);
-        PrefetchRow(mo + next, d);
-        PrefetchRow(vo + next, d);
-      }
-      const int64_t row = rs[s];
-      if (row < 0 || row >= n) continue;
-      if (s + 1 < end && !f.Empty(s + 1)) PrefetchRow(f.vec + f.order[f.starts[s + 1]] / f.h * d, d);
-      f.Row(s, g.data());
-      AdamRow(hy, g.data(), p + row * d, mo + row * d, vo + row * d, d);
-    }
-  });
+  const int64_t d = td[1];
+  AdamOnRows(pool, table_out, mu_out, nu_out, rows, AdamHyper(hyper.typed_data()),
+             [&](int64_t s, float* g) {
+               // the next slot's first token row of vec, from L3
+               if (s + 1 < f.u && !f.Empty(s + 1)) {
+                 PrefetchRow(f.vec + f.order[f.starts[s + 1]] / f.h * d, d);
+               }
+               f.Row(s, g);
+               return static_cast<const float*>(g);
+             });
   return ffi::Error::Success();
 }
 
