@@ -135,12 +135,16 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // How many retrievals ahead the row kernels prefetch. A 1 KiB row is 16 cache lines
 // that the hardware prefetcher, which does not cross 4 KiB pages or guess random jumps,
 // would fetch one miss at a time.
-constexpr int64_t kAhead = 8;
+constexpr int64_t kAhead = 16;
 
-// Asks for the cache lines of row [d] (a hint: no fault, no effect on results).
+// Asks for the cache lines of row [d] (a hint: no fault, no effect on results), into L2
+// (locality 1): 16 rows ahead into L2 kept more misses in flight than 8 into L1, whose
+// few fill buffers the prefetches then held. Random 1 KiB rows of 1 GiB tables, 4096 x 128
+// retrievals, two threads: gather_dot / gather_weighted_sum 81-93 -> 61-68 ms, adam_rows
+// (412K rows) 135-140 -> 130-132 ms; unchanged on cache-resident tables.
 inline void PrefetchRow(const float* row, int64_t d) {
   constexpr int64_t kLine = 64 / sizeof(float);
-  for (int64_t l = 0; l < d; l += kLine) __builtin_prefetch(row + l);
+  for (int64_t l = 0; l < d; l += kLine) __builtin_prefetch(row + l, 0, 1);
 }
 
 // out[i] = table[clip(indices[i], 0, N - 1)] for table [N, d], out [..., d]. Rows are
