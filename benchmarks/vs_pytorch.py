@@ -32,7 +32,7 @@ Ends with the issue's goals, measured value, met / not met.
 Memory: the PyTorch / moejax pairs run on glibc's default malloc, as in a notebook (with
 --keep_freed_memory both on train.py's setting, moejax.host_memory). The moejax-only parts
 c and f measure train.py's step, so they run in a child process set up as train.py sets
-itself up (freed memory kept), one program at a time.
+itself up (freed memory kept), the big dense step alone, the rest round-robin.
 
 Conventions: PEER-pytorch's ``dim_key`` is the size of ONE sub-key half and its keys are
 per head; moejax's ``d_key`` is the whole query (two halves). So moejax d_key = 128 with
@@ -391,16 +391,24 @@ def lm_step_fn(a, n: int, update: str):
 
 
 def lm_step_times(a) -> dict[str, float]:
-  """c. Median seconds per step, ``{"<update> N=<n>²": s}``, one program alive at a time
-  (two 1024² states with their Adam moments would crowd a 24 GiB host)."""
+  """c. Median seconds per step, ``{"<update> N=<n>²": s}``. The dense N = a.n step runs
+  alone (two such states with their Adam moments would crowd a 24 GiB host), then the
+  other three round-robin, so that the row-sparse N = a.n / a.n_small ratio is measured
+  side by side (on a shared host a load change between two separate timings moved it by
+  more than the effect being measured)."""
   out = {}
-  for n in (a.n, a.n_small):
-    for update in ("dense", "row_sparse"):
-      fn = lm_step_fn(a, n, update)
+
+  def timed(keys):
+    fns = [lm_step_fn(a, n, update) for n, update in keys]
+    for fn in fns:
       _ready(fn())   # + round_robin's warm-up call: the first steps still grow the heap
-      out[f"{update} N={n}²"] = round_robin([fn], a.iters)[0]
-      del fn
-      gc.collect()
+    for (n, update), t in zip(keys, round_robin(fns, a.iters)):
+      out[f"{update} N={n}²"] = t
+    del fns
+    gc.collect()
+
+  timed([(a.n, "dense")])
+  timed([(a.n, "row_sparse"), (a.n_small, "row_sparse"), (a.n_small, "dense")])
   return out
 
 
@@ -638,7 +646,8 @@ def main(argv=None):
       print(f"\n### LM train step (2 blocks, PEER in block 1), d_model = {a.peer_d}, "
             f"{a.batch * a.length} tokens ({a.batch} × {a.length}), h = {a.heads}, k = {a.top_k}, "
             f"d_key = {a.d_key}, query_norm = {a.lm_query_norm} (moejax only; a child process, "
-            f"one program at a time, freed memory kept as in train.py: {kept})")
+            f"the dense N = {a.n}² step alone, the others round-robin, freed memory kept as in "
+            f"train.py: {kept})")
       print("dense: optax Adam over the whole [N, d] tables; row_sparse: lazy Adam on the "
             "retrieved rows only")
       print("| N | dense ms | row_sparse ms | dense / row_sparse |\n|---|---|---|---|")
