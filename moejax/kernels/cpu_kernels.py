@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import kernels
-from moejax.kernels import attention_reference
+from moejax.kernels import attention_reference, row_plan
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,8 @@ def sum_squares_rows(rows: jax.Array, g: jax.Array, num_rows: int) -> jax.Array:
 
 # Row gradients as the lookup's factors (training.row_sparse on CPU): slot s's gradient is
 # g[s] = Σ_{e: slots[e] = s} coefs[e] · vectors[e // H], in retrieval order. The kernels only
-# (callers check :func:`usable`); the XLA form is :func:`factored_rows` and the [U, d] kernels.
+# (callers check :func:`usable`); the XLA form is :func:`row_plan.run_sums` and the [U, d]
+# kernels.
 
 
 def slot_runs(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
@@ -386,22 +387,13 @@ def slot_runs(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
                                 vmap_method="sequential")(slots))
 
 
-def factored_rows(order, starts, coefs, vectors) -> jax.Array:
-  """``g [U, d]`` written out from the factors (XLA ops): the reference of the kernels below."""
-  m, h = coefs.size, coefs.shape[-1]
-  u = starts.shape[0] - 1
-  slot = jnp.searchsorted(starts[1:], jnp.arange(m), side="right")   # slot of order[q]
-  contrib = coefs.reshape(-1)[order][:, None] * vectors[order // h]
-  return jax.ops.segment_sum(contrib, slot, num_segments=u, indices_are_sorted=True)
-
-
 def factored_sum_squares(order: jax.Array, starts: jax.Array, coefs: jax.Array,
                          vectors: jax.Array) -> jax.Array:
   """``Σ_s |g[s]|²`` (float32 scalar): :func:`sum_squares_rows` of the written-out
   gradients to rounding (summed in another order), from ``order, starts``
   (:func:`slot_runs`), ``coefs [T, H]``, ``vectors [T, d]``."""
   if not usable(coefs, vectors):
-    g = factored_rows(order, starts, coefs, vectors)
+    g = row_plan.run_sums(order, starts, coefs, vectors)
     return jnp.sum(g * g)
   operands = _same_vma(order, starts, coefs, vectors)
   out = jax.typeof(operands[2]).update(shape=())

@@ -332,7 +332,10 @@ def lookup_sparse(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up
   if isinstance(tap_up, RowFactors) and rows is not None:
     raise ValueError("lookup_sparse: factored taps hold this call's own retrievals; they "
                      "take no rows of a larger batch (use [U, d] taps under batch sharding)")
-  rows = unique_rows(indices, up.shape[0]) if rows is None else rows
+  if isinstance(tap_up, RowFactors):
+    rows = jnp.zeros((0,), jnp.int32)   # not read: the factored backward scatters nothing
+  elif rows is None:
+    rows = unique_rows(indices, up.shape[0])
   y = _lookup_sparse(*_flat(x, indices, scores, down), up, down, tap_up, tap_down, rows,
                      activation)
   return y.reshape(indices.shape[:-2] + (up.shape[-1],))

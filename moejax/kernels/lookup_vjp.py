@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.kernels import activations, match_vma
-from moejax.kernels.row_plan import RowFactors, RowPlan, row_plan
+from moejax.kernels.row_plan import RowFactors, RowPlan, row_plan, run_sums
 
 
 class LookupKernels(NamedTuple):
@@ -73,11 +73,7 @@ def _jax_token_backward(x, idx, scores, up, down, dy, activation):
 
 def _jax_row_backward(plan: RowPlan, vectors, coefs, num_rows, dense, out_dtype=jnp.float32):
   del out_dtype   # f32; the glue casts
-  h = plan.order.shape[0] // vectors.shape[0]
-  contrib = coefs[plan.order][:, None] * vectors[plan.order // h].astype(jnp.float32)
-  seg = jnp.searchsorted(plan.starts[1:], jnp.arange(plan.order.shape[0]), side="right")
-  compact = jax.ops.segment_sum(contrib, seg, num_segments=plan.unique.shape[0],
-                                indices_are_sorted=True)
+  compact = run_sums(plan.order, plan.starts, coefs, vectors)
   if not dense:
     return compact
   return jnp.zeros((num_rows, vectors.shape[-1]), jnp.float32).at[plan.unique].set(

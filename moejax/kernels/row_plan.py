@@ -4,7 +4,8 @@ A lookup's table gradient is a sum over retrievals per table row. Sorting the M 
 retrieved row ids once gives, for each distinct row, the contiguous run of retrievals
 that touched it; a backward kernel then sums each run into one row without atomics
 (deterministic on every backend), writing either a dense ``[N, d]`` gradient or the
-compact ``[U, d]`` rows that lazy Adam consumes. Integers only: O(M log M), no ``d``.
+compact ``[U, d]`` rows that lazy Adam consumes. The plan is integers only: O(M log M),
+no ``d``; :func:`run_sums` is those sums in XLA ops.
 """
 
 from __future__ import annotations
@@ -97,6 +98,20 @@ def row_plan(indices: jax.Array, num_rows: int) -> RowPlan:
   starts = jnp.searchsorted(rows, unique, side="left").astype(jnp.int32)
   starts = jnp.concatenate([starts, jnp.full((1,), m, jnp.int32)])
   return RowPlan(order, rows, unique, starts)
+
+
+def run_sums(order: jax.Array, starts: jax.Array, coefs: jax.Array,
+             vectors: jax.Array) -> jax.Array:
+  """Each run's sum, in float32 (XLA ops): ``out[u] = Σ coefs[e] · vectors[e // H]`` over
+  the retrievals ``e = order[q]``, ``q`` in ``[starts[u], starts[u+1])``. ``coefs [M]`` (or
+  ``[T, H]``, M = T·H) in retrieval order, ``vectors [T, d]`` -> ``[U, d]`` with ``U =
+  starts.shape[0] - 1``: a table's compact row gradients from the lookup's factors."""
+  m = order.shape[0]
+  h = m // vectors.shape[0]
+  contrib = coefs.reshape(-1)[order][:, None] * vectors[order // h].astype(jnp.float32)
+  run = jnp.searchsorted(starts[1:], jnp.arange(m), side="right")   # run of order[q]
+  return jax.ops.segment_sum(contrib, run, num_segments=starts.shape[0] - 1,
+                             indices_are_sorted=True)
 
 
 class RowFactors(NamedTuple):

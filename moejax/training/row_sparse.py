@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import kernels, sharding
-from moejax.kernels import cpu_kernels
+from moejax.kernels import cpu_kernels, row_plan
 from moejax.layers.base import RowDelta, RowIndex
 
 
@@ -111,7 +111,7 @@ def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, sca
       return cpu_kernels.factored_adam_rows(table, mu, nu, unique, *g, lr=lr, b1=b1, b2=b2,
                                             eps=eps, c1=c1, c2=c2,
                                             scale=1.0 if scale is None else scale)
-    g = cpu_kernels.factored_rows(*g)
+    g = row_plan.run_sums(*g)
   if cpu_kernels.usable(table, mu, nu, g):
     # On CPU one pass in place, skipping padding slots (~20% of them at N = 1024²).
     return cpu_kernels.adam_rows(table, mu, nu, unique, g, lr=lr, b1=b1, b2=b2, eps=eps, c1=c1,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from moejax import kernels
-from moejax.kernels import retrieval_reference, cpu_kernels
+from moejax.kernels import retrieval_reference, cpu_kernels, row_plan
 
 
 def _lowered_text(f, *args) -> str:
@@ -451,7 +451,7 @@ def test_slot_runs_and_factored_sum_squares(t, h, d, u, hot):
   flat = np.asarray(slots).reshape(-1)
   np.testing.assert_array_equal(order, np.argsort(flat, kind="stable"))
   np.testing.assert_array_equal(starts, np.searchsorted(np.sort(flat), np.arange(u + 1)))
-  g = cpu_kernels.factored_rows(order, starts, coefs, vectors)
+  g = row_plan.run_sums(order, starts, coefs, vectors)
   scattered = cpu_kernels.scatter_outer_add(jax.ShapeDtypeStruct((u, d), jnp.float32), slots,
                                             coefs, vectors)
   chex.assert_trees_all_close(g, scattered, rtol=1e-5, atol=1e-5)
