@@ -339,10 +339,12 @@ Runs CountingSort(const int32_t* ids, int64_t m, int64_t r) {
 
 // y[0, d) = sum over q in [begin, end), in order, of coef[order[q]] * vec[order[q] / h]:
 // one row's gradient from the lookup's factors (coef per retrieval, vec [T, d] per token).
+constexpr int64_t kRunAhead = 4;
 inline void RunSum(const int32_t* order, int64_t begin, int64_t end, const float* coef,
                    const float* vec, int64_t h, int64_t d, float* __restrict y) {
   std::fill(y, y + d, 0.f);
   for (int64_t q = begin; q < end; ++q) {
+    if (q + kRunAhead < end) PrefetchRow(vec + (order[q + kRunAhead] / h) * d, d);
     const int64_t p = order[q];
     const float c = coef[p];
     const float* __restrict v = vec + (p / h) * d;
