@@ -368,7 +368,7 @@ void ScatterOuterRows(ffi::ThreadPool& pool, const int32_t* tg, int64_t t, int64
   int64_t width = 0;
   bool stream = false;
   for (const auto& sc : scatters) width = std::max(width, sc.d), stream |= sc.stream;
-  ParallelFor(pool, r, 4096, [&](int64_t begin, int64_t end) {
+  ParallelFor(pool, r, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(width);
     for (int64_t row = begin; row < end; ++row) {
       for (const OuterScatter& sc : scatters) {
