@@ -24,23 +24,16 @@ so part of it overlaps other work (2026-11-28: +320 ms alone, +256 ms in the ste
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import statistics
 import sys
-import time
 
 from moejax import host_memory
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:   # the sibling scripts, when this file is loaded by path (tests)
+  sys.path.insert(0, _HERE)
+
 D_ROW = 256   # expert row width of the shape (d = 256)
-
-
-def _sibling(name: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = sys.modules[name] = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def row_kernel_fns(n: int, tokens: int, retrievals: int, seed: int = 0):
@@ -109,11 +102,12 @@ def main(argv=None):
   a = p.parse_args(argv)
   kept = host_memory.keep_freed_memory()   # as train.py, before JAX's first computation
   import jax
-  vs = _sibling("vs_pytorch")
+  import peer
+  import vs_pytorch as vs
   tokens, retrievals = a.batch * a.length, a.heads * a.top_k
   sizes = (a.n_small, a.n)
 
-  steps = [_sibling("peer").lm_train_step(
+  steps = [peer.lm_train_step(
       n, "row_sparse", d_model=D_ROW, heads=a.heads, top_k=a.top_k, d_key=128,
       query_norm="batch", batch=a.batch, length=a.length) for n in sizes]
   kernels, uniques = {}, {}
