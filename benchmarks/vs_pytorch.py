@@ -568,6 +568,7 @@ def flops_fraction(iters: int) -> tuple[float, float, float]:
 
 def machine_line(torch) -> str:
   import jax
+  from moejax.kernels import cpu_kernels
   cpu = platform.processor() or "?"
   try:
     with open("/proc/cpuinfo") as f:
@@ -576,7 +577,9 @@ def machine_line(torch) -> str:
     pass
   return (f"machine: {cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}, "
           f"JAX {jax.devices()[0].platform} × {jax.device_count()}); torch {torch.__version__}, "
-          f"jax {jax.__version__}; {datetime.datetime.now().isoformat(timespec='seconds')}")
+          f"jax {jax.__version__}; moejax CPU kernels "
+          f"{'built' if cpu_kernels.available() else 'NOT built (XLA ops instead)'}; "
+          f"{datetime.datetime.now().isoformat(timespec='seconds')}")
 
 
 def _rate(tokens, t):

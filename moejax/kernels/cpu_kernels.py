@@ -51,7 +51,8 @@ Build: the first use compiles ``cpu_kernels.cc`` and ``cpu_attention.cc`` (shari
 the XLA FFI headers that ship with jaxlib (``jax.ffi.include_dir()``) into
 ``$MOEJAX_CACHE_DIR`` (default ``~/.cache/moejax``), named by a hash of the sources, the jax
 version, the flags and this CPU's features; later processes load that file. Without a
-compiler it logs one warning and the XLA ops run. No network is used.
+compiler it logs one warning and the XLA ops run; with ``MOEJAX_CPU_KERNELS=1`` set it is
+an error instead. No network is used.
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def enabled() -> bool:
   return os.environ.get("MOEJAX_CPU_KERNELS", "1") != "0"
 
 
+def required() -> bool:
+  """True when ``MOEJAX_CPU_KERNELS=1`` is set: a failed build is then an error, not a
+  warning (e.g. for benchmarks, where a silent XLA fallback reads as a 2x slower host)."""
+  return os.environ.get("MOEJAX_CPU_KERNELS") == "1"
+
+
 def cache_dir() -> Path:
   return Path(os.environ.get("MOEJAX_CACHE_DIR", "~/.cache/moejax")).expanduser()
 
@@ -161,6 +168,10 @@ def _library() -> ctypes.CDLL | None:
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build()))
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    if required():
+      raise RuntimeError(f"moejax: the CPU kernels could not be built ({e}) and "
+                         "MOEJAX_CPU_KERNELS=1 requires them: set CXX to a C++17 compiler, "
+                         "or unset MOEJAX_CPU_KERNELS to run XLA's ops instead") from e
     log.warning("moejax: the CPU kernels could not be built (%s); XLA's top_k and gather "
                 "run instead (slower product-key layers on CPU). Set CXX to a C++17 "
                 "compiler, or MOEJAX_CPU_KERNELS=0 to silence this.", e)

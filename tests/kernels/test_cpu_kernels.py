@@ -108,6 +108,20 @@ def test_build_is_cached_and_a_missing_compiler_is_one_clear_error(tmp_path, mon
   assert not list((tmp_path / "other").glob("*.so"))
 
 
+def test_failed_build_warns_by_default_and_is_an_error_when_required(tmp_path, monkeypatch,
+                                                                     caplog):
+  monkeypatch.setenv("MOEJAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  load = cpu_kernels._library.__wrapped__   # uncached: registers nothing when it fails
+  monkeypatch.delenv("MOEJAX_CPU_KERNELS", raising=False)
+  with caplog.at_level("WARNING"):
+    assert load() is None
+  assert "could not be built" in caplog.text
+  monkeypatch.setenv("MOEJAX_CPU_KERNELS", "1")
+  with pytest.raises(RuntimeError, match="MOEJAX_CPU_KERNELS=1 requires them"):
+    load()
+
+
 def test_product_key_retrieval_same_with_either_top_k(monkeypatch):
   """The reference retrieval (which calls cpu_kernels) gives the same scores and indices with
   the kernel and with XLA's TopK, at a PEER-like shape."""
