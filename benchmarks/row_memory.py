@@ -37,24 +37,23 @@ D_ROW = 256   # expert row width of the issue's shape (d = 256)
 
 
 def row_kernel_fns(n: int, tokens: int, retrievals: int, seed: int = 0):
-  """{name: zero-argument fn} of the step's row kernels on an N = n² table, and U."""
+  """{name: zero-argument fn} of the step's row kernels on an N = n² table, and the number
+  of distinct rows retrieved."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from moejax.kernels import cpu_kernels
+  from moejax.kernels import cpu_kernels, row_plan
   if not cpu_kernels.available():
     raise SystemExit("row_memory: the CPU kernels did not build (see the warning above)")
   rows_n = n * n
   rng = np.random.default_rng(seed)
-  idx = rng.integers(0, rows_n, size=(tokens, retrievals))
-  unique, slots = np.unique(idx, return_inverse=True)
-  u = len(unique)
-  idx = jnp.asarray(idx, jnp.int32)
-  rows = jnp.asarray(unique, jnp.int32)
-  slots = jnp.asarray(slots.reshape(tokens, retrievals), jnp.int32)
+  idx = jnp.asarray(rng.integers(0, rows_n, size=(tokens, retrievals)), jnp.int32)
+  rows = row_plan.unique_rows(idx, rows_n)          # as the step: [U], padded with N
+  slots = row_plan.row_slots(idx, rows, rows_n)
+  u = int(jnp.sum(rows < rows_n))                    # the distinct rows Adam touches
   coefs = jnp.asarray(rng.normal(size=(tokens, retrievals)) * 0.01, jnp.float32)
   vec = jnp.asarray(rng.normal(size=(tokens, D_ROW)), jnp.float32)
-  order, starts = jax.jit(lambda s: cpu_kernels.slot_runs(s, u))(slots)
+  order, starts = jax.jit(lambda s: cpu_kernels.slot_runs(s, rows.shape[0]))(slots)
   keys = jax.random.split(jax.random.key(seed), 3)
   state = {"t": jax.random.normal(keys[0], (rows_n, D_ROW)) * 0.02,
            "m": jnp.zeros((rows_n, D_ROW)), "v": jnp.zeros((rows_n, D_ROW))}

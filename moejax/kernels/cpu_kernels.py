@@ -384,8 +384,9 @@ def sum_squares_rows(rows: jax.Array, g: jax.Array, num_rows: int) -> jax.Array:
 
 def slot_runs(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
   """The retrievals grouped by slot (a stable counting sort): ``slots [T, H]`` int32, each
-  in ``[0, num_slots)`` (the kernel rejects others) -> ``order [T·H]`` (retrieval ids, by slot, ascending within a slot)
-  and ``starts [num_slots + 1]``: slot ``s``'s retrievals are ``order[starts[s]:starts[s+1]]``."""
+  in ``[0, num_slots)`` (the kernel rejects others) -> ``order [T·H]`` (retrieval ids, by
+  slot, ascending within a slot) and ``starts [num_slots + 1]``: slot ``s``'s retrievals
+  are ``order[starts[s]:starts[s+1]]``."""
   slots = slots.astype(jnp.int32)
   m = slots.size
   if not usable():
