@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 
 import jax
@@ -93,6 +94,8 @@ def evaluate(path: str, *, datasets: list[str] | None = None, split: str | None 
       results[name] = perplexity.evaluate(eval_step, ms.state, batches, ms.mesh)
 
   files = _plots(results, workdir, out_dir) if jax.process_index() == 0 else []
+  if jax.process_index() == 0:
+    _write_counts(results, out_dir)
   report = {"checkpoint": paths.absolute(path), "step": step, "split": split,
             "datasets": {n: _jsonable(r) for n, r in results.items()}, "plots": files}
   if jax.process_index() == 0:
@@ -113,6 +116,17 @@ def _plots(results: dict, workdir: str, out_dir: str) -> list[str]:
       files.append(plots.sorted_usage(block, stats["score_sum"],
                                       paths.join(out_dir, f"{block}_usage.png")))
   return files
+
+
+def _write_counts(results: dict, out_dir: str) -> None:
+  """``counts.npz``: each dataset's per-expert arrays (``load`` [E], ``score_sum`` [N]) under
+  ``DATASET/BLOCK/KEY``, for histograms and analyses that eval.json's scalars cannot give."""
+  arrays = {f"{name}/{block}/{k}": np.asarray(v) for name, r in results.items()
+            for block, stats in r["experts"].items() for k, v in stats.items() if np.ndim(v) == 1}
+  if arrays:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    paths.write_bytes(paths.join(out_dir, "counts.npz"), buf.getvalue())
 
 
 def _jsonable(result: dict) -> dict:
