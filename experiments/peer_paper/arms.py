@@ -11,7 +11,8 @@ Studies (:func:`study`):
   capacity factor 1; token-choice top-2 with half-size experts), PKM and PEER in the
   middle block of the same trunk, sized so that training FLOPs per token agree within 5%
   (:mod:`moejax.flops`), over several seeds.
-* ``usage``: PEER at N = n² for several n, query BatchNorm on and off (paper Table 2).
+* ``usage``: PEER at N = n² for several n, query BatchNorm on and off (paper Table 2), and
+  with whitened queries (``query_norm=whiten``, the diagnosis of low usage at this scale).
 * ``ablation``: PEER heads × top-k at fixed h·k, and at growing h·k.
 """
 
@@ -114,7 +115,7 @@ def pkm(n: int, h: int, k: int, d_key: int) -> Arm:
 
 
 def peer(n: int, h: int, k: int, d_key: int, norm: str = "batch") -> Arm:
-  tag = {"batch": "bn", "none": "nonorm", "layer": "ln"}[norm]
+  tag = {"batch": "bn", "none": "nonorm", "layer": "ln", "whiten": "white"}[norm]
   return Arm(f"peer_n{n}_h{h}k{k}_{tag}", "peer", (
       ("model.sparse_ffn", "peer"), ("peer.num_experts_sqrt", n), ("peer.heads", h),
       ("peer.top_k", k), ("peer.d_key", d_key), ("peer.query_norm", norm)))
@@ -136,7 +137,7 @@ def study(name: str, scale: str) -> list[Arm]:
             peer(s["n"], s["peer_h"], s["peer_k"], s["d_key"])]
   elif name == "usage":
     arms = [peer(n, s["peer_h"], s["peer_k"], s["d_key"], norm)
-            for n in s["usage_n"] for norm in ("batch", "none")]
+            for n in s["usage_n"] for norm in ("batch", "none", "whiten")]
   elif name == "ablation":
     hk = s["ablation_fixed"] + s["ablation_grow"] + ((s["peer_h"], s["peer_k"]),)
     arms = [peer(s["n"], h, k, s["d_key"]) for h, k in hk]

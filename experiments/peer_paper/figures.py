@@ -20,6 +20,9 @@ import numpy as np  # noqa: E402
 
 import report  # noqa: E402
 
+NORM_LABELS = {"bn": "query BatchNorm", "nonorm": "no query norm", "white": "whitened queries",
+               "ln": "query LayerNorm"}
+
 
 def write_all(rows: list[dict], runs: Path, out: Path) -> list[Path]:
   del runs
@@ -71,12 +74,12 @@ def usage_kl(rows, scale, out) -> Path | None:
   if not rs:
     return None
   fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.4))
-  for norm, style in (("bn", "o-"), ("nonorm", "s--")):
+  for norm, style in (("bn", "o-"), ("nonorm", "s--"), ("white", "^:")):
     sel = sorted((r for r in rs if r["norm"] == norm), key=lambda r: r["n"])
     if not sel:
       continue
     n = [r["n"] ** 2 for r in sel]
-    label = "query BatchNorm" if norm == "bn" else "no query norm"
+    label = NORM_LABELS[norm]
     a.plot(n, [100 * r["usage"] for r in sel], style, label=label)
     b.plot(n, [r["kl_uniform"] for r in sel], style, label=label)
   for ax, title in ((a, "expert usage (%)"), (b, "KL(z ‖ uniform)")):
@@ -104,7 +107,7 @@ def usage_hist(rows, scale, out) -> Path | None:
     return None
   fig, axes = plt.subplots(1, len(ns), figsize=(3.6 * len(ns), 3.2), squeeze=False)
   for ax, n in zip(axes[0], ns):
-    for norm, color in (("bn", "C0"), ("nonorm", "C3")):
+    for norm, color in (("bn", "C0"), ("nonorm", "C3"), ("white", "C2")):
       r = next((r for r in rs if r["n"] == n and r["norm"] == norm), None)
       counts = None if r is None else _counts(r)
       if counts is None:
@@ -112,7 +115,7 @@ def usage_hist(rows, scale, out) -> Path | None:
       share = counts / counts.mean()
       bins = np.concatenate([[0], np.logspace(-3, np.log10(max(share.max(), 10)), 40)])
       ax.hist(share, bins=bins, histtype="step", color=color,
-              label=f"{'BN' if norm == 'bn' else 'none'}: {100 * (counts > 0).mean():.1f}% used")
+              label=f"{NORM_LABELS[norm]}: {100 * (counts > 0).mean():.1f}% used")
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_yscale("log")
     ax.set_title(f"N = {n}²")
@@ -131,7 +134,7 @@ def usage_over_steps(rows, scale, out) -> Path | None:
     pts = [(p["step"], p["usage"]) for p in r["curve"] if p["usage"] is not None]
     if pts:
       s, u = zip(*pts)
-      ax.plot(s, 100 * np.array(u), "o-" if r["norm"] == "bn" else "s--", ms=3,
+      ax.plot(s, 100 * np.array(u), {"bn": "o-", "nonorm": "s--"}.get(r["norm"], "^:"), ms=3,
               label=f"N={r['n']}² {r['norm']}")
   ax.set_xlabel("training step")
   ax.set_ylabel("expert usage (%) in periodic evals")

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from moejax import kernels, sharding
 from moejax.layers.projection import project
 
-QUERY_NORMS = ("batch", "layer", "none")
+QUERY_NORMS = ("batch", "whiten", "layer", "none")
 
 
 def _divides(size: int, axes: tuple[str, ...]) -> bool:
@@ -84,6 +84,63 @@ class MaskedBatchNorm(nnx.Module):
     return (q - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
 
 
+class MaskedWhitening(nnx.Module):
+  """BatchNorm that also decorrelates: ZCA whitening of each head's query over real tokens.
+
+  Per-feature BatchNorm gives every query feature unit variance but leaves the features
+  correlated. When the layer's inputs span few directions (a small model on byte tokens),
+  each head's half-queries lie near a low-dimensional subspace, the top-k of one half
+  predicts the top-k of the other, and most product keys (i1, i2) are never formed: expert
+  usage stays far below 100% however large the eval set (measured in
+  ``experiments/peer_paper/README.md``). ZCA, ``(q − μ) Σ^{-1/2}``, rotates back to the original
+  feature axes after scaling, so it is the whitening closest to the un-normalised query.
+
+  Training: mean ``μ [h, d]`` and covariance ``Σ [h, d, d]`` over the unmasked tokens (global
+  under GSPMD, as :class:`MaskedBatchNorm`), held constant in the backward (stop-gradient:
+  the gradient of an eigendecomposition is unstable where eigenvalues nearly coincide,
+  which is exactly the low-rank case this is for). Running ``μ``, ``Σ`` with ``momentum``
+  are used after ``model.eval()``. ``epsilon`` is added to Σ's diagonal. Then a learnt
+  per-feature scale and bias, as BatchNorm's.
+  """
+
+  def __init__(self, heads: int, d_key: int, *, momentum: float = 0.99, epsilon: float = 1e-5,
+               use_running_average: bool = False):
+    names = ("key_heads", "key_dim")
+    self.scale = sharding.param(jnp.ones((heads, d_key), jnp.float32), names)
+    self.bias = sharding.param(jnp.zeros((heads, d_key), jnp.float32), names)
+    self.mean = sharding.param(jnp.zeros((heads, d_key), jnp.float32), names, kind=nnx.BatchStat)
+    self.cov = sharding.param(jnp.broadcast_to(jnp.eye(d_key, dtype=jnp.float32), (heads, d_key, d_key)),
+                              ("key_heads", "key_dim", None), kind=nnx.BatchStat)
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.use_running_average = use_running_average
+
+  def __call__(self, q: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """``q [b, l, h, d]`` float32 -> whitened ``q``."""
+    if self.use_running_average:
+      mean, cov = self.mean[...], self.cov[...]
+    else:
+      w = (jnp.ones(q.shape[:2], q.dtype) if mask is None else mask.astype(q.dtype))[..., None, None]
+      count = jnp.sum(w)
+      denom = jnp.maximum(count, 1.0)
+      qs = jax.lax.stop_gradient(q)
+      mean = jnp.sum(qs * w, axis=(0, 1)) / denom                              # [h, d]
+      centred = (qs - mean) * w
+      cov = jnp.einsum("blhd,blhe->hde", centred, qs - mean) / denom          # [h, d, d]
+      keep = count > 0
+      m = self.momentum
+      for stat, batch in ((self.mean, mean), (self.cov, cov)):
+        old = stat[...]
+        stat[...] = jnp.where(keep, m * old + (1 - m) * batch.astype(old.dtype), old)
+    d = q.shape[-1]
+    evals, evecs = jnp.linalg.eigh(cov + self.epsilon * jnp.eye(d, dtype=cov.dtype))
+    inv_sqrt = jnp.einsum("hde,he,hfe->hdf", evecs, jax.lax.rsqrt(jnp.maximum(evals, self.epsilon)),
+                          evecs)
+    inv_sqrt = jax.lax.stop_gradient(inv_sqrt)
+    y = jnp.einsum("blhd,hde->blhe", q - jax.lax.stop_gradient(mean), inv_sqrt)
+    return y * self.scale[...] + self.bias[...]
+
+
 class HeadLayerNorm(nnx.Module):
   """LayerNorm of each head's query over d_key (per-token, so causal-safe)."""
 
@@ -112,7 +169,8 @@ class ProductKeyQuery(nnx.Module):
       unit-variance query halves each half-score is ~N(0, 1) and the full score ~N(0, 2):
       softmax over the top k is neither one-hot nor flat at the start. (XLM uses
       U(±1/√(d_key/2)), i.e. the same up to a factor √3; PEER-pytorch uses N(0, 1).)
-    ``norm``: :class:`MaskedBatchNorm` ('batch'), :class:`HeadLayerNorm` ('layer') or None.
+    ``norm``: :class:`MaskedBatchNorm` ('batch'), :class:`MaskedWhitening` ('whiten'),
+      :class:`HeadLayerNorm` ('layer') or None.
 
   Returns raw scores ``[b, l, h, k]`` (float32, sorted descending) and int32 indices
   ``[b, l, h, k]`` into the n² product keys.
@@ -141,6 +199,8 @@ class ProductKeyQuery(nnx.Module):
         k_std * jax.random.normal(rngs.params(), (hk, num_keys_sqrt, d_key // 2), jnp.float32), names)
     if query_norm == "batch":
       self.norm = MaskedBatchNorm(heads, d_key, momentum=bn_momentum, epsilon=norm_epsilon)
+    elif query_norm == "whiten":
+      self.norm = MaskedWhitening(heads, d_key, momentum=bn_momentum, epsilon=norm_epsilon)
     elif query_norm == "layer":
       self.norm = HeadLayerNorm(heads, d_key, epsilon=norm_epsilon)
     else:
