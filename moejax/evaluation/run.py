@@ -43,7 +43,8 @@ def load(path: str, mesh_overrides: dict | None = None
          ) -> tuple[ml_collections.ConfigDict, state_lib.ModelState, int | None]:
   """Builds the model of ``path`` on this host's devices and loads its variables.
 
-  Returns (config, model state in eval mode, training step or None for an export).
+  Returns (config, model state in eval mode, training step; None for an export written
+  before exports recorded their step).
   """
   kind, where = locate(path)
   config = ckpt_lib.read_config(where)
@@ -52,7 +53,7 @@ def load(path: str, mesh_overrides: dict | None = None
   if kind == "export":
     ms = state_lib.create_model_state(config)
     ckpt_lib.load_model_state(where, ms.state, ms.shardings)
-    return config, ms, None
+    return config, ms, ckpt_lib.read_export_step(where)
   ts = state_lib.create_train_state(config)   # a train checkpoint restores as a whole
   ckptr = ckpt_lib.Checkpointer(where, keep=10**6, async_save=False, create=False)
   try:

@@ -359,8 +359,10 @@ class Checkpointer:
     self.manager.close()
 
 
-def export(path: str, model_state: nnx.State, config: ml_collections.ConfigDict) -> str:
-  """Writes model variables (no optimizer) and the config for evaluation."""
+def export(path: str, model_state: nnx.State, config: ml_collections.ConfigDict,
+           step: int | None = None) -> str:
+  """Writes model variables (no optimizer), the config and the training ``step`` they are from
+  (``step.json``, read by :func:`read_export_step`) for evaluation."""
   path = paths.absolute(path)
   if not is_finite(model_state):
     raise NonFiniteError(f"the model state has non-finite values; not exported to {path}")
@@ -369,7 +371,22 @@ def export(path: str, model_state: nnx.State, config: ml_collections.ConfigDict)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
     paths.write_json(paths.join(path, "config.json"), config.to_dict())
+    if step is not None:
+      paths.write_json(paths.join(path, "step.json"), {"step": int(step)})
   return path
+
+
+def read_export_step(path: str) -> int | None:
+  """The training step an export at ``path`` was written at; None for an export written before
+  exports recorded it (no ``step.json``) or whose ``step.json`` is unreadable."""
+  file = paths.join(path, "step.json")
+  if not paths.exists(file):
+    return None
+  try:
+    step = paths.read_json(file).get("step")
+  except (ValueError, OSError, AttributeError):
+    return None
+  return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:

@@ -347,7 +347,7 @@ def _run(config, workdir, tokenizer, ts, train_iter, reader, start, changes, ree
                      f"ppl {eval_result['perplexity']:.3f} bpb {eval_result['bits_per_byte']:.4f}")
       export_dir = paths.join(workdir, "export")
       if not (reevaluate and start >= t.steps and paths.isdir(paths.join(export_dir, "model"))):
-        ckpt_lib.export(export_dir, ts.state[0], config)
+        ckpt_lib.export(export_dir, ts.state[0], config, step=step)
   progress.close()
   ckpt.close()
   writer.close()
