@@ -9,6 +9,10 @@ A bad input (flag, checkpoint, dataset) is one ``error:`` line on stderr, exit c
 
 import json
 
+from moejax import platform_env
+
+platform_env.skip_absent_tpu()   # before JAX is imported: no libtpu start-up lines without a TPU
+
 from absl import app, flags
 from absl import logging as absl_logging
 

@@ -11,6 +11,10 @@ continuation, bytes decoded with the config's tokenizer.
 
 import sys
 
+from moejax import platform_env
+
+platform_env.skip_absent_tpu()   # before JAX is imported: no libtpu start-up lines without a TPU
+
 from absl import app, flags
 from absl import logging as absl_logging
 

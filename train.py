@@ -15,6 +15,10 @@ data, tokenizer, checkpoint, workdir: one ``error:`` line on stderr, nothing wri
 import os
 import sys
 
+from moejax import platform_env
+
+platform_env.skip_absent_tpu()   # before JAX is imported: no libtpu start-up lines without a TPU
+
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
