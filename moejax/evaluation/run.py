@@ -13,24 +13,10 @@ from flax import nnx
 from moejax import data, paths
 from moejax.errors import CheckpointError
 from moejax.evaluation import perplexity, plots
+from moejax.evaluation.locate import locate
 from moejax.training import checkpoint as ckpt_lib
 from moejax.training import state as state_lib
 from moejax.training.writers import read_metrics
-
-
-def locate(path: str) -> tuple[str, str]:
-  """-> ('export', dir) or ('train', workdir) for an export dir, a workdir or its checkpoints/."""
-  path = paths.absolute(path).rstrip("/")
-  if paths.isdir(paths.join(path, "model")) and paths.exists(paths.join(path, "config.json")):
-    return "export", path
-  if path.endswith("/checkpoints"):
-    path = path[:-len("/checkpoints")]
-  if paths.isdir(paths.join(path, "checkpoints")):
-    return "train", path
-  if paths.isdir(paths.join(path, "export", "model")):
-    return "export", paths.join(path, "export")
-  raise CheckpointError(f"--checkpoint={path}: neither an export (config.json + model/) "
-                        "nor a workdir with checkpoints/ (pass WORKDIR or WORKDIR/export)")
 
 
 def workdir_of(path: str) -> str:
