@@ -46,7 +46,7 @@ def _cases(tmp):
       # After JAX has started: the CPU kernels required but no compiler, a mesh too large.
       ("train.py", ["--config.train.steps=1"],
        {"CXX": "/nonexistent", "MOEJAX_CPU_KERNELS": "1", "MOEJAX_CACHE_DIR": str(tmp / "cache")},
-       "MOEJAX_CPU_KERNELS=1: the CPU kernels could not be built"),
+       "error: MOEJAX_CPU_KERNELS=1: "),
       ("train.py", ["--config.mesh.data=7"], {}, "config.mesh.data=7"),
       ("-m moejax.compile", ["--topolgy=v5e:2x2"], {}, "--topolgy: unknown flag (did you mean "
                                                       "--topology?)"),
