@@ -9,6 +9,10 @@ A bad input (flag, checkpoint, dataset) is one ``error:`` line on stderr, exit c
 
 import json
 
+from moejax import platform_env
+
+platform_env.skip_absent_tpu()   # before JAX is imported: no libtpu start-up lines without a TPU
+
 from absl import app, flags
 from absl import logging as absl_logging
 
@@ -25,13 +29,24 @@ flags.DEFINE_string("out", "", "Where to write eval.json and plots; '' = <checkp
 flags.DEFINE_bool("json", False, "Print the JSON report instead of the table.")
 
 
+def _check_flags() -> None:
+  """Each bad flag is one line naming it (exit 2), before JAX is imported."""
+  cli.check(FLAGS.max_batches >= -1, "max_batches", FLAGS.max_batches,
+            "must be -1 (the config's), 0 (all) or a number of batches (e.g. --max_batches=100)")
+  cli.check(all(d.strip() for d in FLAGS.dataset.split(",")) or not FLAGS.dataset, "dataset",
+            FLAGS.dataset, "an empty name in the list (e.g. --dataset=local_text,c4)")
+  cli.check_checkpoint(FLAGS.checkpoint)
+
+
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/TFDS log every file op
+  _check_flags()
   host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
   from moejax.evaluation import run
   from moejax.training.checkpoint import quiet_asyncio_noise
   quiet_asyncio_noise()
+  cli.check_cpu_kernels()
   try:
     report = run.evaluate(
         FLAGS.checkpoint, datasets=[d for d in FLAGS.dataset.split(",") if d] or None,

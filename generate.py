@@ -6,15 +6,18 @@
 One prompt per line of ``--prompts`` (a batch; ``\\n`` in a line is a newline). Decoding uses
 a KV cache, compiled once per (batch, prompt length + max_new_tokens); ``--temperature 0``
 is greedy. Generation stops at the tokenizer's EOS. Output: each prompt followed by its
-continuation, bytes decoded with the config's tokenizer.
+continuation, bytes decoded with the config's tokenizer. A bad input (flag, prompts file,
+checkpoint) is one ``error:`` line on stderr naming it, exit code 2.
 """
 
-import sys
+from moejax import platform_env
+
+platform_env.skip_absent_tpu()   # before JAX is imported: no libtpu start-up lines without a TPU
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from moejax import host_memory
+from moejax import cli, host_memory
 from moejax.errors import CheckpointError, ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -43,22 +46,40 @@ def _prompts() -> list[str]:
   return [FLAGS.prompt]
 
 
+def _check_flags() -> list[str]:
+  """Each bad flag is one line naming it (exit 2), before JAX is imported; -> the prompts."""
+  cli.check(FLAGS.max_new_tokens >= 1, "max_new_tokens", FLAGS.max_new_tokens,
+            "must be >= 1 (e.g. --max_new_tokens=200)")
+  cli.check(FLAGS.temperature >= 0, "temperature", FLAGS.temperature,
+            "must be >= 0 (0 = greedy, e.g. --temperature=0.8)")
+  cli.check(FLAGS.top_k >= 0, "top_k", FLAGS.top_k, "must be >= 0 (0 = all tokens, e.g. --top_k=40)")
+  cli.check(0 < FLAGS.top_p <= 1, "top_p", FLAGS.top_p, "must be in (0, 1] (1 = all tokens, "
+            "e.g. --top_p=0.95)")
+  if FLAGS.prompt and FLAGS.prompts:
+    cli.fail(f"--prompt and --prompts={FLAGS.prompts}: give one of them")
+  cli.check_exists("prompts", FLAGS.prompts, "pass a text file with one prompt per line")
+  cli.check_checkpoint(FLAGS.checkpoint)
+  try:
+    return _prompts()
+  except DataError as e:
+    cli.fail(str(e))
+
+
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.ERROR)
+  texts = _check_flags()
   host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
-  if FLAGS.max_new_tokens < 1 or FLAGS.top_k < 0 or not 0 < FLAGS.top_p <= 1 or FLAGS.temperature < 0:
-    sys.exit("error: need --max_new_tokens >= 1, --top_k >= 0, 0 < --top_p <= 1, --temperature >= 0")
   from moejax import data
   from moejax.evaluation import run
   from moejax.generation import Generator
   from flax import nnx
+  cli.check_cpu_kernels()
   try:
-    texts = _prompts()
     config, ms, _ = run.load(FLAGS.checkpoint, {"data": 1, "expert": 1, "model": 1})
     tokenizer = data.load_tokenizer(config.data.tokenizer)
   except (ConfigError, DataError, CheckpointError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(str(e), hard=True)
   model = nnx.merge(ms.graphdef, ms.state)
   gen = Generator(model, mesh=ms.mesh, rules=ms.rules)
   # An empty prompt starts after an end of document, as documents do in training.
@@ -74,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

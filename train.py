@@ -15,6 +15,10 @@ data, tokenizer, checkpoint, workdir: one ``error:`` line on stderr, nothing wri
 import os
 import sys
 
+from moejax import platform_env
+
+platform_env.skip_absent_tpu()   # before JAX is imported: no libtpu start-up lines without a TPU
+
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -39,12 +43,27 @@ flags.DEFINE_integer("num_processes", 0, "Processes for jax.distributed; 0 = aut
 flags.DEFINE_integer("process_id", -1, "This process for jax.distributed.")
 
 
+def _check_flags() -> None:
+  """Each bad flag is one line naming it (exit 2), before JAX is imported."""
+  if FLAGS.coordinator:
+    cli.check(FLAGS.num_processes >= 1, "num_processes", FLAGS.num_processes,
+              f"must be >= 1 with --coordinator={FLAGS.coordinator} (the number of processes)")
+    cli.check(0 <= FLAGS.process_id < FLAGS.num_processes, "process_id", FLAGS.process_id,
+              f"must be in [0, {FLAGS.num_processes}) with --coordinator={FLAGS.coordinator} "
+              "(this process's index)")
+  else:
+    cli.check(FLAGS.num_processes == 0, "num_processes", FLAGS.num_processes,
+              "needs --coordinator=HOST:PORT (or leave both out)")
+
+
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/TFDS log every file op
+  _check_flags()
   host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
   from moejax.distributed import maybe_initialize
   maybe_initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  cli.check_cpu_kernels()
   from moejax.training import checkpoint, loop
   checkpoint.quiet_asyncio_noise()
   try:

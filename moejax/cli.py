@@ -1,9 +1,12 @@
-"""Command-line helpers shared by train.py and eval.py: every bad input is one line.
+"""Command-line helpers shared by train.py, eval.py, generate.py and the compile tool: every
+bad input is one line.
 
-``parse_flags`` is absl's ``flags_parser``: an unknown ``--config.FIELD`` (with "did you
-mean"), a flag value of the wrong type, a config file that is missing, does not parse or has
-no ``get_config()``, and stray arguments all end in one ``error: ...`` line on stderr and
-exit code 2 (``errors.EXIT_BAD_INPUT``), before anything runs.
+``parse_flags`` is absl's ``flags_parser``: an unknown flag or ``--config.FIELD`` (with "did you
+mean"), a flag value of the wrong type, a missing required flag, a config file that is missing,
+does not parse or has no ``get_config()``, and stray arguments all end in one ``error: ...``
+line on stderr and exit code 2 (``errors.EXIT_BAD_INPUT``), before anything runs. ``check``,
+``check_exists`` and ``check_checkpoint`` do the same for a flag's value or path after parsing,
+before JAX is imported; ``check_cpu_kernels`` for ``MOEJAX_CPU_KERNELS=1`` without a compiler.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 
 import ml_collections
 
-from moejax.errors import EXIT_BAD_INPUT, ConfigError, nearest
+from moejax.errors import EXIT_BAD_INPUT, CheckpointError, ConfigError, nearest
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT, *, hard: bool = False):
@@ -37,6 +40,55 @@ def fail(message: str, code: int = EXIT_BAD_INPUT, *, hard: bool = False):
     os._exit(code)
   print(line, file=sys.stderr, flush=True)
   raise SystemExit(code)
+
+
+def check(ok: bool, flag: str, value, rule: str) -> None:
+  """Unless ``ok``: ``error: --FLAG=VALUE: RULE`` (one line) and exit 2.
+
+  ``rule`` says what the flag must be and how to fix it, e.g. ``must be in (0, 1] (e.g.
+  --top_p=0.95)``.
+  """
+  if not ok:
+    fail(f"--{flag}={value!r}: {rule}")
+
+
+def check_exists(flag: str, path: str, fix: str) -> None:
+  """A local ``path`` given by ``--FLAG`` that is missing: one line saying so, exit 2.
+
+  Bucket paths (``gs://...``) are left to the reader, which names them if they are missing.
+  """
+  if path and "://" not in path and not os.path.exists(path):
+    fail(f"--{flag}={path}: does not exist ({fix})")
+
+
+def check_checkpoint(path: str) -> None:
+  """``--checkpoint`` that is missing or neither an export nor a workdir: one line, exit 2,
+  before JAX is imported."""
+  from moejax.evaluation.locate import locate
+  try:
+    locate(path)
+  except CheckpointError as e:
+    fail(str(e))
+
+
+def check_cpu_kernels() -> None:
+  """``MOEJAX_CPU_KERNELS=1`` on a CPU run whose kernels cannot be built: one line, exit 2.
+
+  Builds (or loads) the kernels now, as the first step would, so that the failure is not a
+  traceback from inside the first step's trace. Call after ``jax.distributed`` is set up
+  (this starts JAX's backends).
+  """
+  if os.environ.get("MOEJAX_CPU_KERNELS") != "1":
+    return
+  import jax
+  if jax.default_backend() != "cpu":
+    return
+  from moejax.kernels import cpu_kernels
+  try:
+    cpu_kernels.available()
+  except Exception as e:  # whatever stopped the build: the message names it and the fix
+    why = " ".join(str(e).split())
+    fail(f"MOEJAX_CPU_KERNELS=1: {why[len('moejax: '):] if why.startswith('moejax: ') else why}")
 
 
 def _lookup(path: str):

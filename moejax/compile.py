@@ -497,7 +497,7 @@ def main(argv=None) -> int:
   _quiet_libtpu()
   from absl import flags
   from ml_collections import config_flags
-  from moejax.cli import check_config_overrides
+  from moejax.cli import _check_config_file, _config_file, _flag_error, check_config_overrides
 
   argv = list(sys.argv if argv is None else argv)
   if any(a in ("--list_topologies", "--list_topologies=true", "--list_topologies=True") for a in argv[1:]):
@@ -526,16 +526,27 @@ def main(argv=None) -> int:
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
     print(__doc__.split("\n\nAPI:")[0].strip() + "\n\nflags:\n" + fv.get_help())
     return 0
+  spec = _config_file(argv)
+  if spec is not None:
+    try:
+      _check_config_file(spec)   # missing or not Python: one line naming --config
+    except SystemExit as e:
+      return e.code
   try:
     rest = fv(argv)
   except flags.Error as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    print(f"error: {_flag_error(e, fv)}", file=sys.stderr)
     return 2
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if len(rest) > 1:
-    print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)
+    print(f"error: unexpected argument {rest[1]!r} (flags are --name=value; see --help)",
+          file=sys.stderr)
+    return 2
+  if fv.json and not os.path.isdir(os.path.dirname(os.path.abspath(fv.json))):
+    print(f"error: --json={fv.json}: its directory does not exist (create it or pass another "
+          "path)", file=sys.stderr)
     return 2
 
   from moejax.kernels.aot import libtpu_available
@@ -546,7 +557,7 @@ def main(argv=None) -> int:
   try:
     topology = resolve_topology(fv.topology)
   except TopologyError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: --topology={fv.topology}: {e}", file=sys.stderr)
     return 2
 
   try:

@@ -81,3 +81,18 @@ def test_export_and_load(tmp_path):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(CheckpointError):
     ckpt_lib.read_config(str(tmp_path))
+
+
+def test_export_records_its_step(tmp_path):
+  from moejax.evaluation import run
+  config = tiny_config()
+  ts = _trained(config, steps=2)
+  new, old = str(tmp_path / "new"), str(tmp_path / "old")
+  ckpt_lib.export(new, ts.state[0], config, step=ts.step)
+  assert ckpt_lib.read_export_step(new) == 2
+  assert run.load(new)[2] == 2
+  # An export written before exports recorded their step still loads, with step None.
+  ckpt_lib.export(old, ts.state[0], config)
+  assert not (tmp_path / "old" / "step.json").exists()
+  assert ckpt_lib.read_export_step(old) is None
+  assert run.load(old)[2] is None

@@ -165,7 +165,7 @@ def test_cli_unknown_topology():
   r = run_cli("--topology", "v9:2x2")
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: unknown topology 'v9:2x2'")
+  assert len(lines) == 1 and lines[0].startswith("error: --topology=v9:2x2: unknown topology 'v9:2x2'")
   assert "v5p:2x2x1" in lines[0] and "v5e:2x2" in lines[0]
 
 

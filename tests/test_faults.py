@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from lm_utils import synthetic_batches, tiny_config
 from moejax import config as config_lib
@@ -103,9 +104,9 @@ def test_nonfinite_step_applies_no_update():
   step = state_lib.make_train_step(ts)
   flagged = 0
   for i, b in zip(range(10), synthetic_batches(config)):
-    before = [np.asarray(x).copy() for x in jax.tree.leaves(ts.state.to_pure_dict()[0])]
+    before = [np.asarray(x).copy() for x in jax.tree.leaves(nnx.to_pure_dict(ts.state)[0])]
     ts.state, metrics = step(ts.state, state_lib.device_batch(b, ts.mesh))
-    after = [np.asarray(x) for x in jax.tree.leaves(ts.state.to_pure_dict()[0])]
+    after = [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(ts.state)[0])]
     assert ts.step == i + 1
     bad = not (np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"])))
     assert float(metrics["nonfinite"]) == float(bad)

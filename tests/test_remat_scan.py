@@ -51,8 +51,8 @@ def _loss_and_grads(config):
     return loss_sum / weight_sum + aux, {k: a.metrics for k, a in auxes.items()}
 
   (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-  grads = grads.to_pure_dict()
-  stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+  grads = nnx.to_pure_dict(grads)
+  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
   if config.model.scan_layers:
     grads = to_layout(grads, config, scanned=False)
     stats = to_layout(stats, config, scanned=False) if stats else stats
@@ -101,8 +101,8 @@ def test_layout_plans():
 
 def test_layout_conversion_round_trip():
   config = _config("moe", scan_layers=True)
-  scanned = nnx.state(Transformer(config, rngs=nnx.Rngs(0))).to_pure_dict()
-  flat = nnx.state(Transformer(_config("moe"), rngs=nnx.Rngs(0))).to_pure_dict()
+  scanned = nnx.to_pure_dict(nnx.state(Transformer(config, rngs=nnx.Rngs(0))))
+  flat = nnx.to_pure_dict(nnx.state(Transformer(_config("moe"), rngs=nnx.Rngs(0))))
   _close(to_layout(scanned, config, scanned=False), flat, 0, 0)
   _close(to_layout(flat, config, scanned=True), scanned, 0, 0)
 
@@ -175,7 +175,7 @@ def test_scanned_checkpoint_export_and_eval(tmp_path):
   # Resume restores the stacked state.
   ts2 = state_lib.create_train_state(config)
   restored, _ = ckptr.restore(ts2.state, ts2.shardings)
-  chex.assert_trees_all_close(restored.to_pure_dict(), ts.state.to_pure_dict())
+  chex.assert_trees_all_close(nnx.to_pure_dict(restored), nnx.to_pure_dict(ts.state))
   ckptr.close()
 
   # eval.py's loader builds the scanned model from the export's config and loads it; the
@@ -190,7 +190,7 @@ def test_scanned_checkpoint_export_and_eval(tmp_path):
   flat_cfg = config_lib.from_dict(loaded.to_dict())
   flat_cfg.model.update(scan_layers=False, loss_chunk=0)
   flat = state_lib.create_model_state(flat_cfg)
-  nnx.replace_by_pure_dict(flat.state, to_layout(ms.state.to_pure_dict(), loaded, scanned=False))
+  nnx.replace_by_pure_dict(flat.state, to_layout(nnx.to_pure_dict(ms.state), loaded, scanned=False))
   unscanned = state_lib.make_eval_step(flat.graphdef, flat.shardings, flat.mesh, flat.rules)(
       flat.state, batch)
   np.testing.assert_allclose(scanned["loss_sum"], unscanned["loss_sum"], rtol=1e-5)

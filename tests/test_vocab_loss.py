@@ -102,4 +102,4 @@ def test_model_loss_path_equals_logits_path():
   loss, g = loss_and_grads(24)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   # loss is a sum over ~120 tokens: gradients are O(10), float32 rounding O(1e-6)
-  chex.assert_trees_all_close(g.to_pure_dict(), ref_g.to_pure_dict(), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(nnx.to_pure_dict(g), nnx.to_pure_dict(ref_g), rtol=1e-5, atol=1e-5)

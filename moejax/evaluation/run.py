@@ -13,24 +13,10 @@ from flax import nnx
 from moejax import data, paths
 from moejax.errors import CheckpointError
 from moejax.evaluation import perplexity, plots
+from moejax.evaluation.locate import locate
 from moejax.training import checkpoint as ckpt_lib
 from moejax.training import state as state_lib
 from moejax.training.writers import read_metrics
-
-
-def locate(path: str) -> tuple[str, str]:
-  """-> ('export', dir) or ('train', workdir) for an export dir, a workdir or its checkpoints/."""
-  path = paths.absolute(path).rstrip("/")
-  if paths.isdir(paths.join(path, "model")) and paths.exists(paths.join(path, "config.json")):
-    return "export", path
-  if path.endswith("/checkpoints"):
-    path = path[:-len("/checkpoints")]
-  if paths.isdir(paths.join(path, "checkpoints")):
-    return "train", path
-  if paths.isdir(paths.join(path, "export", "model")):
-    return "export", paths.join(path, "export")
-  raise CheckpointError(f"--checkpoint={path}: neither an export (config.json + model/) "
-                        "nor a workdir with checkpoints/ (pass WORKDIR or WORKDIR/export)")
 
 
 def workdir_of(path: str) -> str:
@@ -43,7 +29,8 @@ def load(path: str, mesh_overrides: dict | None = None
          ) -> tuple[ml_collections.ConfigDict, state_lib.ModelState, int | None]:
   """Builds the model of ``path`` on this host's devices and loads its variables.
 
-  Returns (config, model state in eval mode, training step or None for an export).
+  Returns (config, model state in eval mode, training step; None for an export written
+  before exports recorded their step).
   """
   kind, where = locate(path)
   config = ckpt_lib.read_config(where)
@@ -52,7 +39,7 @@ def load(path: str, mesh_overrides: dict | None = None
   if kind == "export":
     ms = state_lib.create_model_state(config)
     ckpt_lib.load_model_state(where, ms.state, ms.shardings)
-    return config, ms, None
+    return config, ms, ckpt_lib.read_export_step(where)
   ts = state_lib.create_train_state(config)   # a train checkpoint restores as a whole
   ckptr = ckpt_lib.Checkpointer(where, keep=10**6, async_save=False, create=False)
   try:

@@ -101,7 +101,7 @@ def abstract_state_specs(config: ml_collections.ConfigDict) -> dict:
   """``array_specs`` of the (model, optimizer) state ``config`` builds (shapes only, no FLOPs)."""
   from moejax.training import state as state_lib
   abstract = nnx.eval_shape(lambda: state_lib._create(config))
-  return array_specs(nnx.split(abstract)[1].to_pure_dict())
+  return array_specs(nnx.to_pure_dict(nnx.split(abstract)[1]))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -210,7 +210,7 @@ def _all_finite(tree) -> jax.Array:
 
 def is_finite(state: nnx.State) -> bool:
   """Whether every float array of ``state`` is finite (one host sync)."""
-  return bool(jax.device_get(_all_finite(state.to_pure_dict())))
+  return bool(jax.device_get(_all_finite(nnx.to_pure_dict(state))))
 
 
 class Checkpointer:
@@ -249,7 +249,7 @@ class Checkpointer:
     if not is_finite(state):
       raise NonFiniteError(f"step {step}: the train state has non-finite values; not saved "
                            f"(the newest checkpoint is step {self.latest_step()})")
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state.to_pure_dict()),
+    args = ocp.args.Composite(state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
                               data=ocp.args.JsonSave(_gather_json(data_state)))
     return self.manager.save(step, args=args, force=force)
 
@@ -290,7 +290,7 @@ class Checkpointer:
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    target = _abstract(state.to_pure_dict(), shardings.to_pure_dict())
+    target = _abstract(nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
     want = array_specs(target)
     self.skipped = []
     for s in steps:
@@ -359,17 +359,34 @@ class Checkpointer:
     self.manager.close()
 
 
-def export(path: str, model_state: nnx.State, config: ml_collections.ConfigDict) -> str:
-  """Writes model variables (no optimizer) and the config for evaluation."""
+def export(path: str, model_state: nnx.State, config: ml_collections.ConfigDict,
+           step: int | None = None) -> str:
+  """Writes model variables (no optimizer), the config and the training ``step`` they are from
+  (``step.json``, read by :func:`read_export_step`) for evaluation."""
   path = paths.absolute(path)
   if not is_finite(model_state):
     raise NonFiniteError(f"the model state has non-finite values; not exported to {path}")
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(paths.join(path, "model"), model_state.to_pure_dict(), force=True)
+  ckptr.save(paths.join(path, "model"), nnx.to_pure_dict(model_state), force=True)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
     paths.write_json(paths.join(path, "config.json"), config.to_dict())
+    if step is not None:
+      paths.write_json(paths.join(path, "step.json"), {"step": int(step)})
   return path
+
+
+def read_export_step(path: str) -> int | None:
+  """The training step an export at ``path`` was written at; None for an export written before
+  exports recorded it (no ``step.json``) or whose ``step.json`` is unreadable."""
+  file = paths.join(path, "step.json")
+  if not paths.exists(file):
+    return None
+  try:
+    step = paths.read_json(file).get("step")
+  except (ValueError, OSError, AttributeError):
+    return None
+  return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:
@@ -394,7 +411,7 @@ def read_config(path: str) -> ml_collections.ConfigDict:
 def load_model_state(path: str, model_state: nnx.State, shardings) -> nnx.State:
   """Fills ``model_state`` from an export at ``path``, resharded to ``shardings``."""
   quiet_asyncio_noise()
-  target = _abstract(model_state.to_pure_dict(), shardings.to_pure_dict())
+  target = _abstract(nnx.to_pure_dict(model_state), nnx.to_pure_dict(shardings))
   ckptr = ocp.StandardCheckpointer()
   try:
     try:

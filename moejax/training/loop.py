@@ -324,6 +324,12 @@ def _run(config, workdir, tokenizer, ts, train_iter, reader, start, changes, ree
         writer.write(step, last)
         progress.update(window_steps, loss=last["loss"], tok_s=f"{last['tokens_per_sec']:.0f}")
         window_start, window_steps = time.perf_counter(), 0
+      if step == start + 1:
+        # The first step compiled (and built the CPU kernels): the rate and tokens/s start
+        # after it, so they say what the remaining steps take.
+        jax.block_until_ready(metrics)
+        progress.started(step)
+        window_start, window_steps = time.perf_counter(), 0
       if t.eval_every and step % t.eval_every == 0 and step < t.steps:
         eval_result = run_eval(step)
         progress.write(f"step {step}: eval loss {eval_result['loss']:.4f}")
@@ -339,6 +345,7 @@ def _run(config, workdir, tokenizer, ts, train_iter, reader, start, changes, ree
       if stop:
         progress.write(f"preemption at step {step}: checkpoint saved, exiting")
         break
+    progress.close()   # before the final eval and export (a preempted run's bar ends here)
     ckpt.wait()
     if step >= t.steps:
       check_nonfinite(step)
@@ -347,7 +354,7 @@ def _run(config, workdir, tokenizer, ts, train_iter, reader, start, changes, ree
                      f"ppl {eval_result['perplexity']:.3f} bpb {eval_result['bits_per_byte']:.4f}")
       export_dir = paths.join(workdir, "export")
       if not (reevaluate and start >= t.steps and paths.isdir(paths.join(export_dir, "model"))):
-        ckpt_lib.export(export_dir, ts.state[0], config)
+        ckpt_lib.export(export_dir, ts.state[0], config, step=step)
   progress.close()
   ckpt.close()
   writer.close()

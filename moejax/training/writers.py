@@ -100,19 +100,41 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Progress:
-  """tqdm bar with step, loss, tokens/s and ETA (or plain log lines when disabled)."""
+  """tqdm bar with step, loss, tokens/s and ETA (or plain log lines when disabled).
+
+  Until :meth:`started` (the first step of the run has finished) the bar says "compiling…":
+  the first step compiles the train step and builds or loads the CPU kernels, which takes
+  as long as many steps. The bar with the rate and ETA is created then, so that neither
+  counts that work.
+  """
 
   def __init__(self, total: int, initial: int, enabled: bool):
+    self.total = total
     self.bar = None
-    if enabled and jax.process_index() == 0:
+    self._enabled = enabled and jax.process_index() == 0
+    if self._enabled:
       from tqdm import tqdm
-      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+      self.bar = tqdm(total=total, initial=initial, desc="compiling…", leave=False,
+                      bar_format="{desc} (step {n_fmt}/{total_fmt})", dynamic_ncols=True)
+    self._compiling = self._enabled
+
+  def started(self, step: int) -> None:
+    """The run's first step (``step``) has finished: the rate and ETA start from here."""
+    if not self._compiling:
+      return
+    from tqdm import tqdm
+    self.bar.close()
+    self.bar = tqdm(total=self.total, initial=step, unit="step", dynamic_ncols=True,
+                    mininterval=1.0)
+    self._compiling = False
 
   def update(self, n: int, **postfix) -> None:
     if self.bar is not None:
       self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
                            refresh=False)
       self.bar.update(n)
+      if not self._compiling and self.bar.n >= self.total:
+        self.close()   # now, so that its last line is the training rate (not the final save's)
 
   def write(self, text: str) -> None:
     if self.bar is not None:
@@ -121,5 +143,8 @@ class Progress:
       print(text, flush=True)
 
   def close(self) -> None:
+    """Ends the bar (its last line keeps the training rate); later writes are plain lines."""
     if self.bar is not None:
       self.bar.close()
+      self.bar = None
+    self._compiling = False
