@@ -136,8 +136,11 @@ class KernelBuildError(RuntimeError):
 
 def _announce(line: str) -> None:
   """One line on stderr: first-use work and a failed build are shown whatever the host's
-  logging level (the entry points quiet absl logging to ERROR)."""
-  print(line, file=sys.stderr, flush=True)
+  logging level (the entry points quiet absl logging to ERROR). Through ``tqdm.write``, so
+  that a progress bar on screen (the first step traces the kernels) is cleared for the
+  line and drawn again below it."""
+  from tqdm import tqdm
+  tqdm.write(line, file=sys.stderr)
 
 
 def _compiler() -> tuple[list[str], str]:
