@@ -93,8 +93,9 @@ FACTORED_ADAM_ROWS = "moejax_factored_adam_rows_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
             SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
-            ADAM_ROWS: "MoejaxAdamRowsF32", SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32", ATTENTION_FWD: "MoejaxAttentionFwdF32",
-            ATTENTION_BWD: "MoejaxAttentionBwdF32", SLOT_RUNS: "MoejaxSlotRunsS32",
+            ADAM_ROWS: "MoejaxAdamRowsF32", SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32",
+            ATTENTION_FWD: "MoejaxAttentionFwdF32", ATTENTION_BWD: "MoejaxAttentionBwdF32",
+            SLOT_RUNS: "MoejaxSlotRunsS32",
             FACTORED_SUM_SQUARES: "MoejaxFactoredSumSquaresF32",
             FACTORED_ADAM_ROWS: "MoejaxFactoredAdamRowsF32"}
 _SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc"))
@@ -418,8 +419,9 @@ def factored_sum_squares(order: jax.Array, starts: jax.Array, coefs: jax.Array,
 def factored_adam_rows(table, mu, nu, rows, order, starts, coefs, vectors, *, lr, b1: float,
                        b2: float, eps: float, c1, c2, scale=1.0):
   """:func:`adam_rows` with slot ``s``'s gradient rebuilt from the factors (``rows [U]``
-  the table row of each slot, out of range for padding): the same update, bit for bit,
-  in place (donate ``table, mu, nu``). The kernel only (callers check :func:`usable`)."""
+  the distinct table row of each slot, out of range for padding): the same update, bit for
+  bit, in place (donate ``table, mu, nu``). The kernel only (callers check
+  :func:`usable`)."""
   hyper = _adam_hyper(lr, b1, b2, eps, c1, c2, scale)
   operands = _same_vma(table, mu, nu, rows.astype(jnp.int32), order, starts, coefs, vectors,
                        hyper)

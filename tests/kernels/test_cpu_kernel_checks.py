@@ -14,7 +14,6 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -69,8 +68,7 @@ def _hyper():
 
 def _cases() -> dict[str, tuple[Case, list[tuple[str, Callable[[Case], object]]]]]:
   """name -> (valid case, [(what is wrong, call that must raise)])."""
-  _, order, starts = _slots()
-  slots = _slots()[0]
+  slots, order, starts = _slots()
   rows = np.array([5, 0, 2, 9, 3], S32)   # 9: padding (N = 6), skipped
   q = np.random.default_rng(0).normal(size=(2, 8, 2, 4)).astype(F32)
   rope = [_z(1, 8, 2), np.ones((1, 8, 2), F32)]
