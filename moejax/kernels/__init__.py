@@ -4,8 +4,9 @@ Imports only jax (no Flax): layers call these through :func:`get`.
 
 Modules:
   activations          named activations with derivatives (shared by kernels and references)
-  cpu_kernels          C++ kernels on CPU (XLA FFI): top_k, row gathers, grouped matmuls
-                       (cpu_kernels.cc), attention with rotary positions (cpu_attention.cc)
+  cpu_kernels          C++ kernels on CPU (XLA FFI): top_k, row gathers and contractions,
+                       lazy Adam (cpu_kernels.cc), attention with rotary positions
+                       (cpu_attention.cc)
   attention_reference  CPU attention and rotary positions in XLA (the attention kernel's reference)
   retrieval_reference  product-key top-k in plain JAX (``product_key_topk``)
   lookup_reference     the PEER / PKM lookup in plain JAX (dense and row-sparse gradients)

@@ -181,17 +181,17 @@ struct Shapes {
   int64_t b, lq, lk, h, d, mask_batch;
 };
 
-// Checks q [B, Lq, H, D], k, v [B, Lk, H, D], bias [1 | B, Lq, Lk].
-bool AttentionShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
-                     ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& mask, Shapes& s) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3) return false;
+// Checks q [B, Lq, H, D], k, v [B, Lk, H, D], bias [1 | B, Lq, Lk]; fills s.
+void AttentionShapes(Checks& c, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                     ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& bias, Shapes& s) {
+  c.Rank("q", q, 4).Rank("k", k, 4).Rank("bias", bias, 3);
+  if (!c.ok()) return;
+  auto qd = q.dimensions(), kd = k.dimensions(), md = bias.dimensions();
   s = {qd[0], qd[1], kd[1], qd[2], qd[3], md[0]};
-  for (auto dims : {kd, vd}) {
-    if (dims[0] != s.b || dims[1] != s.lk || dims[2] != s.h || dims[3] != s.d) return false;
-  }
-  return (s.mask_batch == 1 || s.mask_batch == s.b) && md[1] == s.lq && md[2] == s.lk &&
-         s.d > 0 && s.lk > 0;
+  c.Shape("k", k, {s.b, s.lk, s.h, s.d}).SameShape("v", v, "k", k);
+  c.That(s.d > 0 && s.lk > 0, "q and k must have a head dimension and a key (D, Lk > 0)");
+  c.That(s.mask_batch == 1 || s.mask_batch == s.b, "bias must be [1 | B, Lq, Lk]");
+  c.Shape("bias", bias, {s.mask_batch, s.lq, s.lk});
 }
 
 // Per mask batch and block of kQueryBlock queries, the keys [first, last) that some query
@@ -304,20 +304,20 @@ void ForHeads(ffi::ThreadPool& pool, const Shapes& s, bool backward, const Body&
   });
 }
 
-bool RopeShapes(ffi::Buffer<ffi::F32>& sin, ffi::Buffer<ffi::F32>& cos, bool on, const Shapes& s,
-                Rope& rope) {
-  auto sd = sin.dimensions();
-  if (!on) {
-    rope = {nullptr, nullptr, 1, 0, 0, false};
-    return true;
-  }
-  if (sd.size() != 3 || cos.dimensions().size() != 3 ||
-      sin.element_count() != cos.element_count() || !(sd[0] == 1 || sd[0] == s.b) ||
-      sd[1] != s.lq || s.lq != s.lk || 2 * sd[2] != s.d) {
-    return false;
-  }
-  rope = {sin.typed_data(), cos.typed_data(), sd[0], sd[1], sd[2], true};
-  return true;
+// With rotate: checks sin, cos [1 | B, L, D / 2] with Lq = Lk = L; fills rope. Without,
+// they are not read.
+void RopeShapes(Checks& c, ffi::Buffer<ffi::F32>& sin, ffi::Buffer<ffi::F32>& cos, bool on,
+                const Shapes& s, Rope& rope) {
+  rope = {nullptr, nullptr, 1, 0, 0, false};
+  if (!on || !c.ok()) return;
+  c.Rank("sin", sin, 3).SameShape("cos", cos, "sin", sin);
+  c.That(s.lq == s.lk && s.d % 2 == 0,
+         "rotary positions need Lq = Lk (self-attention) and an even head dimension");
+  if (!c.ok()) return;
+  const int64_t sb = sin.dimensions()[0];
+  c.That(sb == 1 || sb == s.b, "sin, cos must be [1 | B, L, D / 2]");
+  c.Shape("sin", sin, {sb, s.lq, s.d / 2});
+  if (c.ok()) rope = {sin.typed_data(), cos.typed_data(), sb, s.lq, s.d / 2, true};
 }
 
 ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
@@ -325,13 +325,16 @@ ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> sin,
                             ffi::Buffer<ffi::F32> cos, ffi::ResultBuffer<ffi::F32> o,
                             ffi::ResultBuffer<ffi::F32> lse, bool rotate) {
+  // q [B, Lq, H, D], k, v [B, Lk, H, D], bias [1 | B, Lq, Lk], with rotate sin, cos
+  // [1 | B, L, D / 2] (Lq = Lk = L) -> o [B, Lq, H, D], lse [B, H, Lq]
   Shapes s;
   Rope rope;
-  if (!AttentionShapes(q, k, v, bias, s) || !RopeShapes(sin, cos, rotate, s, rope)) {
-    return ffi::Error::InvalidArgument(
-        "attention: q [B, Lq, H, D], k, v [B, Lk, H, D], bias [1 | B, Lq, Lk], and with "
-        "rotate sin, cos [1 | B, L, D / 2] (Lq = Lk = L)");
-  }
+  Checks c("attention");
+  AttentionShapes(c, q, k, v, bias, s);
+  RopeShapes(c, sin, cos, rotate, s, rope);
+  if (!c.ok()) return c.error();
+  c.SameShape("o", *o, "q", q).Shape("lse", *lse, {s.b, s.h, s.lq});
+  if (!c.ok()) return c.error();
   const int64_t ld = s.h * s.d;   // between rows of one head
   const float scale = 1.f / std::sqrt(static_cast<float>(s.d));
   const auto ranges = KeyRanges(bias.typed_data(), s);
@@ -396,15 +399,17 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                             ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o,
                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                             ffi::ResultBuffer<ffi::F32> dv, bool rotate) {
+  // q, o, do [B, Lq, H, D], k, v [B, Lk, H, D], bias [1 | B, Lq, Lk], lse [B, H, Lq], with
+  // rotate sin, cos [1 | B, L, D / 2] -> dq, dk, dv as q, k, v
   Shapes s;
   Rope rope;
-  if (!AttentionShapes(q, k, v, bias, s) || !RopeShapes(sin, cos, rotate, s, rope) ||
-      o.element_count() != q.element_count() || d_o.element_count() != q.element_count() ||
-      static_cast<int64_t>(lse.element_count()) != s.b * s.h * s.lq) {
-    return ffi::Error::InvalidArgument(
-        "attention_bwd: q, o, do [B, Lq, H, D], k, v [B, Lk, H, D], bias [1 | B, Lq, Lk], "
-        "lse [B, H, Lq], and with rotate sin, cos [1 | B, L, D / 2]");
-  }
+  Checks c("attention_bwd");
+  AttentionShapes(c, q, k, v, bias, s);
+  RopeShapes(c, sin, cos, rotate, s, rope);
+  if (!c.ok()) return c.error();
+  c.SameShape("o", o, "q", q).SameShape("do", d_o, "q", q).Shape("lse", lse, {s.b, s.h, s.lq});
+  c.SameShape("dq", *dq, "q", q).SameShape("dk", *dk, "k", k).SameShape("dv", *dv, "v", v);
+  if (!c.ok()) return c.error();
   const int64_t ld = s.h * s.d;
   const float scale = 1.f / std::sqrt(static_cast<float>(s.d));
   const auto ranges = KeyRanges(bias.typed_data(), s);

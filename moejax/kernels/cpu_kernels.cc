@@ -16,7 +16,6 @@
 // -march=native), against 1.3 us for a threshold-free insertion pass.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -110,15 +109,19 @@ void TopKRow(const float* x, int64_t n, int64_t k, float* values, int32_t* indic
 
 ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> indices) {
-  auto dims = x.dimensions();
-  if (dims.size() < 1) {
-    return ffi::Error::InvalidArgument("top_k: x must have at least one dimension");
-  }
-  const int64_t n = dims.back();
-  const int64_t k = values->dimensions().back();
-  if (k < 1 || k > n) {
-    return ffi::Error::InvalidArgument("top_k: k must be in [1, n]");
-  }
+  // x [..., n] -> values, indices [..., k]
+  auto xd = x.dimensions(), vd = values->dimensions();
+  Checks c("top_k");
+  c.That(xd.size() >= 1, "x must have at least one dimension");
+  c.Rank("values", *values, static_cast<int64_t>(xd.size()));
+  if (!c.ok()) return c.error();
+  const int64_t n = xd.back();
+  const int64_t k = vd.back();
+  c.That(std::equal(xd.begin(), xd.end() - 1, vd.begin()),
+         "values must have x's leading dimensions ([..., k] of x [..., n])");
+  c.SameShape("indices", *indices, "values", *values);
+  c.That(k >= 1 && k <= n, "k (values' last dimension) must be in [1, n]");
+  if (!c.ok()) return c.error();
   const int64_t rows = n ? static_cast<int64_t>(x.element_count()) / n : 0;
   const float* xs = x.typed_data();
   float* vs = values->typed_data();
@@ -153,11 +156,15 @@ inline void PrefetchRow(const float* row, int64_t d) {
 // and 1.6 for XLA's gather.
 ffi::Error TakeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
                         ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> out) {
-  auto dims = table.dimensions();
-  if (dims.size() != 2 || dims[0] < 1) {
-    return ffi::Error::InvalidArgument("take_rows: table must be [N >= 1, d]");
-  }
-  const int64_t n = dims[0], d = dims[1];
+  Checks c("take_rows");
+  c.Rank("table", table, 2).Rank("out", *out, indices.dimensions().size() + 1);
+  if (!c.ok()) return c.error();
+  const int64_t n = table.dimensions()[0], d = table.dimensions()[1];
+  auto id = indices.dimensions(), od = out->dimensions();
+  c.That(n >= 1, "table must have a row ([N >= 1, d])");
+  c.That(std::equal(id.begin(), id.end(), od.begin()) && od.back() == d,
+         "out must be [..., d] for indices [...] and table [N, d]");
+  if (!c.ok()) return c.error();
   const int64_t m = static_cast<int64_t>(indices.element_count());
   const float* rows = table.typed_data();
   const int32_t* idx = indices.typed_data();
@@ -200,12 +207,24 @@ inline float Dot(const float* __restrict a, const float* __restrict b, int64_t d
   return s;
 }
 
-bool LookupShapes(ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::S32>& indices, int64_t& n,
-                  int64_t& d, int64_t& t, int64_t& h) {
-  auto td = table.dimensions(), id = indices.dimensions();
-  if (td.size() != 2 || td[0] < 1 || id.size() != 2) return false;
-  n = td[0], d = td[1], t = id[0], h = id[1];
-  return true;
+// Checks table [N >= 1, d], indices [T, H], and the other operand and out of a row
+// contraction: [T, d] and [T, H] (gather_dot) or [T, H] and [T, d] (gather_weighted_sum).
+ffi::Error LookupShapes(const char* kernel, ffi::Buffer<ffi::F32>& table,
+                        ffi::Buffer<ffi::S32>& indices, ffi::Buffer<ffi::F32>& operand,
+                        ffi::ResultBuffer<ffi::F32>& out, bool operand_is_x, int64_t& n,
+                        int64_t& d, int64_t& t, int64_t& h) {
+  Checks c(kernel);
+  c.Rank("table", table, 2).Rank("indices", indices, 2);
+  if (!c.ok()) return c.error();
+  n = table.dimensions()[0], d = table.dimensions()[1];
+  t = indices.dimensions()[0], h = indices.dimensions()[1];
+  c.That(n >= 1, "table must have a row ([N >= 1, d])");
+  if (operand_is_x) {
+    c.Shape("x", operand, {t, d}).Shape("out", *out, {t, h});
+  } else {
+    c.Shape("w", operand, {t, h}).Shape("out", *out, {t, d});
+  }
+  return c.error();
 }
 
 // out[t, j] = x[t] . table[indices[t, j]]   (table [N, d], indices [T, H], x [T, d]).
@@ -213,8 +232,8 @@ ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
                          ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> x,
                          ffi::ResultBuffer<ffi::F32> out) {
   int64_t n, d, t, h;
-  if (!LookupShapes(table, indices, n, d, t, h)) {
-    return ffi::Error::InvalidArgument("gather_dot: table [N >= 1, d], indices [T, H]");
+  if (auto e = LookupShapes("gather_dot", table, indices, x, out, true, n, d, t, h); e.failure()) {
+    return e;
   }
   const float* rows = table.typed_data();
   const int32_t* idx = indices.typed_data();
@@ -238,9 +257,9 @@ ffi::Error GatherWeightedSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tab
                                  ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> w,
                                  ffi::ResultBuffer<ffi::F32> out) {
   int64_t n, d, t, h;
-  if (!LookupShapes(table, indices, n, d, t, h)) {
-    return ffi::Error::InvalidArgument(
-        "gather_weighted_sum: table [N >= 1, d], indices [T, H]");
+  if (auto e = LookupShapes("gather_weighted_sum", table, indices, w, out, false, n, d, t, h);
+      e.failure()) {
+    return e;
   }
   const float* rows = table.typed_data();
   const int32_t* idx = indices.typed_data();
@@ -384,18 +403,18 @@ void ScatterOuterRows(ffi::ThreadPool& pool, const int32_t* tg, int64_t t, int64
   });
 }
 
-// Checks one scatter's operands against targets [T, H] and R; fills sc.
-bool OuterOperands(ffi::Buffer<ffi::F32>& coef, ffi::Buffer<ffi::F32>& vec,
+// Checks one scatter's coef [T, H], vec [T, d] and out [R, d] against targets [T, H] and
+// R; fills sc.
+void OuterOperands(Checks& c, const char* coef_name, ffi::Buffer<ffi::F32>& coef,
+                   const char* vec_name, ffi::Buffer<ffi::F32>& vec, const char* out_name,
                    ffi::ResultBuffer<ffi::F32>& out, int64_t t, int64_t h, int64_t r,
                    OuterScatter& sc) {
-  auto od = out->dimensions(), vd = vec.dimensions();
-  if (od.size() != 2 || od[0] != r || vd.size() != 2 || vd[0] != t || vd[1] != od[1] ||
-      coef.element_count() != static_cast<size_t>(t * h)) {
-    return false;
-  }
-  sc = {coef.typed_data(), vec.typed_data(), out->typed_data(), od[1], false};
+  c.Shape(coef_name, coef, {t, h}).Rank(vec_name, vec, 2).Rank(out_name, *out, 2);
+  if (!c.ok()) return;
+  const int64_t d = vec.dimensions()[1];
+  c.Shape(vec_name, vec, {t, d}).Shape(out_name, *out, {r, d});
+  sc = {coef.typed_data(), vec.typed_data(), out->typed_data(), d, false};
   sc.stream = CanStream(sc.out, sc.d) && r * sc.d * int64_t{sizeof(float)} > kStreamBytes;
-  return true;
 }
 
 // out [R, d]: see ScatterOuterRows.
@@ -404,10 +423,12 @@ ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> targets,
                             ffi::ResultBuffer<ffi::F32> out) {
   auto td = targets.dimensions();
   std::vector<OuterScatter> scatters(1);
-  if (td.size() != 2 || out->dimensions().size() != 2 ||
-      !OuterOperands(coef, vec, out, td[0], td[1], out->dimensions()[0], scatters[0])) {
-    return ffi::Error::InvalidArgument("scatter_outer: targets, coef [T, H], vec [T, d], out [R, d]");
-  }
+  Checks c("scatter_outer");   // targets, coef [T, H], vec [T, d] -> out [R, d]
+  c.Rank("targets", targets, 2).Rank("out", *out, 2);
+  if (!c.ok()) return c.error();
+  OuterOperands(c, "coef", coef, "vec", vec, "out", out, td[0], td[1], out->dimensions()[0],
+                scatters[0]);
+  if (!c.ok()) return c.error();
   ScatterOuterRows(pool, targets.typed_data(), td[0], td[1], out->dimensions()[0], scatters);
   return ffi::Error::Success();
 }
@@ -422,12 +443,13 @@ ffi::Error ScatterOuterPairImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> targ
                                 ffi::ResultBuffer<ffi::F32> out2) {
   auto td = targets.dimensions();
   std::vector<OuterScatter> scatters(2);
-  if (td.size() != 2 || out1->dimensions().size() != 2 ||
-      !OuterOperands(coef1, vec1, out1, td[0], td[1], out1->dimensions()[0], scatters[0]) ||
-      !OuterOperands(coef2, vec2, out2, td[0], td[1], out1->dimensions()[0], scatters[1])) {
-    return ffi::Error::InvalidArgument(
-        "scatter_outer_pair: targets, coefs [T, H], vecs [T, d_i], outs [R, d_i]");
-  }
+  Checks c("scatter_outer_pair");   // targets, coefs [T, H], vecs [T, d_i] -> outs [R, d_i]
+  c.Rank("targets", targets, 2).Rank("out1", *out1, 2);
+  if (!c.ok()) return c.error();
+  const int64_t r = out1->dimensions()[0];
+  OuterOperands(c, "coef1", coef1, "vec1", vec1, "out1", out1, td[0], td[1], r, scatters[0]);
+  OuterOperands(c, "coef2", coef2, "vec2", vec2, "out2", out2, td[0], td[1], r, scatters[1]);
+  if (!c.ok()) return c.error();
   ScatterOuterRows(pool, targets.typed_data(), td[0], td[1], out1->dimensions()[0], scatters);
   return ffi::Error::Success();
 }
@@ -482,28 +504,58 @@ void AdamOnRows(ffi::ThreadPool& pool, ffi::ResultBuffer<ffi::F32>& table,
   });
 }
 
+// Checks the operands the Adam kernels share: table, mu, nu [N, d], the outputs aliasing
+// them (in place), rows [U] and hyper [9]; and that the rows in [0, N) are distinct. Slots
+// run in parallel, so a repeated row would be updated by two threads at once (a data race,
+// and not the XLA form's result either): it is an error, found in one pass over a bitmap of
+// N bits before anything is written (callers pass row_plan's distinct rows).
+void AdamOperands(Checks& c, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>& mu,
+                  ffi::Buffer<ffi::F32>& nu, ffi::Buffer<ffi::S32>& rows,
+                  ffi::Buffer<ffi::F32>& hyper, ffi::ResultBuffer<ffi::F32>& table_out,
+                  ffi::ResultBuffer<ffi::F32>& mu_out, ffi::ResultBuffer<ffi::F32>& nu_out) {
+  c.Rank("table", table, 2)
+      .SameShape("mu", mu, "table", table)
+      .SameShape("nu", nu, "table", table)
+      .Rank("rows", rows, 1)
+      .Shape("hyper", hyper, {9});
+  c.That(table_out->typed_data() == table.typed_data() &&
+             mu_out->typed_data() == mu.typed_data() && nu_out->typed_data() == nu.typed_data(),
+         "the outputs must alias table, mu, nu (input_output_aliases={0: 0, 1: 1, 2: 2})");
+  if (!c.ok()) return;
+  const int64_t n = table.dimensions()[0];
+  const int32_t* rs = rows.typed_data();
+  std::vector<uint64_t> seen((n + 63) / 64, 0);
+  for (int64_t s = 0, u = static_cast<int64_t>(rows.element_count()); s < u; ++s) {
+    const int64_t r = rs[s];
+    if (r < 0 || r >= n) continue;   // padding: skipped
+    const uint64_t bit = uint64_t{1} << (r % 64);
+    if (seen[r / 64] & bit) {
+      c.That(false, "rows must be distinct (row " + std::to_string(r) + " repeats)");
+      return;
+    }
+    seen[r / 64] |= bit;
+  }
+}
+
 // Lazy Adam on the rows of a table and its moments (moejax.training.row_sparse), in place
 // (outputs alias inputs 0-2): for each slot s with row = rows[s] in [0, N) (others skipped):
 //   g = grads[s] * scale;  m = b1·mu[row] + (1-b1)·g;  v = b2·nu[row] + (1-b2)·g²;
 //   table[row] -= lr · (m / c1) / (sqrt(v / c2) + eps)
-// with hyper = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, scale]. Rows must be distinct (slots
-// run in parallel). Each row is read and written once, nothing else is touched: XLA's
+// with hyper = [lr, b1, 1-b1, b2, 1-b2, eps, c1, c2, scale]. Rows must be distinct
+// (AdamOperands). Each row is read and written once, nothing else is touched: XLA's
 // gather-update-scatter form moves every row through two temporaries.
 ffi::Error AdamRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
                         ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu,
                         ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> grads,
                         ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> table_out,
                         ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out) {
-  auto td = table.dimensions();
-  if (td.size() != 2 || grads.dimensions().size() != 2 || hyper.element_count() != 9) {
-    return ffi::Error::InvalidArgument("adam_rows: table [N, d], grads [M, d], hyper [9]");
-  }
-  if (table_out->typed_data() != table.typed_data() || mu_out->typed_data() != mu.typed_data() ||
-      nu_out->typed_data() != nu.typed_data()) {
-    return ffi::Error::InvalidArgument("adam_rows: outputs must alias table, mu, nu");
-  }
+  Checks c("adam_rows");   // table, mu, nu [N, d], rows [M], grads [M, d], hyper [9]
+  AdamOperands(c, table, mu, nu, rows, hyper, table_out, mu_out, nu_out);
+  if (!c.ok()) return c.error();
+  const int64_t d = table.dimensions()[1];
+  c.Shape("grads", grads, {static_cast<int64_t>(rows.element_count()), d});
+  if (!c.ok()) return c.error();
   const float* gs = grads.typed_data();
-  const int64_t d = td[1];
   AdamOnRows(pool, table_out, mu_out, nu_out, rows, AdamHyper(hyper.typed_data()),
              [&](int64_t s, float*) { return gs + s * d; });
   return ffi::Error::Success();
@@ -519,11 +571,12 @@ constexpr int64_t kSumBlock = 2048;
 ffi::Error SumSquaresRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> rows,
                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> out,
                               int64_t num_rows) {
-  auto gd = g.dimensions();
-  if (gd.size() != 2 || static_cast<int64_t>(rows.element_count()) != gd[0]) {
-    return ffi::Error::InvalidArgument("sum_squares_rows: rows [U], g [U, d]");
-  }
-  const int64_t u = gd[0], d = gd[1];
+  Checks c("sum_squares_rows");   // rows [U], g [U, d] -> out []
+  c.Rank("g", g, 2);
+  if (!c.ok()) return c.error();
+  const int64_t u = g.dimensions()[0], d = g.dimensions()[1];
+  c.Shape("rows", rows, {u}).Shape("out", *out, {});
+  if (!c.ok()) return c.error();
   const int32_t* rs = rows.typed_data();
   const float* gs = g.typed_data();
   const int64_t blocks = (u + kSumBlock - 1) / kSumBlock;
@@ -559,16 +612,17 @@ ffi::Error SumSquaresRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> rows,
 ffi::Error SlotRunsImpl(ffi::Buffer<ffi::S32> slots, ffi::ResultBuffer<ffi::S32> order,
                         ffi::ResultBuffer<ffi::S32> starts) {
   const int64_t m = static_cast<int64_t>(slots.element_count());
-  const int64_t u = static_cast<int64_t>(starts->element_count()) - 1;
-  if (u < 0 || static_cast<int64_t>(order->element_count()) != m ||
-      m > std::numeric_limits<int32_t>::max()) {
-    return ffi::Error::InvalidArgument("slot_runs: slots [M < 2^31], order [M], starts [U + 1]");
-  }
+  Checks c("slot_runs");   // slots [T, H] (M = T·H) -> order [M], starts [U + 1]
+  c.Rank("slots", slots, 2).Shape("order", *order, {m}).Rank("starts", *starts, 1);
+  if (!c.ok()) return c.error();
+  const int64_t u = starts->dimensions()[0] - 1;
+  c.That(u >= 0, "starts must have at least one entry ([U + 1])");
+  c.That(m <= std::numeric_limits<int32_t>::max(), "slots must have fewer than 2^31 entries");
   const int32_t* ids = slots.typed_data();
   // Every retrieval has a slot (row_slots): the factored norm's diagonal sums them all.
-  if (std::any_of(ids, ids + m, [u](int32_t s) { return s < 0 || s >= u; })) {
-    return ffi::Error::InvalidArgument("slot_runs: every slot must be in [0, U)");
-  }
+  c.That(c.ok() && std::none_of(ids, ids + m, [u](int32_t s) { return s < 0 || s >= u; }),
+         "every slot must be in [0, U)");
+  if (!c.ok()) return c.error();
   const Runs runs = CountingSort(ids, m, u);
   std::copy(runs.order.begin(), runs.order.end(), order->typed_data());
   int32_t* st = starts->typed_data();
@@ -591,16 +645,24 @@ struct Factors {
   bool Empty(int64_t s) const { return starts[s] == starts[s + 1]; }
 };
 
-bool FactorOperands(ffi::Buffer<ffi::S32>& order, ffi::Buffer<ffi::S32>& starts,
+// Checks order [M], starts [U + 1], coefs [T, H] (M = T·H), vec [T, d], and what the runs
+// hold (slot_runs' result, but read from any caller): starts ascending from 0 to at most
+// M, order's entries in [0, M). One pass over both, before any row is read through them.
+void FactorOperands(Checks& c, ffi::Buffer<ffi::S32>& order, ffi::Buffer<ffi::S32>& starts,
                     ffi::Buffer<ffi::F32>& coefs, ffi::Buffer<ffi::F32>& vec, Factors& f) {
-  auto cd = coefs.dimensions(), vd = vec.dimensions();
-  if (cd.size() != 2 || vd.size() != 2 || cd[0] != vd[0] ||
-      order.element_count() != coefs.element_count() || starts.element_count() < 1) {
-    return false;
-  }
+  c.Rank("coefs", coefs, 2).Rank("vec", vec, 2).Rank("starts", starts, 1);
+  if (!c.ok()) return;
+  const int64_t t = coefs.dimensions()[0], h = coefs.dimensions()[1], m = t * h;
+  c.Shape("order", order, {m}).Shape("vec", vec, {t, vec.dimensions()[1]});
+  c.That(starts.dimensions()[0] >= 1, "starts must have at least one entry ([U + 1])");
+  if (!c.ok()) return;
   f = {order.typed_data(), starts.typed_data(), coefs.typed_data(), vec.typed_data(),
-       static_cast<int64_t>(starts.element_count()) - 1, cd[1], vd[1]};
-  return true;
+       starts.dimensions()[0] - 1, h, vec.dimensions()[1]};
+  bool runs_ok = f.starts[0] >= 0 && f.starts[f.u] <= m;
+  for (int64_t s = 0; s < f.u && runs_ok; ++s) runs_ok = f.starts[s] <= f.starts[s + 1];
+  c.That(runs_ok, "starts must ascend within [0, M] (slot_runs' result)");
+  c.That(c.ok() && std::all_of(f.order, f.order + m, [m](int32_t p) { return p >= 0 && p < m; }),
+         "order's entries must be in [0, M) (slot_runs' result)");
 }
 
 // sum over slots of |g[s]|^2 = sum_e c_e^2 |v_e|^2 + 2 sum_{e < e' in a run} c_e c_e' (v_e . v_e'):
@@ -617,10 +679,10 @@ ffi::Error FactoredSumSquaresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> or
                                   ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::F32> coefs,
                                   ffi::Buffer<ffi::F32> vec, ffi::ResultBuffer<ffi::F32> out) {
   Factors f;
-  if (!FactorOperands(order, starts, coefs, vec, f)) {
-    return ffi::Error::InvalidArgument(
-        "factored_sum_squares: order [M], starts [U + 1], coefs [T, H], vec [T, d]");
-  }
+  Checks c("factored_sum_squares");   // order [M], starts [U + 1], coefs [T, H], vec [T, d]
+  FactorOperands(c, order, starts, coefs, vec, f);
+  c.Shape("out", *out, {});
+  if (!c.ok()) return c.error();
   const int64_t tokens = static_cast<int64_t>(vec.dimensions()[0]);
   const int64_t token_blocks = (tokens + kSumBlock - 1) / kSumBlock;
   const int64_t slot_blocks = (f.u + kSumBlock - 1) / kSumBlock;
@@ -685,20 +747,16 @@ ffi::Error FactoredAdamRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tabl
                                 ffi::ResultBuffer<ffi::F32> table_out,
                                 ffi::ResultBuffer<ffi::F32> mu_out,
                                 ffi::ResultBuffer<ffi::F32> nu_out) {
-  auto td = table.dimensions();
+  // table, mu, nu [N, d], rows [U], order [M], starts [U + 1], coefs [T, H], vec [T, d],
+  // hyper [9]
   Factors f;
-  if (td.size() != 2 || hyper.element_count() != 9 ||
-      !FactorOperands(order, starts, coefs, vec, f) || f.d != td[1] ||
-      static_cast<int64_t>(rows.element_count()) != f.u) {
-    return ffi::Error::InvalidArgument(
-        "factored_adam_rows: table [N, d], rows [U], order [M], starts [U + 1], coefs [T, H], "
-        "vec [T, d], hyper [9]");
-  }
-  if (table_out->typed_data() != table.typed_data() || mu_out->typed_data() != mu.typed_data() ||
-      nu_out->typed_data() != nu.typed_data()) {
-    return ffi::Error::InvalidArgument("factored_adam_rows: outputs must alias table, mu, nu");
-  }
-  const int64_t d = td[1];
+  Checks c("factored_adam_rows");
+  AdamOperands(c, table, mu, nu, rows, hyper, table_out, mu_out, nu_out);
+  FactorOperands(c, order, starts, coefs, vec, f);
+  if (!c.ok()) return c.error();
+  const int64_t d = table.dimensions()[1];
+  c.Shape("vec", vec, {coefs.dimensions()[0], d}).Shape("starts", starts, {rows.dimensions()[0] + 1});
+  if (!c.ok()) return c.error();
   AdamOnRows(pool, table_out, mu_out, nu_out, rows, AdamHyper(hyper.typed_data()),
              [&](int64_t s, float* g) {
                // the next slot's first token row of vec, from L3
@@ -708,162 +766,6 @@ ffi::Error FactoredAdamRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tabl
                f.Row(s, g);
                return static_cast<const float*>(g);
              });
-  return ffi::Error::Success();
-}
-
-// ---------------------------------------------------------------- grouped matmul (BLAS)
-//
-// jax.lax.ragged_dot and its two transposes on XLA:CPU, BLAS sgemms on each group's rows in
-// place: XLA:CPU's ragged_dot is a masked dense dot (E times the FLOPs), and a loop of
-// per-block dots copies every block, weight slice and result. The sgemm is the
-// cblas_sgemm of the OpenBLAS that numpy's wheels bundle (64-bit integers; its enums stay
-// C ints), handed over by MoejaxSetSgemm before first use.
-//
-// Threads: the work is shared out over XLA's pool threads (see ForPieces), each sgemm
-// single-threaded. Left to its own threads, OpenBLAS shared the cores with XLA's pool:
-// 1024 x 512 x 1024 per group ran at 143 GFLOP/s, against 327 in a process of its own.
-
-using Sgemm64 = void (*)(int order, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
-                         float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
-                         float beta, float* c, int64_t ldc);
-using SetThreadsLocal = int (*)(int);
-std::atomic<Sgemm64> g_sgemm{nullptr};
-std::atomic<SetThreadsLocal> g_set_threads_local{nullptr};
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-
-// Each kernel thread sets OpenBLAS to one thread (openblas_set_num_threads_local(1)) and
-// leaves it so. That function is thread-local in some builds and sets the process-wide
-// count in others (numpy's 0.3.31): there numpy's BLAS stays single-threaded afterwards.
-// Restoring the count after each call instead woke OpenBLAS's threads, whose spinning
-// then slowed the next call's sgemms by 1.7x (131 vs 228 GFLOP/s).
-
-// First row of each group [E + 1], sizes clipped so that no group passes `rows`
-// (ragged_dot leaves larger sums undefined; here the groups stop at the last row).
-std::vector<int64_t> GroupStarts(const int32_t* sizes, int64_t groups, int64_t rows) {
-  std::vector<int64_t> start(groups + 1, 0);
-  for (int64_t e = 0; e < groups; ++e) {
-    start[e + 1] = start[e] + std::min<int64_t>(std::max<int32_t>(sizes[e], 0), rows - start[e]);
-  }
-  return start;
-}
-
-// Runs piece(e, p, pieces) over every group e, each thread's sgemms single-threaded (or
-// one piece per group, pieces = 1, without a thread-local BLAS setting). With enough
-// groups to balance (2 per thread), whole groups go to threads, longest first onto the
-// least loaded: no two threads pack the same operand (the weight gradients ran ~10%
-// faster than cut in halves). Otherwise thread t runs piece t of every group.
-template <typename Piece>
-void ForPieces(ffi::ThreadPool& pool, const std::vector<int64_t>& start, const Piece& piece) {
-  const int64_t groups = static_cast<int64_t>(start.size()) - 1;
-  const SetThreadsLocal set_local = g_set_threads_local.load();
-  const int64_t threads = set_local ? std::max<int64_t>(pool.num_threads(), 1) : 1;
-  auto single = [&](auto&& run) {
-    if (set_local) set_local(1);
-    run();
-  };
-  if (threads > 1 && groups >= 2 * threads) {
-    std::vector<int64_t> order(groups);
-    for (int64_t e = 0; e < groups; ++e) order[e] = e;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-      return start[a + 1] - start[a] > start[b + 1] - start[b];
-    });
-    std::vector<std::vector<int64_t>> mine(threads);
-    std::vector<int64_t> load(threads, 0);
-    for (int64_t e : order) {
-      const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
-      mine[t].push_back(e);
-      load[t] += start[e + 1] - start[e] + 1;   // + 1: empty groups (zero fills) spread too
-    }
-    ParallelFor(pool, threads, 1, [&](int64_t begin, int64_t end) {
-      single([&] {
-        for (int64_t t = begin; t < end; ++t) {
-          for (int64_t e : mine[t]) piece(e, 0, 1);
-        }
-      });
-    });
-    return;
-  }
-  ParallelFor(pool, threads, 1, [&](int64_t begin, int64_t end) {
-    single([&] {
-      for (int64_t p = begin; p < end; ++p) {
-        for (int64_t e = 0; e < groups; ++e) piece(e, p, threads);
-      }
-    });
-  });
-}
-
-// out [m, n] = lhs [m, k] @ rhs[e] per group of rows; rhs [E, k, n], or [E, n, k] used
-// transposed (kTransposeRhs: the lhs gradient, dy @ rhs[e]^T). Rows past the groups: 0.
-template <bool kTransposeRhs>
-ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
-                             ffi::Buffer<ffi::F32> rhs, ffi::Buffer<ffi::S32> group_sizes,
-                             ffi::ResultBuffer<ffi::F32> out) {
-  const Sgemm64 sgemm = g_sgemm.load();
-  auto ld = lhs.dimensions(), rd = rhs.dimensions();
-  if (!sgemm || ld.size() != 2 || rd.size() != 3 ||
-      static_cast<int64_t>(group_sizes.element_count()) != rd[0]) {
-    return ffi::Error::InvalidArgument(
-        "grouped_matmul: lhs [m, k], rhs [E, k, n], group_sizes [E], and a BLAS sgemm");
-  }
-  const int64_t m = ld[0], k = ld[1], groups = rd[0];
-  const int64_t n = kTransposeRhs ? rd[1] : rd[2];
-  auto od = out->dimensions();
-  if ((kTransposeRhs ? rd[2] : rd[1]) != k || od.size() != 2 || od[0] != m || od[1] != n) {
-    return ffi::Error::InvalidArgument("grouped_matmul: shapes [m, k] @ [E, k, n] -> [m, n]");
-  }
-  const float* a = lhs.typed_data();
-  const float* b = rhs.typed_data();
-  float* o = out->typed_data();
-  if (k == 0 || n == 0) {   // BLAS rejects leading dimensions of 0
-    std::fill(o, o + m * n, 0.f);
-    return ffi::Error::Success();
-  }
-  const std::vector<int64_t> start = GroupStarts(group_sizes.typed_data(), groups, m);
-  ForPieces(pool, start, [&](int64_t e, int64_t p, int64_t pieces) {
-    const int64_t rows = start[e + 1] - start[e];
-    const int64_t lo = start[e] + rows * p / pieces, hi = start[e] + rows * (p + 1) / pieces;
-    if (hi > lo) {
-      sgemm(kRowMajor, kNoTrans, kTransposeRhs ? kTrans : kNoTrans, hi - lo, n, k, 1.f,
-            a + lo * k, k, b + e * k * n, kTransposeRhs ? k : n, 0.f, o + lo * n, n);
-    }
-  });
-  std::fill(o + start[groups] * n, o + m * n, 0.f);
-  return ffi::Error::Success();
-}
-
-// out [E, k, n]: out[e] = lhs[rows of e]^T @ dy[rows of e] (the rhs gradient), pieces
-// by columns; 0 for empty groups.
-ffi::Error GroupedTMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
-                              ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::S32> group_sizes,
-                              ffi::ResultBuffer<ffi::F32> out) {
-  const Sgemm64 sgemm = g_sgemm.load();
-  auto ld = lhs.dimensions(), dd = dy.dimensions(), od = out->dimensions();
-  if (!sgemm || ld.size() != 2 || dd.size() != 2 || od.size() != 3 || dd[0] != ld[0] ||
-      od[1] != ld[1] || od[2] != dd[1] ||
-      static_cast<int64_t>(group_sizes.element_count()) != od[0]) {
-    return ffi::Error::InvalidArgument(
-        "grouped_tmatmul: lhs [m, k], dy [m, n], group_sizes [E] -> [E, k, n], and a BLAS sgemm");
-  }
-  const int64_t m = ld[0], k = ld[1], n = dd[1], groups = od[0];
-  const float* a = lhs.typed_data();
-  const float* g = dy.typed_data();
-  float* o = out->typed_data();
-  if (k == 0 || n == 0) {   // BLAS rejects leading dimensions of 0
-    std::fill(o, o + groups * k * n, 0.f);
-    return ffi::Error::Success();
-  }
-  const std::vector<int64_t> start = GroupStarts(group_sizes.typed_data(), groups, m);
-  ForPieces(pool, start, [&](int64_t e, int64_t p, int64_t pieces) {
-    const int64_t rows = start[e + 1] - start[e];
-    const int64_t lo = n * p / pieces, hi = n * (p + 1) / pieces;
-    float* oe = o + e * k * n;
-    if (rows == 0) {
-      for (int64_t i = 0; i < k; ++i) std::fill(oe + i * n + lo, oe + i * n + hi, 0.f);
-    } else if (hi > lo) {
-      sgemm(kRowMajor, kTrans, kNoTrans, k, hi - lo, rows, 1.f, a + start[e] * k, k,
-            g + start[e] * n + lo, n, 0.f, oe + lo, n);
-    }
-  });
   return ffi::Error::Success();
 }
 
@@ -968,26 +870,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxFactoredAdamRowsF32, FactoredAdamRowsImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-
-// The grouped matmuls' signature: (pool; lhs, rhs or dy, group sizes) -> out.
-static auto GroupedBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::S32>>()
-      .Ret<ffi::Buffer<ffi::F32>>();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxGroupedMatmulF32, GroupedMatmulImpl<false>, GroupedBinding());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxGroupedMatmulTF32, GroupedMatmulImpl<true>, GroupedBinding());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxGroupedTMatmulF32, GroupedTMatmulImpl, GroupedBinding());
-
-// The grouped matmuls' BLAS (see above), from Python (ctypes) before first use:
-// cblas_sgemm, and openblas_set_num_threads_local (may be null: then one piece per group).
-extern "C" void MoejaxSetSgemm(void* sgemm, void* set_threads_local) {
-  g_set_threads_local.store(reinterpret_cast<SetThreadsLocal>(set_threads_local));
-  g_sgemm.store(reinterpret_cast<Sgemm64>(sgemm));
-}

@@ -26,12 +26,6 @@
   the lookup's factors (``Σ coef · vec`` over the row's retrievals) instead of read from a
   written-out ``[U, d]`` gradient (512 MiB per table at N = 1024², 4096 tokens).
 
-* :func:`ragged_dot` is ``jax.lax.ragged_dot`` (a masked dense dot over all groups on
-  XLA:CPU) with its gradients as BLAS sgemms on each group's rows in place, one
-  single-threaded sgemm per pool thread: the dropless MoE's grouped matmuls. The BLAS is
-  the OpenBLAS inside numpy's wheels (:func:`blas_available`; ``MOEJAX_CPU_BLAS=0`` turns
-  it off); without it the dropless MoE runs its blocked XLA loop.
-
 * :func:`attention` is masked softmax attention with its rotary positions
   (``cpu_attention.cc``; reference ``attention_reference.attention``): per (batch, head) in
   cache, a block of queries at a time over only the keys it may see, the small matmuls in
@@ -46,13 +40,20 @@ here: XLA cannot partition a custom call, so it would all-gather the operands (a
 table) onto every device. Inside ``shard_map`` over those axes each device has its own
 rows, and the kernels run.
 
+Every handler checks each operand's rank and shape against the others (the FFI bindings
+check the dtypes) and returns an error, which JAX raises, rather than reading or writing
+out of bounds; the Adam kernels also reject repeated rows (``cpu_common.h``'s ``Checks``).
+
 Build: the first use compiles ``cpu_kernels.cc`` and ``cpu_attention.cc`` (sharing
 ``cpu_common.h``) into one library with the C++ compiler (``$CXX``, else ``c++``) against
 the XLA FFI headers that ship with jaxlib (``jax.ffi.include_dir()``) into
-``$MOEJAX_CACHE_DIR`` (default ``~/.cache/moejax``), named by a hash of the sources, the jax
-version, the flags and this CPU's features; later processes load that file. Without a
-compiler it logs one warning and the XLA ops run; with ``MOEJAX_CPU_KERNELS=1`` set it is
-an error instead. No network is used.
+``$MOEJAX_CACHE_DIR`` (default ``~/.cache/moejax``), and says so in one line on stderr. The
+file is named by a hash of the sources, the FFI headers' contents, the jax and jaxlib
+versions, the compiler (``$CXX --version``), the flags and this CPU's features, so that
+every virtual environment with the same jax, jaxlib and compiler shares it; later processes
+load it. Without a compiler (or where the build fails) one warning line on stderr says what
+that costs and how to fix it, and the XLA ops run; with ``MOEJAX_CPU_KERNELS=1`` set it is
+a :class:`KernelBuildError` instead. No network is used.
 """
 
 from __future__ import annotations
@@ -60,21 +61,21 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from moejax import kernels
 from moejax.kernels import attention_reference, row_plan
-
-log = logging.getLogger(__name__)
 
 TOPK = "moejax_topk_f32"
 TAKE_ROWS = "moejax_take_rows_f32"
@@ -83,9 +84,6 @@ GATHER_WEIGHTED_SUM = "moejax_gather_weighted_sum_f32"
 SCATTER_OUTER = "moejax_scatter_outer_f32"
 SCATTER_OUTER_PAIR = "moejax_scatter_outer_pair_f32"
 ADAM_ROWS = "moejax_adam_rows_f32"
-GROUPED_MATMUL = "moejax_grouped_matmul_f32"
-GROUPED_MATMUL_T = "moejax_grouped_matmul_t_f32"
-GROUPED_TMATMUL = "moejax_grouped_tmatmul_f32"
 SUM_SQUARES_ROWS = "moejax_sum_squares_rows_f32"
 ATTENTION_FWD = "moejax_attention_fwd_f32"
 ATTENTION_BWD = "moejax_attention_bwd_f32"
@@ -95,10 +93,9 @@ FACTORED_ADAM_ROWS = "moejax_factored_adam_rows_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
             SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
-            ADAM_ROWS: "MoejaxAdamRowsF32", GROUPED_MATMUL: "MoejaxGroupedMatmulF32",
-            GROUPED_MATMUL_T: "MoejaxGroupedMatmulTF32", GROUPED_TMATMUL: "MoejaxGroupedTMatmulF32",
-            SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32", ATTENTION_FWD: "MoejaxAttentionFwdF32",
-            ATTENTION_BWD: "MoejaxAttentionBwdF32", SLOT_RUNS: "MoejaxSlotRunsS32",
+            ADAM_ROWS: "MoejaxAdamRowsF32", SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32",
+            ATTENTION_FWD: "MoejaxAttentionFwdF32", ATTENTION_BWD: "MoejaxAttentionBwdF32",
+            SLOT_RUNS: "MoejaxSlotRunsS32",
             FACTORED_SUM_SQUARES: "MoejaxFactoredSumSquaresF32",
             FACTORED_ADAM_ROWS: "MoejaxFactoredAdamRowsF32"}
 _SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc"))
@@ -133,48 +130,98 @@ def _cpu_features() -> bytes:
     return platform.processor().encode()
 
 
+class KernelBuildError(RuntimeError):
+  """The CPU kernels could not be built and ``MOEJAX_CPU_KERNELS=1`` requires them; the
+  message is one line."""
+
+
+def _announce(line: str) -> None:
+  """One line on stderr: first-use work and a failed build are shown whatever the host's
+  logging level (the entry points quiet absl logging to ERROR). Through ``tqdm.write``, so
+  that a progress bar on screen (the first step traces the kernels) is cleared for the
+  line and drawn again below it."""
+  from tqdm import tqdm
+  tqdm.write(line, file=sys.stderr)
+
+
+def _compiler() -> tuple[list[str], str]:
+  """The compiler's command (``$CXX``, else ``c++``) and the first line of its
+  ``--version``; OSError where it does not run."""
+  cxx = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
+  try:
+    done = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60)
+  except FileNotFoundError as e:
+    raise OSError(f"no C++ compiler: {' '.join(cxx)} not found") from e
+  if done.returncode != 0:
+    raise OSError(f"{' '.join(cxx)} --version failed")
+  return cxx, (done.stdout.strip().splitlines() or [""])[0]
+
+
+def _header_bytes(include: Path):
+  """Each file under the FFI include directory, by relative path, and its contents: the
+  headers, not where this virtual environment keeps them, key the cache."""
+  for f in sorted(p for p in include.rglob("*") if p.is_file()):
+    yield str(f.relative_to(include)).encode()
+    yield f.read_bytes()
+
+
+def _cached_path(compiler: str, include: Path) -> Path:
+  """Where the library built by ``compiler`` (its ``--version`` line) against the FFI
+  headers in ``include`` is cached: named by a hash of everything that changes the built
+  code, and of nothing that differs between virtual environments."""
+  digest = hashlib.sha256()
+  for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), *_header_bytes(include),
+               jax.__version__.encode(), jaxlib.__version__.encode(), compiler.encode(),
+               platform.machine().encode(), _cpu_features(), " ".join(_FLAGS).encode()):
+    digest.update(part)
+  return cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
+
+
 def _build() -> Path:
   """The shared library's path, compiled now unless already in the cache."""
-  include = jax.ffi.include_dir()
-  digest = hashlib.sha256()
-  for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), include.encode(),
-               jax.__version__.encode(), platform.machine().encode(), _cpu_features(),
-               " ".join(_FLAGS).encode()):
-    digest.update(part)
-  lib = cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
+  cxx, identity = _compiler()
+  include = Path(jax.ffi.include_dir())
+  lib = _cached_path(identity, include)
   if lib.exists():
     return lib
   lib.parent.mkdir(parents=True, exist_ok=True)
-  cxx = os.environ.get("CXX", "c++")
+  _announce(f"moejax: building CPU kernels into {lib.parent} (once per jax / compiler "
+            "version, ~20 s)")
   with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
     out = Path(tmp) / lib.name
-    errors = []
+    logs = []
     for extra in (_NATIVE, ()):
-      cmd = [cxx, *_FLAGS, *extra, f"-I{include}", *map(str, _SOURCES), "-o", str(out)]
+      cmd = [*cxx, *_FLAGS, *extra, f"-I{include}", *map(str, _SOURCES), "-o", str(out)]
       done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
       if done.returncode == 0:
         break
-      errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-1000:]}")
+      logs.append(f"$ {shlex.join(cmd)}\n{done.stderr}")
     else:
-      raise RuntimeError("; ".join(errors))
+      log_file = lib.with_suffix(".log")
+      log_file.write_text("\n".join(logs))
+      first = next((line for line in done.stderr.splitlines() if "error" in line),
+                   (done.stderr.strip().splitlines() or ["no output"])[-1])
+      raise RuntimeError(f"{identity or cxx[0]} failed: {first.strip()[:200]} (all of it in "
+                         f"{log_file})")
     os.replace(out, lib)   # atomic: processes building at once each leave a whole file
   return lib
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-  """The built kernels with their FFI targets registered; None, with one warning, where
-  that fails (e.g. no C++ compiler)."""
+  """The built kernels with their FFI targets registered; None, with one warning line,
+  where that fails (e.g. no C++ compiler)."""
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build()))
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     if required():
-      raise RuntimeError(f"moejax: the CPU kernels could not be built ({e}) and "
-                         "MOEJAX_CPU_KERNELS=1 requires them: set CXX to a C++17 compiler, "
-                         "or unset MOEJAX_CPU_KERNELS to run XLA's ops instead") from e
-    log.warning("moejax: the CPU kernels could not be built (%s); XLA's top_k and gather "
-                "run instead (slower product-key layers on CPU). Set CXX to a C++17 "
-                "compiler, or MOEJAX_CPU_KERNELS=0 to silence this.", e)
+      raise KernelBuildError(f"moejax's CPU kernels could not be built ({e}) and "
+                             "MOEJAX_CPU_KERNELS=1 requires them: install a C++17 compiler "
+                             "or set CXX to one, or unset MOEJAX_CPU_KERNELS to run XLA's "
+                             "ops instead") from e
+    _announce(f"moejax: warning: CPU kernels not built ({e}); XLA's ops run instead, and CPU "
+              "steps are slower (PEER / product-key layers most). Install a C++17 compiler "
+              "or set CXX to one; MOEJAX_CPU_KERNELS=0 skips the kernels without this line.")
     return None
   for target, symbol in _SYMBOLS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -184,50 +231,6 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
   """Builds (or loads) the kernels and registers their FFI targets; False where that fails."""
   return _library() is not None
-
-
-# The grouped matmuls' BLAS: cblas_sgemm with 64-bit integers in the OpenBLAS that numpy's
-# wheels bundle (numpy.libs), and openblas_set_num_threads_local (OpenBLAS >= 0.3.27): the
-# kernels' sgemms run single-threaded on XLA's pool threads. In numpy's build that setting
-# is process-wide, so numpy's own BLAS runs on one thread after the first grouped matmul
-# (its threads would compete with XLA's); MOEJAX_CPU_BLAS=0 leaves it alone. Found next to
-# the loaded numpy, never downloaded.
-_SGEMM_SYMBOL = "scipy_cblas_sgemm64_"
-_THREADS_LOCAL_SYMBOLS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_")
-
-
-def _numpy_blas() -> tuple[int, int | None] | None:
-  """Addresses of numpy's bundled ``cblas_sgemm`` (64-bit ints) and thread-local thread
-  setter (None if absent), or None."""
-  import numpy
-  address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value
-  for path in sorted((Path(numpy.__file__).parent.parent / "numpy.libs").glob("*openblas64*.so*")):
-    try:
-      lib = ctypes.CDLL(str(path))
-    except OSError:
-      continue
-    sgemm = getattr(lib, _SGEMM_SYMBOL, None)
-    if sgemm is not None:
-      local = next((getattr(lib, name) for name in _THREADS_LOCAL_SYMBOLS
-                    if hasattr(lib, name)), None)
-      return address(sgemm), (address(local) if local is not None else None)
-  return None
-
-
-@functools.cache
-def blas_available() -> bool:
-  """The grouped matmuls have their BLAS (numpy's bundled OpenBLAS) and kernels here."""
-  lib = _library()
-  if lib is None or os.environ.get("MOEJAX_CPU_BLAS", "1") == "0":
-    return False
-  found = _numpy_blas()
-  if found is None:
-    log.info("moejax: no OpenBLAS sgemm next to numpy; CPU grouped matmuls use XLA's dots")
-    return False
-  lib.MoejaxSetSgemm(ctypes.c_void_p(found[0]), ctypes.c_void_p(found[1]))
-  log.info("moejax: CPU grouped matmuls use numpy's OpenBLAS, single-threaded per XLA thread "
-           "(numpy's BLAS then runs on one thread; MOEJAX_CPU_BLAS=0 to keep it as it is)")
-  return True
 
 
 def usable(*arrays: jax.Array) -> bool:
@@ -351,7 +354,8 @@ def _adam_hyper(lr, b1, b2, eps, c1, c2, scale) -> jax.Array:
 
 def adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array, grads: jax.Array,
               *, lr, b1: float, b2: float, eps: float, c1, c2, scale=1.0):
-  """Lazy Adam on ``rows [M]`` (distinct; out-of-range ones skipped) of float32 ``table,
+  """Lazy Adam on ``rows [M]`` (distinct: a repeated row is an error, raised when the
+  computation runs; out-of-range ones skipped) of float32 ``table,
   mu, nu [N, d]`` with gradients ``grads [M, d]``, in place (donate them): the new
   ``(table, mu, nu)``. ``c1, c2``: the bias corrections ``1 - b^count``. The kernel only
   (callers check :func:`usable`); its XLA form is ``training.row_sparse``'s chunked update.
@@ -415,60 +419,15 @@ def factored_sum_squares(order: jax.Array, starts: jax.Array, coefs: jax.Array,
 def factored_adam_rows(table, mu, nu, rows, order, starts, coefs, vectors, *, lr, b1: float,
                        b2: float, eps: float, c1, c2, scale=1.0):
   """:func:`adam_rows` with slot ``s``'s gradient rebuilt from the factors (``rows [U]``
-  the table row of each slot, out of range for padding): the same update, bit for bit,
-  in place (donate ``table, mu, nu``). The kernel only (callers check :func:`usable`)."""
+  the distinct table row of each slot, out of range for padding): the same update, bit for
+  bit, in place (donate ``table, mu, nu``). The kernel only (callers check
+  :func:`usable`)."""
   hyper = _adam_hyper(lr, b1, b2, eps, c1, c2, scale)
   operands = _same_vma(table, mu, nu, rows.astype(jnp.int32), order, starts, coefs, vectors,
                        hyper)
   call = jax.ffi.ffi_call(FACTORED_ADAM_ROWS, tuple(jax.typeof(a) for a in operands[:3]),
                           vmap_method="sequential", input_output_aliases={0: 0, 1: 1, 2: 2})
   return call(*operands)
-
-
-# ------------------------------------------------------------------ grouped matmul (BLAS)
-
-
-def grouped_matmul_usable(*arrays: jax.Array) -> bool:
-  """:func:`ragged_dot` runs its kernels for these float32 operands here: :func:`usable`
-  and numpy's OpenBLAS found (``MOEJAX_CPU_BLAS=0`` turns it off)."""
-  return usable(*arrays) and blas_available()
-
-
-def _grouped(target, lhs, rhs, group_sizes, out_shape):
-  lhs, rhs, group_sizes = _same_vma(lhs, rhs, group_sizes.astype(jnp.int32))
-  out = jax.typeof(lhs).update(shape=out_shape)
-  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(lhs, rhs, group_sizes)
-
-
-@jax.custom_vjp
-def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  """``jax.lax.ragged_dot(lhs [m, k], rhs [E, k, n], group_sizes [E])`` -> ``[m, n]``:
-  rows in consecutive groups, group ``e`` times ``rhs[e]``; rows past the groups 0.
-
-  One BLAS sgemm per group on its rows in place, and per group for each gradient
-  (``dy @ rhs[e]^T``, ``lhs_e^T dy_e``), where :func:`grouped_matmul_usable`; XLA's
-  ``ragged_dot`` (a masked dense dot on CPU) elsewhere. Group sizes get no gradient.
-  """
-  if not grouped_matmul_usable(lhs, rhs):
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
-  return _grouped(GROUPED_MATMUL, lhs, rhs, group_sizes, (lhs.shape[0], rhs.shape[2]))
-
-
-def _ragged_dot_fwd(lhs, rhs, group_sizes):
-  return ragged_dot(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
-
-
-def _ragged_dot_bwd(res, dy):
-  lhs, rhs, group_sizes = res
-  if not grouped_matmul_usable(lhs, rhs, dy):
-    _, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, group_sizes), lhs, rhs)
-    return (*vjp(dy), None)
-  dlhs = _grouped(GROUPED_MATMUL_T, dy, rhs, group_sizes, lhs.shape)
-  drhs = _grouped(GROUPED_TMATMUL, lhs, dy, group_sizes, rhs.shape)
-  return kernels.match_vma(dlhs, lhs), kernels.match_vma(drhs, rhs), None
-
-
-ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
 
 
 # ------------------------------------------------------------------------------- attention

@@ -96,30 +96,73 @@ def test_sharded_rows_use_lax_top_k_and_shard_map_the_kernel():
     chex.assert_trees_all_equal(jax.jit(local)(x), tuple(jax.lax.top_k(x, 4)))
 
 
-def test_build_is_cached_and_a_missing_compiler_is_one_clear_error(tmp_path, monkeypatch):
+def test_build_is_announced_cached_and_a_missing_compiler_is_one_clear_error(
+    tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("MOEJAX_CACHE_DIR", str(tmp_path / "cache"))
   lib = cpu_kernels._build()
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("moejax: building CPU kernels into "), err
   stamp = lib.stat().st_mtime_ns
   assert cpu_kernels._build() == lib and lib.stat().st_mtime_ns == stamp   # loaded, not rebuilt
+  assert capsys.readouterr().err == ""                                      # silently
   monkeypatch.setenv("MOEJAX_CACHE_DIR", str(tmp_path / "other"))
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-  with pytest.raises((RuntimeError, OSError), match="no-such-compiler"):
+  with pytest.raises(OSError, match="no C\\+\\+ compiler: .*no-such-compiler not found"):
     cpu_kernels._build()
   assert not list((tmp_path / "other").glob("*.so"))
 
 
-def test_failed_build_warns_by_default_and_is_an_error_when_required(tmp_path, monkeypatch,
-                                                                     caplog):
+def test_cache_is_keyed_by_header_contents_not_their_path(tmp_path, monkeypatch):
+  """Two virtual environments with the same jax, jaxlib and compiler share the library:
+  the FFI headers' contents key it, not where they are; the compiler and jaxlib key it."""
+  import shutil
+  from pathlib import Path
+  include = Path(jax.ffi.include_dir())
+  copy = tmp_path / "other-venv" / "include"
+  shutil.copytree(include, copy)
+  _, compiler = cpu_kernels._compiler()
+  path = cpu_kernels._cached_path(compiler, include)
+  assert cpu_kernels._cached_path(compiler, copy) == path
+  assert cpu_kernels._cached_path(compiler + " (another build)", include) != path
+  header = next(p for p in copy.rglob("*.h"))
+  header.write_text(header.read_text() + "\n// changed\n")
+  assert cpu_kernels._cached_path(compiler, copy) != path
+  monkeypatch.setattr(cpu_kernels.jaxlib, "__version__", "0.0.0-other")
+  assert cpu_kernels._cached_path(compiler, include) != path
+
+
+def test_failed_build_is_one_warning_line_and_an_error_when_required(tmp_path, monkeypatch,
+                                                                     capsys):
   monkeypatch.setenv("MOEJAX_CACHE_DIR", str(tmp_path / "cache"))
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   load = cpu_kernels._library.__wrapped__   # uncached: registers nothing when it fails
   monkeypatch.delenv("MOEJAX_CPU_KERNELS", raising=False)
-  with caplog.at_level("WARNING"):
-    assert load() is None
-  assert "could not be built" in caplog.text
+  assert load() is None
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("moejax: warning: CPU kernels not built"), err
+  assert "slower" in err and "C++17 compiler" in err and "CXX" in err
   monkeypatch.setenv("MOEJAX_CPU_KERNELS", "1")
-  with pytest.raises(RuntimeError, match="MOEJAX_CPU_KERNELS=1 requires them"):
+  with pytest.raises(cpu_kernels.KernelBuildError, match="MOEJAX_CPU_KERNELS=1 requires them") as e:
     load()
+  assert "\n" not in str(e.value)
+
+
+def test_a_failing_compiler_is_one_line_with_its_log_kept(tmp_path, monkeypatch, capsys):
+  """A compiler that runs but fails: the first error line, and where the whole output is."""
+  fake = tmp_path / "bad-cxx"
+  fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo 'bad-cxx 1.0'; exit 0; }\n"
+                  "echo 'x.cc:1: error: no good' >&2; echo 'more detail' >&2; exit 1\n")
+  fake.chmod(0o755)
+  monkeypatch.setenv("MOEJAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setenv("CXX", str(fake))
+  monkeypatch.setenv("MOEJAX_CPU_KERNELS", "1")
+  with pytest.raises(cpu_kernels.KernelBuildError, match="bad-cxx 1.0 failed: x.cc:1: error: no "
+                     "good") as e:
+    cpu_kernels._library.__wrapped__()
+  assert "\n" not in str(e.value)
+  (log,) = (tmp_path / "cache").glob("*.log")
+  assert str(log) in str(e.value) and "more detail" in log.read_text()
+  assert not list((tmp_path / "cache").glob("*.so"))
 
 
 def test_product_key_retrieval_same_with_either_top_k(monkeypatch):
@@ -355,51 +398,6 @@ def test_concurrent_calls_share_the_thread_pool_without_deadlock():
   assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 
-# ------------------------------------------------------------------ grouped matmul (BLAS)
-
-
-@pytest.mark.parametrize("sizes,m,k,n", [
-    ((30, 0, 50, 10), 100, 24, 16),      # an empty group, 10 rows past the groups
-    ((1, 1, 1), 3, 1, 1),
-    ((700, 300, 24, 0), 1024, 512, 256),  # uneven groups, pieces of unequal rows
-    (tuple(range(64)), 2100, 40, 24),     # many groups: whole groups per thread
-])
-def test_ragged_dot_equals_xla_ragged_dot_values_and_gradients(sizes, m, k, n):
-  assert cpu_kernels.blas_available(), "numpy's OpenBLAS sgemm was not found (see the log)"
-  gs = jnp.asarray(sizes, jnp.int32)
-  lhs = jax.random.normal(jax.random.key(0), (m, k))
-  rhs = jax.random.normal(jax.random.key(1), (len(sizes), k, n))
-  dy = jax.random.normal(jax.random.key(2), (m, n))
-
-  def run(dot):
-    return jax.jit(jax.value_and_grad(lambda a, b: jnp.vdot(dot(a, b, gs), dy), (0, 1)))(lhs, rhs)
-
-  text = _lowered_text(jax.grad(lambda a, b: jnp.sum(cpu_kernels.ragged_dot(a, b, gs)), (0, 1)),
-                       lhs, rhs)
-  for target in (cpu_kernels.GROUPED_MATMUL_T, cpu_kernels.GROUPED_TMATMUL):
-    assert target in text
-  assert "ragged" not in text.replace("ragged_dot", "")   # no XLA ragged op left
-  got, want = run(cpu_kernels.ragged_dot), run(jax.lax.ragged_dot)
-  tol = 2e-5 * k
-  chex.assert_trees_all_close(got, want, atol=tol, rtol=1e-4)
-  y = jax.jit(lambda a, b: cpu_kernels.ragged_dot(a, b, gs))(lhs, rhs)
-  assert float(jnp.abs(y[sum(sizes):]).max(initial=0.0)) == 0.0          # rows past the groups
-  empty = [e for e, s in enumerate(sizes) if s == 0]
-  for e in empty:                                                        # no rows, no gradient
-    assert float(jnp.abs(got[1][1][e]).max()) == 0.0
-
-
-def test_ragged_dot_falls_back_without_blas(monkeypatch):
-  monkeypatch.setattr(cpu_kernels, "blas_available", lambda: False)
-  gs = jnp.asarray([2, 3], jnp.int32)
-  lhs, rhs = jnp.ones((6, 4)), jnp.ones((2, 4, 5))
-  text = _lowered_text(lambda a, b: cpu_kernels.ragged_dot(a, b, gs), lhs, rhs)
-  assert cpu_kernels.GROUPED_MATMUL not in text
-  got = jax.grad(lambda a, b: jnp.sum(cpu_kernels.ragged_dot(a, b, gs)), (0, 1))(lhs, rhs)
-  want = jax.grad(lambda a, b: jnp.sum(jax.lax.ragged_dot(a, b, gs)), (0, 1))(lhs, rhs)
-  chex.assert_trees_all_close(got, want)
-
-
 @pytest.mark.parametrize("u,used,d", [(1, 1, 1), (5000, 3900, 256), (70, 0, 24)])
 def test_sum_squares_rows_equals_the_sum_and_skips_padding(u, used, d):
   n = 10_000
@@ -415,28 +413,6 @@ def test_sum_squares_rows_equals_the_sum_and_skips_padding(u, used, d):
   junk = g.at[used:].set(7.0)
   assert float(jax.jit(f)(rows, junk)) == float(got)
 
-
-
-
-def test_grouped_matmuls_from_several_threads_agree():
-  """Concurrent calls (XLA runs independent ops side by side) give the same results."""
-  import threading
-  gs = jnp.full((16,), 64, jnp.int32)
-  f = jax.jit(jax.grad(lambda a, b: jnp.sum(cpu_kernels.ragged_dot(a, b, gs) ** 2), (0, 1)))
-  a = jax.random.normal(jax.random.key(0), (1024, 64))
-  b = jax.random.normal(jax.random.key(1), (16, 64, 32))
-  want = jax.block_until_ready(f(a, b))
-  got = [None] * 4
-
-  def run(i):
-    got[i] = jax.block_until_ready(f(a, b))
-  threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  for g in got:
-    chex.assert_trees_all_equal(g, want)
 
 
 def _factors(t, h, d, u, seed, hot_row=False):

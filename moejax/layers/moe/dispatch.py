@@ -10,11 +10,9 @@
   FFN's speed (4096 tokens, 8 experts, cf 1.25, 2-core Xeon).
 * :func:`dropless_dispatch` -- no capacity: sort the (token, choice) rows by expert and
   run a grouped matmul: ``jax.lax.ragged_dot`` (TPU/GPU), megablox ``gmm`` (TPU); on CPU
-  ``cpu_kernels.ragged_dot`` (BLAS sgemms on each expert's rows, numpy's OpenBLAS), or
-  where that is missing ``blocked``: each expert's rows padded to blocks of a few
-  power-of-two sizes, one fused FFN per block in ``fori_loop`` s
-  (:mod:`moejax.layers.moe.grouped_mlp`). XLA:CPU's ragged_dot is a masked dense dot over
-  all experts, about E times the FLOPs.
+  ``blocked``: each expert's rows padded to blocks of a few power-of-two sizes, one fused
+  FFN per block in ``fori_loop`` s (:mod:`moejax.layers.moe.grouped_mlp`). XLA:CPU's
+  ragged_dot is a masked dense dot over all experts, about E times the FLOPs.
 * :func:`expert_parallel_dispatch` -- experts sharded over the ``expert`` mesh axis;
   capacity buffers travel by ``jax.lax.all_to_all`` inside ``jax.shard_map``.
 * :func:`dropless_ep_dispatch` -- the same sharding without capacity: each device sorts its
@@ -228,30 +226,6 @@ def _blocked_dropless(xt, expert, weight, weights, activation, block=0):
   return _rows_out(yb, dest, back, weight.astype(yb.dtype))
 
 
-def _sorted_dropless(xt, expert, weight, weights, activation):
-  """:func:`_blocked_dropless` with BLAS grouped matmuls (``cpu_kernels.ragged_dot``, CPU):
-  rows sorted by expert with no padding, sgemms on each expert's rows in place, the
-  activation between them one fused pass (``activations.glu``).
-
-  Why (fwd+bwd at 4096 tokens, top-2 of 8, d 512, expert hidden 1024, 2-core Xeon): the
-  grouped FFN of the blocked path took 252 ms where 8 dense FFNs of 1024 tokens each took
-  218 (its loop copies each block, weight slice and result), and XLA's dots ran at
-  210-230 GFLOP/s on these shapes, the grouped sgemms at 230-290. The MoE step went from
-  0.83 to 0.88-0.89 of the dense FFN's speed (``benchmarks/vs_pytorch.py``).
-  """
-  wi, wg, wo = weights
-  t, k = expert.shape
-  flat = expert.reshape(t * k)
-  counts, rank = _counting_sort(flat, wi.shape[0])
-  dest, back = _slots(flat, rank, jnp.cumsum(counts) - counts, t * k)
-  dest = dest.reshape(t, k)
-  xs = _rows_in(xt, back // k, dest)                                # [t·k, D] by expert
-  mm = lambda a, w: cpu_kernels.ragged_dot(a, w, counts)
-  h = act_lib.glu(activation, mm(xs, wi), None if wg is None else mm(xs, wg))
-  ys = mm(h, wo)                                                    # rows of no expert: 0
-  return _rows_out(ys, dest, back, weight.astype(ys.dtype))
-
-
 @jax.custom_vjp
 def _rows_in(x, src, dest):
   """The expert-ordered buffer ``x[src]`` ``[m, embed]`` (blocked or sorted) of token rows
@@ -331,16 +305,12 @@ def _ragged_grouped_mlp(xs, counts, weights, activation, impl, interpret=False):
   return jnp.where(valid, mm(h, wo)[:n], 0)
 
 
-def resolve_dropless_impl(impl: str, blas: bool = False) -> str:
-  """``auto`` -> on CPU ``ragged_dot`` where ``blas`` (the BLAS grouped matmuls run:
-  ``cpu_kernels.grouped_matmul_usable``), else ``blocked``; ``ragged_dot`` on the target
-  platform otherwise (the TPU while compiling for one from a CPU host, see
-  :func:`moejax.kernels.target_platform`)."""
+def resolve_dropless_impl(impl: str) -> str:
+  """``auto`` -> ``blocked`` on CPU, ``ragged_dot`` on the target platform otherwise (the
+  TPU while compiling for one from a CPU host, see :func:`moejax.kernels.target_platform`)."""
   if impl != "auto":
     return impl
-  if kernels.current_platform() == "cpu":
-    return "ragged_dot" if blas else "blocked"
-  return "ragged_dot"
+  return "blocked" if kernels.current_platform() == "cpu" else "ragged_dot"
 
 
 def dropless_dispatch(x: jax.Array, plan: TokenChoicePlan, weights, activation: str, *,
@@ -351,8 +321,8 @@ def dropless_dispatch(x: jax.Array, plan: TokenChoicePlan, weights, activation: 
     x: ``[groups, tokens, embed]``.
     plan: a :class:`TokenChoicePlan` (its capacity, if any, is ignored: every routed
       slot is processed).
-    impl: ``auto`` (:func:`resolve_dropless_impl`), ``blocked``, ``ragged_dot`` (on CPU
-      the BLAS grouped matmuls where they run), ``gmm`` (megablox, TPU).
+    impl: ``auto`` (:func:`resolve_dropless_impl`), ``blocked``, ``ragged_dot``, ``gmm``
+      (megablox, TPU).
     block: largest block of ``blocked`` (a power of two); 0 = :func:`default_block`.
     interpret: run ``gmm`` in Pallas interpret mode (tests on CPU).
 
@@ -368,14 +338,10 @@ def dropless_dispatch(x: jax.Array, plan: TokenChoicePlan, weights, activation: 
   n = g * s * k
   xt = x.reshape(g * s, d)
   expert = jnp.where(plan.routed, plan.expert_index, e).reshape(n)  # unrouted: no expert
-  blas = cpu_kernels.grouped_matmul_usable(xt, *(w for w in weights if w is not None))
-  impl = resolve_dropless_impl(impl, blas)
+  impl = resolve_dropless_impl(impl)
   weight = (plan.weight * plan.routed).reshape(g * s, k)
   if impl == "blocked":
     y = _blocked_dropless(xt, expert.reshape(g * s, k), weight, weights, activation, block)
-    return y.reshape(g, s, d)
-  if impl == "ragged_dot" and blas:
-    y = _sorted_dropless(xt, expert.reshape(g * s, k), weight, weights, activation)
     return y.reshape(g, s, d)
   order = jnp.argsort(expert, stable=True)                          # [n], unrouted last
   counts = jnp.bincount(expert, length=e + 1)[:e].astype(jnp.int32)  # [E]

@@ -1,8 +1,8 @@
 """Kernel benchmarks: the Pallas product-key kernels against their plain-JAX references.
 
-  python benchmarks/kernels.py                      # every section this machine can run
-  python benchmarks/kernels.py --section gpu        # PYTHONPATH=. works too (jax + numpy only)
-  python benchmarks/kernels.py --section gpu --ns 256 --iters 5    # quicker
+  python benchmarks/kernel_bench.py                  # every section this machine can run
+  python benchmarks/kernel_bench.py --section gpu    # PYTHONPATH=. works too (jax + numpy only)
+  python benchmarks/kernel_bench.py --section gpu --ns 256 --iters 5    # quicker
 
 GPU section (needs a CUDA GPU; prints "no GPU: skipped" otherwise), every number measured
 in this run on this device (jit, warm-up, then the median of --iters calls, each ended by
