@@ -49,7 +49,7 @@ def main(argv):
   cli.check_cpu_kernels()
   try:
     report = run.evaluate(
-        FLAGS.checkpoint, datasets=[d for d in FLAGS.dataset.split(",") if d] or None,
+        FLAGS.checkpoint, datasets=[d.strip() for d in FLAGS.dataset.split(",") if d.strip()] or None,
         split=FLAGS.split or None, max_batches=None if FLAGS.max_batches < 0 else FLAGS.max_batches,
         data_dir=FLAGS.data_dir, out_dir=FLAGS.out or None)
   except (ConfigError, DataError, CheckpointError) as e:

@@ -544,6 +544,10 @@ def main(argv=None) -> int:
     print(f"error: unexpected argument {rest[1]!r} (flags are --name=value; see --help)",
           file=sys.stderr)
     return 2
+  if fv.json and os.path.isdir(fv.json):
+    print(f"error: --json={fv.json}: is a directory (pass a file path, e.g. {fv.json.rstrip('/')}/report.json)",
+          file=sys.stderr)
+    return 2
   if fv.json and not os.path.isdir(os.path.dirname(os.path.abspath(fv.json))):
     print(f"error: --json={fv.json}: its directory does not exist (create it or pass another "
           "path)", file=sys.stderr)

@@ -17,7 +17,8 @@ def maybe_initialize(coordinator: str = "", num_processes: int = 0, process_id: 
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise SystemExit(f"error: --coordinator={coordinator} needs --num_processes=N (>= 1) and "
                        f"--process_id=I (0 <= I < N); got {num_processes} and {process_id}")
-    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS") or "cpu"
+    if "cpu" in platforms.split(","):   # e.g. "cuda,cpu" set by moejax.platform_env
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)

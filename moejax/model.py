@@ -338,7 +338,7 @@ class Transformer(nnx.Module):
 
 
 def to_layout(pure: dict, config: ml_collections.ConfigDict, *, scanned: bool) -> dict:
-  """Converts a model variable tree (``State.to_pure_dict()``) between the layouts.
+  """Converts a model variable tree (``nnx.to_pure_dict(state)``) between the layouts.
 
   ``pure`` holds the layout of ``config`` with ``model.scan_layers = not scanned``; the
   result holds the other one (``scanned=True``: per-block -> stacked). Use it to evaluate

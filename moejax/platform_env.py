@@ -1,8 +1,8 @@
 """Keep libtpu from starting on a machine with no TPU attached (set before JAX is imported).
 
 With libtpu installed (the ``test`` and ``tpu`` extras install it), JAX loads it at its first
-computation on any machine, and on one without a TPU libtpu prints five lines (host bounds,
-InitGoogle, "unexpected worker hostname", a source location trace) before anything else.
+computation on any machine, and on one without a TPU libtpu prints its start-up log (host
+bounds, InitGoogle, "unexpected worker hostname", a source location trace) before anything else.
 :func:`skip_absent_tpu` (called first by ``train.py``, ``eval.py`` and ``generate.py``) sets
 ``JAX_PLATFORMS`` to the platforms other than TPU when no TPU is attached, so JAX never loads
 libtpu there. It leaves everything as it is when:

@@ -57,7 +57,7 @@ def _cases(tmp):
 
 def test_bad_flags_are_one_error_line_naming_the_flag_exit_2(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  cases, procs = _cases(tmp_path), []
+  cases, procs, outputs = _cases(tmp_path), [], {}
   for i, (entry, args, extra, _) in enumerate(cases):
     workdir = tmp_path / f"wd{i}"
     cmd = [sys.executable, *entry.split()] if entry.startswith("-m") else [
@@ -68,10 +68,10 @@ def test_bad_flags_are_one_error_line_naming_the_flag_exit_2(tmp_path):
                                             text=True, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE)))
     if sum(p.poll() is None for _, p in procs) >= 4:
-      procs[-4][1].wait(timeout=300)
+      outputs[len(procs) - 4] = procs[-4][1].communicate(timeout=300)   # reads its pipes: no deadlock
   failures = []
-  for (workdir, proc), (entry, args, _, want) in zip(procs, cases):
-    _, err = proc.communicate(timeout=300)
+  for i, ((workdir, proc), (entry, args, _, want)) in enumerate(zip(procs, cases)):
+    _, err = outputs[i] if i in outputs else proc.communicate(timeout=300)
     lines = err.strip().splitlines()
     if not (proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
             and want in lines[0]):
