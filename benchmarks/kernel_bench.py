@@ -261,7 +261,7 @@ def bench_lookup(a, table, n_rows, copy_bw, sweep):
         table.add(f"  sweep {name}: fwd", n_rows, f)
         table.add(f"  sweep {name}: fwd+bwd (dense grads)", n_rows, fb)
       _guard(table, f"sweep {name}", n_rows, go)
-  del x, idx, sc, up, down, dy, taps
+
 
 
 def bench_retrieval(a, table, n):

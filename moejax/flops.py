@@ -23,7 +23,6 @@ analysis of the compiled forward.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import ml_collections

@@ -13,7 +13,6 @@ from moejax import sharding
 from moejax.errors import ConfigError
 from moejax.layers import pkm
 from moejax.kernels import retrieval_reference as pk
-from moejax.layers import query as pkq
 from moejax.layers.base import TableParam, build_ffn
 
 D = 16

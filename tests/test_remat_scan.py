@@ -1,10 +1,8 @@
 """model.remat and model.scan_layers change memory and compile time, never the maths."""
 
 import json
-import os
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

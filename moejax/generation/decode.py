@@ -20,7 +20,6 @@ whose probability reaches ``top_p`` (1: all), and sampled.
 
 from __future__ import annotations
 
-import copy
 
 import jax
 import jax.numpy as jnp

@@ -84,8 +84,6 @@ def _kernel_case(b, lq, lk, h, d, seed):
 
 def _check_kernel(q, k, v, do, mask, sin=None, cos=None):
   assert cpu_kernels.attention_usable(q, k, v, mask, sin, cos)
-  f = lambda fn: jax.jit(lambda q, k, v: jax.vjp(
-      lambda q, k, v: fn(q, k, v, mask, sin, cos), q, k, v))
   text = jax.jit(lambda q, k, v: jax.grad(lambda q, k, v: jnp.sum(
       cpu_kernels.attention(q, k, v, mask, sin, cos) * do), argnums=(0, 1, 2))(q, k, v)
                  ).lower(q, k, v).as_text()
