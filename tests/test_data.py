@@ -206,6 +206,20 @@ def test_local_text_build_contents(tmp_path, text_dir):
     data.make_source(cfg, "test")
 
 
+def test_local_text_first_build_is_one_line(tmp_path, text_dir, capfd):
+  """The first build says what it prepares and where, in one line; TFDS's download talk and
+  progress bars are kept back. A second prepare says nothing."""
+  data_dir = str(tmp_path / "tfds")
+  local_text.prepare(local_text.builder(str(text_dir), "", data_dir))
+  out, err = capfd.readouterr()
+  assert out == ""
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"moejax: preparing the local_text dataset from {text_dir}")
+  assert data_dir in lines[0]
+  local_text.prepare(local_text.builder(str(text_dir), "", data_dir))
+  assert capfd.readouterr() == ("", "")
+
+
 def test_local_text_default_dir_is_stdlib(tmp_path):
   cfg = local_text.make_config("")
   assert cfg.text_dir == os.path.abspath(local_text.default_text_dir())

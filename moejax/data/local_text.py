@@ -25,10 +25,13 @@ directory}``. Built offline into array_record files, read with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
+import io
 import os
+import sys
 import sysconfig
 
 import tensorflow_datasets as tfds
@@ -205,8 +208,22 @@ def builder(text_dir: str = "", pattern: str = "", data_dir: str | None = None) 
 
 
 def prepare(b: LocalText) -> LocalText:
-  """Builds ``b`` into its data_dir unless already there. Never touches the network."""
+  """Builds ``b`` into its data_dir unless already there. Never touches the network.
+
+  The first build says so in one line on stderr (what, where); TFDS's own "Downloading
+  and preparing" lines and progress bars, which speak of downloads that do not happen, are
+  kept back and shown only if the build fails.
+  """
   if not b.is_prepared():
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    source = b.builder_config.text_dir or default_text_dir()
+    print(f"moejax: preparing the local_text dataset from {source} into {b.data_dir} (once)",
+          file=sys.stderr, flush=True)
+    chatter = io.StringIO()
+    try:
+      with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    except BaseException:
+      sys.stderr.write(chatter.getvalue())
+      raise
   return b
