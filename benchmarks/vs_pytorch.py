@@ -20,7 +20,7 @@ Workloads (defaults; --small shrinks them):
      (dispatch dropless, and einsum at capacity factor 1.25; train mode, default aux losses).
   e. Dense SwiGLU FFN, hidden 2048 (the active parameters of top-2 × 1024): three
      nn.Linear vs moejax DenseFFN; also moejax dropless MoE / moejax dense.
-  f. The dense LM train step (configs/dense_small.py, the old default)'s FLOP/s as a fraction of a same-run matmul's
+  f. The dense LM's train step (configs/dense_small.py): FLOP/s as a fraction of a same-run matmul's
      (benchmarks/train_throughput.py; moejax only, in a child process).
 Ends with the issue's goals, measured value, met / not met.
 
