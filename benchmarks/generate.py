@@ -2,7 +2,7 @@
 
     python benchmarks/generate.py [--ffn dense|moe|peer|pkm] [--new 512] [--batch 1]
 
-Builds the default small LM (configs/default.py sizes, byte vocabulary) with the chosen
+Builds the small LM (configs/dense_small.py sizes, byte vocabulary) with the chosen
 feed-forward kind in its middle block, random weights, and generates ``--new`` tokens
 greedily after a 4-token prompt, both ways, each as one jitted loop (compile excluded, best
 of ``--repeats``). Prints tokens/s of each and the speed-up of the cache.

@@ -1,6 +1,6 @@
 """Train-step time and page faults with and without ``moejax.host_memory.keep_freed_memory``.
 
-    python benchmarks/host_memory.py [--config configs/default.py] [--rounds 2] [--steps 20]
+    python benchmarks/host_memory.py [--config configs/dense_small.py] [--rounds 2] [--steps 20]
 
 The setting must precede JAX's first computation, so each measurement is a child process
 (``MOEJAX_KEEP_FREED_MEMORY=1`` / ``0``), in alternating rounds; medians per setting. A child
@@ -54,7 +54,7 @@ def child(config: str, keep: bool, warmup: int, steps: int) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--config", default=os.path.join(_ROOT, "configs", "default.py"))
+  p.add_argument("--config", default=os.path.join(_ROOT, "configs", "dense_small.py"))
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--warmup", type=int, default=30)
   p.add_argument("--steps", type=int, default=20)

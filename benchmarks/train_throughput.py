@@ -1,6 +1,6 @@
 """Tokens/s of the train step, and its achieved FLOP/s as a fraction of a matmul's.
 
-    python benchmarks/train_throughput.py [--config configs/default.py] [--steps 20]
+    python benchmarks/train_throughput.py [--config configs/dense_small.py] [--steps 20]
 
 Both numbers are measured in the same run on the same machine, so the ratio is
 meaningful even on a noisy host. FLOPs of the step: 6 x parameters per token for
@@ -103,7 +103,7 @@ def main():
   from moejax import host_memory
   host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
   p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+  p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "dense_small.py"))
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--rounds", type=int, default=5, help="alternating step / matmul rounds")
   args = p.parse_args()

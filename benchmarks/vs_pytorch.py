@@ -20,7 +20,7 @@ Workloads (defaults; --small shrinks them):
      (dispatch dropless, and einsum at capacity factor 1.25; train mode, default aux losses).
   e. Dense SwiGLU FFN, hidden 2048 (the active parameters of top-2 × 1024): three
      nn.Linear vs moejax DenseFFN; also moejax dropless MoE / moejax dense.
-  f. The default LM train step's FLOP/s as a fraction of a same-run matmul's
+  f. The dense LM's train step (configs/dense_small.py): FLOP/s as a fraction of a same-run matmul's
      (benchmarks/train_throughput.py; moejax only, in a child process).
 Ends with the issue's goals, measured value, met / not met.
 
@@ -554,10 +554,10 @@ def dense_case(a) -> Case:
 
 
 def flops_fraction(iters: int) -> tuple[float, float, float]:
-  """(train step GFLOP/s, matmul GFLOP/s, fraction) of the default config, in turns."""
+  """(train step GFLOP/s, matmul GFLOP/s, fraction) of the dense baseline (configs/dense_small.py), in turns."""
   tt = _sibling("train_throughput")
   config = tt.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                       "configs", "default.py"))
+                                       "configs", "dense_small.py"))
   rounds = max(iters, 3)
   r = tt.measure(config, steps=5 * rounds, rounds=rounds)
   return r["achieved"] / 1e9, r["matmul"] / 1e9, r["achieved"] / r["matmul"]

@@ -44,7 +44,7 @@ def tpu_lookup_kernels_ready() -> bool:
 
 
 CONFIGS = {
-    "dense": lambda: load_config("default"),
+    "dense": lambda: load_config("dense_small"),
     # Switch with explicit all_to_all over a 2-wide expert axis.
     "moe": lambda: load_config("switch_small", **{"moe.num_experts": 4, "moe.dispatch": "expert_parallel",
                                                   "mesh.data": 2, "mesh.expert": 2}),

@@ -78,9 +78,28 @@ def test_every_shipped_config_validates():
   import os
   root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
   files = sorted(glob.glob(os.path.join(root, "*.py")))
-  assert len(files) >= 9
+  assert len(files) >= 10
   for path in files:
     spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config_lib.validate(module.get_config())
+
+
+def test_default_run_trains_a_sparse_model():
+  """``python train.py`` with no --config trains a sparse LM (PEER in the middle block), so
+  that the main job and eval.py's expert plot show what the library is for; the dense base
+  config stays dense (configs/dense_small.py and the other configs build on it)."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "default.py")
+  spec = importlib.util.spec_from_file_location("default", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  config_lib.validate(c)
+  assert c.model.sparse_ffn == "peer"
+  assert config_lib.parse_sparse_layers(c.model.sparse_layers, c.model.num_layers) == (2,)
+  base = config_lib.default_config()
+  assert base.model.ffn == base.model.sparse_ffn == "dense"

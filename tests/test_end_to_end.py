@@ -9,15 +9,21 @@ import time
 
 import pytest
 
+from cli_env import cli_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
         "--config.model.head_dim=16", "--config.model.d_ff=64", "--config.data.seq_len=32",
         "--config.data.batch_size=8", "--config.train.log_every=5", "--config.train.eval_batches=2",
-        "--config.train.progress_bar=false"]
+        "--config.train.progress_bar=false",
+        # These tests are about the command line and the loop: the dense model of the default's
+        # shape (the sparse default's PEER block would add to every run's compile;
+        # tests/test_eval_outputs.py and test_checkpoint_sparse.py train sparse ones).
+        "--config.model.sparse_layers=none"]
 
 
 def _run(script, *args, env_devices=8, check=True, timeout=300):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(env_devices), JAX_PLATFORMS="cpu")
+  env = cli_env(env_devices)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
@@ -64,8 +70,9 @@ def test_train_resume_then_eval(tmp_path, text_dir):
   assert 0 < result["bits_per_byte"] < 8
   assert os.path.exists(os.path.join(workdir, "eval", "loss_curve.png"))
 
-  # A training checkpoint evaluates too, and gives the same numbers as the export of that step.
-  proc = _run("eval.py", f"--checkpoint={workdir}", "--max_batches=3", "--json", env_devices=1)
+  # A training checkpoint evaluates too, and gives the same numbers as the export of that step
+  # (on the export's 2 devices: its eval programs come from the compilation cache).
+  proc = _run("eval.py", f"--checkpoint={workdir}", "--max_batches=3", "--json", env_devices=2)
   again = json.loads(proc.stdout[:proc.stdout.rindex("}") + 1])["datasets"]["local_text"]
   assert again["loss"] == pytest.approx(result["loss"], rel=1e-4)
 
@@ -86,7 +93,7 @@ def test_sigterm_saves_and_resumes(tmp_path, text_dir):
   args = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, *_data_flags(tmp_path, text_dir),
           f"--workdir={workdir}", "--config.train.steps=100000", "--config.train.checkpoint_every=100000",
           "--config.train.log_every=1"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = cli_env()
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240

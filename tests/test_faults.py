@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cli_env import cli_env
 from lm_utils import synthetic_batches, tiny_config
 from moejax import config as config_lib
 from moejax.errors import CheckpointError, ConfigError, DataError, NonFiniteError
@@ -33,7 +34,7 @@ def _env(devices=8):
   # PYTHONPATH: worker scripts written to tmp_path import this checkout's moejax whether or
   # not (and wherever) it is pip-installed.
   path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-  return dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", PYTHONPATH=path)
+  return cli_env(devices, PYTHONPATH=path)
 
 
 def _run(script, *args, devices=8, timeout=300):
@@ -492,6 +493,7 @@ sys.path.insert(0, sys.argv[4])
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from cli_env import cli_env
 from lm_utils import synthetic_batches, tiny_config
 from moejax.training import state as state_lib
 config = tiny_config()

@@ -7,6 +7,8 @@ import sys
 
 import portpicker
 
+from cli_env import cli_env
+from moejax.data import local_text
 from test_end_to_end import ROOT, TINY
 
 
@@ -14,7 +16,7 @@ def _launch(workdir, text_dir, data_dir, steps):
   port = portpicker.pick_unused_port()
   procs = []
   for pid in range(2):
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
+    env = cli_env(4)
     args = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--workdir={workdir}",
             f"--config.data.text_dir={text_dir}", f"--config.data.data_dir={data_dir}",
             f"--config.train.steps={steps}", "--config.train.checkpoint_every=4",
@@ -35,10 +37,7 @@ def test_two_processes_train_and_resume(tmp_path):
     (text_dir / f"d{i}.txt").write_text(f"document {i} says hello to the world. " * 60)
   data_dir = tmp_path / "tfds"
   # Build the dataset once before the hosts start (they would race on a first build).
-  subprocess.run([sys.executable, "-c",
-                  "import sys; from moejax.data import local_text as lt; "
-                  "lt.prepare(lt.builder(text_dir=sys.argv[1], data_dir=sys.argv[2]))",
-                  str(text_dir), str(data_dir)], check=True, cwd=ROOT)
+  local_text.prepare(local_text.builder(text_dir=str(text_dir), data_dir=str(data_dir)))
   workdir = tmp_path / "wd"
   outs = _launch(workdir, text_dir, data_dir, steps=4)
   assert "8 devices" in outs[0][0]

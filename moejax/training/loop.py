@@ -273,6 +273,15 @@ def _run(config, workdir, tokenizer, ts, train_iter, reader, start, changes, ree
     writer.write(step, perplexity.scalars(result), split="eval", replace=replace)
     return result
 
+  def eval_extent(result) -> str:
+    """What an eval line's numbers cover: eval.py evaluates the whole split, so a run whose
+    train.eval_batches stops short of it prints other numbers than eval.py does."""
+    what = (f"({result['batches']} batches, {result['tokens']:,.0f} tokens of "
+            f"{config.data.eval_split}")
+    if result["batches"] < t.eval_batches:
+      return what + ": the whole split, as eval.py evaluates it)"
+    return what + f": train.eval_batches={t.eval_batches}; eval.py evaluates the whole split)"
+
   # Non-finite steps (train.on_nonfinite): counted on device, read where the loop syncs
   # anyway (log steps, checkpoints, the end), so no step waits for the host.
   replicated = sharding.replicated(ts.mesh)
@@ -332,7 +341,7 @@ def _run(config, workdir, tokenizer, ts, train_iter, reader, start, changes, ree
         window_start, window_steps = time.perf_counter(), 0
       if t.eval_every and step % t.eval_every == 0 and step < t.steps:
         eval_result = run_eval(step)
-        progress.write(f"step {step}: eval loss {eval_result['loss']:.4f}")
+        progress.write(f"step {step}: eval loss {eval_result['loss']:.4f} {eval_extent(eval_result)}")
       # Hosts agree on a SIGTERM (the save is collective); multi-host, only at log steps,
       # since agreeing costs a host sync.
       if jax.process_count() == 1 or step % t.log_every == 0:
@@ -351,7 +360,8 @@ def _run(config, workdir, tokenizer, ts, train_iter, reader, start, changes, ree
       check_nonfinite(step)
       eval_result = run_eval(step, replace=True)
       progress.write(f"step {step}: eval loss {eval_result['loss']:.4f} "
-                     f"ppl {eval_result['perplexity']:.3f} bpb {eval_result['bits_per_byte']:.4f}")
+                     f"ppl {eval_result['perplexity']:.3f} bpb {eval_result['bits_per_byte']:.4f} "
+                     f"{eval_extent(eval_result)}")
       export_dir = paths.join(workdir, "export")
       if not (reevaluate and start >= t.steps and paths.isdir(paths.join(export_dir, "model"))):
         ckpt_lib.export(export_dir, ts.state[0], config, step=step)
