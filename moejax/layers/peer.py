@@ -72,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
       "activation": "gelu_tanh",  # gelu (exact erf, PEER-pytorch) | gelu_tanh | silu | relu
       "kernel": "auto",          # auto (Pallas on TPU/GPU, reference on CPU) | reference | pallas | interpret
       "score": "softmax",        # softmax (over the k retrieved, paper) | sigmoid
-      "query_norm": "batch",     # batch (paper) | whiten (decorrelated BN) | layer (causal-safe) | none
+      "query_norm": "batch",     # batch (paper) | whiten (decorrelated BN, experimental) | layer (causal-safe) | none
       "per_head_keys": False,    # each head its own sub-keys (paper: shared)
       "per_head_experts": False,  # each head its own N experts (paper: shared pool)
       "bn_momentum": 0.99,       # running-stat momentum of query BatchNorm

@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
       "top_k": 32,
       "d_key": 128,              # even
       "kernel": "auto",          # auto (Pallas on TPU/GPU, reference on CPU) | reference | pallas | interpret
-      "query_norm": "batch",     # batch (paper) | whiten (decorrelated BN) | layer (causal-safe) | none
+      "query_norm": "batch",     # batch (paper) | whiten (decorrelated BN, experimental) | layer (causal-safe) | none
       "per_head_keys": True,     # PKM: each head its own sub-keys
       "bn_momentum": 0.99,
       "norm_epsilon": 1e-5,

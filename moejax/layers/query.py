@@ -87,6 +87,10 @@ class MaskedBatchNorm(nnx.Module):
 class MaskedWhitening(nnx.Module):
   """BatchNorm that also decorrelates: ZCA whitening of each head's query over real tokens.
 
+  An experiment, not a recommendation: in the cpu-scale study it raised the training loss
+  and lowered expert usage against per-feature BatchNorm (``experiments/peer_paper``); kept
+  so that the result can be rerun and the idea taken further.
+
   Per-feature BatchNorm gives every query feature unit variance but leaves the features
   correlated. When the layer's inputs span few directions (a small model on byte tokens),
   each head's half-queries lie near a low-dimensional subspace, the top-k of one half
@@ -94,6 +98,9 @@ class MaskedWhitening(nnx.Module):
   usage stays far below 100% however large the eval set (measured in
   ``experiments/peer_paper/README.md``). ZCA, ``(q − μ) Σ^{-1/2}``, rotates back to the original
   feature axes after scaling, so it is the whitening closest to the un-normalised query.
+  Whitened inputs of a freshly initialised layer do reach nearly every expert
+  (``experiments/peer_paper/query_rank.py``); training with whitened queries did not keep
+  that (see above).
 
   Training: mean ``μ [h, d]`` and covariance ``Σ [h, d, d]`` over the unmasked tokens (global
   under GSPMD, as :class:`MaskedBatchNorm`), held constant in the backward (stop-gradient:
