@@ -53,13 +53,13 @@ TRUNKS = {
 # experts. The paper: PEER h = 8, k = 16; PKM h = 8, k = 32; MoE 128 experts.
 SIZES = {
     "tiny": dict(n=8, peer_h=2, peer_k=2, pkm_h=2, pkm_k=4, d_key=8, experts=4,
-                 usage_n=(8,), whiten_n=(8,), ablation_fixed=((1, 4),), ablation_grow=()),
+                 usage_n=(8,), whiten_n=(8,), long_n=(), ablation_fixed=((1, 4),), ablation_grow=()),
     "cpu": dict(n=128, peer_h=8, peer_k=16, pkm_h=8, pkm_k=32, d_key=64, experts=16,
-                usage_n=(32, 64, 128, 256), whiten_n=(32, 64),
+                usage_n=(32, 64, 128, 256), whiten_n=(32, 64), long_n=(128,),
                 ablation_fixed=((1, 32), (2, 16), (4, 8), (8, 4)),
                 ablation_grow=((4, 4), (8, 8), (16, 16))),
     "gpu": dict(n=512, peer_h=8, peer_k=16, pkm_h=8, pkm_k=32, d_key=128, experts=16,
-                usage_n=(128, 512), whiten_n=(), ablation_fixed=((2, 64), (8, 16)), ablation_grow=((8, 32),)),
+                usage_n=(128, 512), whiten_n=(), long_n=(), ablation_fixed=((2, 64), (8, 16)), ablation_grow=((8, 32),)),
 }
 
 
@@ -114,17 +114,29 @@ def pkm(n: int, h: int, k: int, d_key: int) -> Arm:
       ("pkm.top_k", k), ("pkm.d_key", d_key), ("pkm.query_norm", "batch")))
 
 
-def peer(n: int, h: int, k: int, d_key: int, norm: str = "batch") -> Arm:
+def peer(n: int, h: int, k: int, d_key: int, norm: str = "batch", steps_factor: int = 1) -> Arm:
+  """``steps_factor``: train this many times the scale's steps (the schedule stretched)."""
   tag = {"batch": "bn", "none": "nonorm", "layer": "ln", "whiten": "white"}[norm]
-  return Arm(f"peer_n{n}_h{h}k{k}_{tag}", "peer", (
-      ("model.sparse_ffn", "peer"), ("peer.num_experts_sqrt", n), ("peer.heads", h),
-      ("peer.top_k", k), ("peer.d_key", d_key), ("peer.query_norm", norm)))
+  longer = () if steps_factor == 1 else (("train.steps", -steps_factor),)
+  return Arm(f"peer_n{n}_h{h}k{k}_{tag}" + ("" if steps_factor == 1 else f"_x{steps_factor}"),
+             "peer", (("model.sparse_ffn", "peer"), ("peer.num_experts_sqrt", n),
+                      ("peer.heads", h), ("peer.top_k", k), ("peer.d_key", d_key),
+                      ("peer.query_norm", norm)) + longer)
 
 
 def resolve(arm: Arm, scale: str) -> Arm:
-  """Fills size placeholders that depend on the trunk (``moe.d_ff = -2``: half the dense MLP)."""
-  d_ff = TRUNKS[scale]["model"]["d_ff"]
-  items = tuple((k, d_ff // 2 if (k, v) == ("moe.d_ff", -2) else v) for k, v in arm.overrides)
+  """Fills size placeholders that depend on the trunk (``moe.d_ff = -2``: half the dense MLP;
+  ``train.steps = -f``: f times the scale's steps)."""
+  trunk = TRUNKS[scale]
+
+  def value(k, v):
+    if (k, v) == ("moe.d_ff", -2):
+      return trunk["model"]["d_ff"] // 2
+    if k == "train.steps" and v < 0:
+      return -v * trunk["train"]["steps"]
+    return v
+
+  items = tuple((k, value(k, v)) for k, v in arm.overrides)
   return dataclasses.replace(arm, overrides=items)
 
 
@@ -140,6 +152,8 @@ def study(name: str, scale: str) -> list[Arm]:
     # and raised the loss (README), so the larger sizes spend no more hours on them.
     arms = [peer(n, s["peer_h"], s["peer_k"], s["d_key"], norm) for n in s["usage_n"]
             for norm in ("batch", "none") + (("whiten",) if n in s["whiten_n"] else ())]
+    # Does usage keep rising with training? The main PEER arm trained 4x as long.
+    arms += [peer(n, s["peer_h"], s["peer_k"], s["d_key"], steps_factor=4) for n in s["long_n"]]
   elif name == "ablation":
     hk = s["ablation_fixed"] + s["ablation_grow"] + ((s["peer_h"], s["peer_k"]),)
     arms = [peer(s["n"], h, k, s["d_key"]) for h, k in hk]
@@ -152,8 +166,9 @@ STUDIES = ("main", "usage", "ablation")
 
 
 def parse_arm_name(name: str) -> dict:
-  """``peer_n128_h8k16_bn`` -> {'n': 128, 'h': 8, 'k': 16, 'norm': 'bn'} (product-key arms)."""
-  m = re.fullmatch(r"(peer|pkm)_n(\d+)_h(\d+)k(\d+)_(\w+)", name)
+  """``peer_n128_h8k16_bn_x4`` -> {'n': 128, 'h': 8, 'k': 16, 'norm': 'bn', 'steps_factor': 4}."""
+  m = re.fullmatch(r"(peer|pkm)_n(\d+)_h(\d+)k(\d+)_([a-z]+)(?:_x(\d+))?", name)
   if not m:
     return {}
-  return {"n": int(m.group(2)), "h": int(m.group(3)), "k": int(m.group(4)), "norm": m.group(5)}
+  return {"n": int(m.group(2)), "h": int(m.group(3)), "k": int(m.group(4)), "norm": m.group(5),
+          "steps_factor": int(m.group(6) or 1)}

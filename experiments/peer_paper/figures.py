@@ -70,7 +70,7 @@ def loss_vs_flops(rows, scale, out) -> Path | None:
 
 
 def usage_kl(rows, scale, out) -> Path | None:
-  rs = report.study_rows(rows, "usage", scale)
+  rs = [r for r in report.study_rows(rows, "usage", scale) if r["steps_factor"] == 1]
   if not rs:
     return None
   fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.4))
@@ -101,7 +101,7 @@ def _counts(row: dict) -> np.ndarray | None:
 
 
 def usage_hist(rows, scale, out) -> Path | None:
-  rs = report.study_rows(rows, "usage", scale)
+  rs = [r for r in report.study_rows(rows, "usage", scale) if r["steps_factor"] == 1]
   ns = sorted({r["n"] for r in rs})
   if not ns:
     return None
@@ -135,7 +135,8 @@ def usage_over_steps(rows, scale, out) -> Path | None:
     if pts:
       s, u = zip(*pts)
       ax.plot(s, 100 * np.array(u), {"bn": "o-", "nonorm": "s--"}.get(r["norm"], "^:"), ms=3,
-              label=f"N={r['n']}² {r['norm']}")
+              label=f"N={r['n']}² {r['norm']}" + (f" ×{r['steps_factor']} steps"
+                                                  if r["steps_factor"] > 1 else ""))
   ax.set_xlabel("training step")
   ax.set_ylabel("expert usage (%) in periodic evals")
   ax.grid(alpha=0.3)

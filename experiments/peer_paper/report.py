@@ -144,14 +144,14 @@ def summary(rows: list[dict], missing: list[str], scale: str) -> str:
       lines.append(f"| {m['arm']} | {m['seeds']} | {m['train_flops_per_token'] / 1e9:.5f} "
                    f"({rel:+.1%}) | {m['loss']} | {m['bpb']:.4f} | {usage} | {m['tok_s']:.0f} |")
     lines.append("")
-  usage = sorted(study_rows(rows, "usage", scale), key=lambda r: (r["n"], r["norm"]))
+  usage = sorted(study_rows(rows, "usage", scale), key=lambda r: (r["n"], r["norm"], r["steps"]))
   if usage:
     lines += ["## Expert usage and unevenness (paper Table 2)", "",
-              "| N | query norm | eval loss | usage | KL to uniform | top expert / mean "
-              "| eval tokens | retrievals per expert if uniform |", "|---|---|---|---|---|---|---|---|"]
+              "| N | query norm | steps | eval loss | usage | KL to uniform | top expert / mean "
+              "| eval tokens | retrievals per expert if uniform |", "|---|---|---|---|---|---|---|---|---|"]
     for r in usage:
       per = r["eval_tokens"] * r["h"] * r["k"] / r["n"] ** 2
-      lines.append(f"| {r['n']}² = {r['n'] ** 2} | {r['norm']} | {r['eval_loss']:.4f} | "
+      lines.append(f"| {r['n']}² = {r['n'] ** 2} | {r['norm']} | {r['steps']} | {r['eval_loss']:.4f} | "
                    f"{100 * r['usage']:.2f}% | {r['kl_uniform']:.3f} | {r['max_over_mean']:.1f} | "
                    f"{int(r['eval_tokens'])} | {per:.0f} |")
     lines.append("")
