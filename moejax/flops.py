@@ -69,7 +69,7 @@ def _moe(cfg, config, *, train: bool) -> dict[str, float]:
   router = routing.ROUTERS[cfg.router]
   k = router.experts_per_token(cfg.top_k)
   factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
-  noncausal = router.noncausal_reason(cfg) is not None
+  noncausal = router.noncausal_reason(cfg) is not None and cfg.eval_no_drop
   capacity = cfg.dispatch in ("einsum", "expert_parallel") or cfg.router == "expert_choice"
   if not train and noncausal:
     # Evaluation runs a non-causal router without dropping (moe/layer.py): token choice

@@ -361,3 +361,15 @@ def test_groups_bf16_and_shared_experts():
   assert float(jnp.abs(shared).min()) > 0 and float(jnp.abs(routed[0]).min()) > 0
   np.testing.assert_array_equal(y32[1, 5:], shared[1, 5:])
   assert float(jnp.abs(routed[1, 5:]).max()) == 0.0
+
+def test_expert_choice_eval_as_trained_or_drop_free():
+  """moe.eval_no_drop=False evaluates expert choice with the training capacity (the same
+  function as the training forward); the default drops nothing (every token at every expert)."""
+  x, mask = _inputs()
+  kw = dict(router="expert_choice", allow_noncausal=True, capacity_factor_train=1.0,
+            capacity_factor_eval=1.0, z_loss_weight=0.0)
+  trained = _layer(train=True, eval_no_drop=False, **kw)(x, mask=mask)[0]
+  as_trained = _layer(eval_no_drop=False, **kw)(x, mask=mask)[0]
+  drop_free = _layer(**kw)(x, mask=mask)[0]
+  chex.assert_trees_all_close(as_trained, trained, atol=1e-6)
+  assert float(jnp.max(jnp.abs(drop_free - trained))) > 1e-3

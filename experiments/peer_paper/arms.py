@@ -98,7 +98,10 @@ def moe_expert_choice(experts: int) -> Arm:
       ("model.sparse_ffn", "moe"), ("moe.router", "expert_choice"),
       ("moe.num_experts", experts), ("moe.capacity_factor_train", 1.0),
       ("moe.capacity_factor_eval", 1.0), ("moe.dispatch", "einsum"),
-      ("moe.allow_noncausal", True), ("moe.balance_loss_weight", 0.0)))
+      ("moe.allow_noncausal", True), ("moe.balance_loss_weight", 0.0),
+      # Evaluated as trained (capacity 1, routing over the sequence), as in the paper; the
+      # default would give every token to every expert in evaluation, another function.
+      ("moe.eval_no_drop", False)))
 
 
 def moe_top2(experts: int) -> Arm:

@@ -73,6 +73,11 @@ def default_config() -> ml_collections.ConfigDict:
       # set: their training loss can use the future. Evaluation and generation run such
       # layers without dropping (dropless, or every expert for expert choice).
       "allow_noncausal": False,
+      # Evaluation of such a layer: True drops nothing (token choice dropless, expert choice
+      # every token at every expert: a causal function, but not the one trained, and E times
+      # the expert compute); False evaluates with capacity_factor_eval, routing over the
+      # whole group as in training (what the expert-choice paper and PEER's MoE baseline do).
+      "eval_no_drop": True,
   })
 
 

@@ -69,7 +69,7 @@ class MoE(nnx.Module):
   Dropping: in evaluation (``deterministic``) a layer whose routing is not causal (see
   ``routing.Router.noncausal_reason``; allowed only with ``moe.allow_noncausal``) drops
   nothing: token choice runs dropless, expert choice gives every token to every expert
-  (capacity C = S). ``no_drop = True`` (set by ``moejax.generation``) does the same for
+  (capacity C = S); with ``moe.eval_no_drop = False`` it is evaluated as trained instead. ``no_drop = True`` (set by ``moejax.generation``) does the same for
   every router, so that decoding one token at a time equals the full forward.
   ``wants_token_ids``: the Transformer passes the token ids (hash routing by token id).
   """
@@ -79,7 +79,8 @@ class MoE(nnx.Module):
     self.num_experts = cfg.num_experts
     self.top_k = cfg.top_k
     self.router_kind = cfg.router
-    self.noncausal = routing.ROUTERS[cfg.router].noncausal_reason(cfg) is not None
+    self.eval_drop_free = (routing.ROUTERS[cfg.router].noncausal_reason(cfg) is not None
+                           and cfg.eval_no_drop)
     self.no_drop = False
     self.wants_token_ids = cfg.router == "hash"
     self.second_policy = cfg.second_policy
@@ -123,7 +124,7 @@ class MoE(nnx.Module):
 
   def _drop_free(self) -> bool:
     """Nothing may be dropped: evaluation of a non-causal layer, or ``no_drop`` (decoding)."""
-    return self.deterministic and (self.no_drop or self.noncausal)
+    return self.deterministic and (self.no_drop or self.eval_drop_free)
 
   def _capacity(self, group_size: int, train: bool) -> int | None:
     if self._drop_free() or dispatch_lib.resolve_dispatch(self.dispatch)[1].dropless:
