@@ -99,6 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
       # stop = end the run naming the step (exit 1); skip = leave params and optimizer
       # state unchanged for that step, count and log it.
       "on_nonfinite": "stop",
+      # A moejax export (e.g. WORKDIR/export, or one made by python -m moejax.convert) whose
+      # model variables start a run that has no checkpoint yet (fine-tuning); "": random init.
+      "init_from": "",
   })
 
   c.mesh = ml_collections.ConfigDict({

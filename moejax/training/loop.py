@@ -222,6 +222,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, reevaluate: bool =
     train_iter.set_state(data_state)
     start = ts.step
     log.info("resumed from step %d", start)
+  elif t.get("init_from"):
+    if not paths.isdir(paths.join(t.init_from, "model")):
+      raise CheckpointError(f"config.train.init_from={t.init_from!r}: not a moejax export "
+                            "(config.json + model/); pass an export directory or \"\"")
+    ckpt_lib.load_model_state(t.init_from, ts.state[0], ts.shardings[0])
+    log.info("model variables from %s", t.init_from)
 
   cleanup = _Cleanup(workdir, holds_run=bool(steps))
   done = [0]   # steps run, for the cleanup
