@@ -64,7 +64,8 @@ class InteropError(CheckpointError):
 
 
 def read_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """``(config.json as a dict, {tensor name: array})`` of the checkpoint in ``hf_dir``."""
+  """``(config.json as a dict, {tensor name: array})`` of the checkpoint in ``hf_dir``;
+  floating tensors come as float32 (moejax's parameters), whatever their stored dtype."""
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
   if not os.path.isdir(hf_dir):
@@ -89,14 +90,31 @@ def read_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     if not os.path.exists(path):
       raise InteropError(f"{index}: shard {name} is missing (copy every shard of the checkpoint)")
     try:
-      tensors.update(load_file(path))
+      try:
+        tensors.update(load_file(path))
+      except TypeError:   # numpy has no bfloat16: read the file through jax, as float32
+        tensors.update(_load_via_jax(path))
     except (SafetensorError, OSError, ValueError, TypeError) as e:
       raise InteropError(f"{path}: not readable as safetensors ({_first_line(e)})") from None
+  for name, x in tensors.items():   # float16 / bfloat16 (an ml_dtypes type) -> float32
+    if x.dtype != np.float32 and (x.dtype.kind == "f" or x.dtype.name == "bfloat16"):
+      tensors[name] = x.astype(np.float32)
   if weight_map is not None:
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
       raise InteropError(f"tensor {missing[0]}: listed in {INDEX} but in none of its shards")
   return hf_config, tensors
+
+
+def _load_via_jax(path: str) -> dict[str, np.ndarray]:
+  """The tensors of a safetensors file with dtypes numpy lacks (bfloat16), as float32."""
+  from safetensors import safe_open
+  out = {}
+  with safe_open(path, framework="flax") as f:
+    for name in f.keys():
+      x = f.get_tensor(name)
+      out[name] = np.asarray(x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x)
+  return out
 
 
 def write_checkpoint(out_dir: str, hf_config: dict, tensors: dict[str, np.ndarray], *,
@@ -217,7 +235,7 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     c.model.qk_norm = "full"
   c.dense.update(gated=True, activation="silu")
   if family in ("llama", "mistral"):
-    return c
+    return _validated(c)
   experts_key = "num_local_experts" if family == "mixtral" else "num_experts"
   experts, top_k = int(_field(hf, experts_key)), int(_field(hf, "num_experts_per_tok"))
   renormalize = True if family == "mixtral" else bool(hf.get("norm_topk_prob", False))
@@ -238,7 +256,16 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
         if len(sparse) < layers else "all"
     c.moe.update(d_ff=int(_field(hf, "moe_intermediate_size")), num_shared_experts=1,
                  shared_d_ff=int(_field(hf, "shared_expert_intermediate_size")), shared_gate=True)
-  return c
+  return _validated(c)
+
+
+def _validated(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``c`` if moejax's checks pass; else InteropError naming the config.json field behind."""
+  from moejax.errors import ConfigError
+  try:
+    return config_lib.validate(c)
+  except ConfigError as e:
+    raise InteropError(f"config.json gives a model moejax refuses: {e}") from None
 
 
 def family_of(config: ml_collections.ConfigDict) -> str:
