@@ -40,8 +40,16 @@ def _import(family, workdir, **kw):
   return config, nnx.merge(ms.graphdef, ms.state)
 
 
+def _train_config(workdir):
+  """The config of an import's ``config.py``, read as train.py reads it."""
+  path = str(workdir / "config.py")
+  spec = {"__file__": path}
+  exec(compile(open(path).read(), path, "exec"), spec)
+  return spec["get_config"]()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_import_matches_transformers_and_exports_back(family, tmp_path):
+def test_import_matches_transformers_trains_and_exports_back(family, tmp_path):
   ref = _reference(family)
   config, model = _import(family, tmp_path / "run")
   logits = np.asarray(model(ref["tokens"])[0])
@@ -59,14 +67,8 @@ def test_import_matches_transformers_and_exports_back(family, tmp_path):
   assert again.model.to_dict() == config.model.to_dict()
   assert again.moe.to_dict() == config.moe.to_dict()
 
-
-@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
-def test_training_continues_from_an_import_and_exports_bit_identically(family, tmp_path):
-  config = hf.import_checkpoint(os.path.join(FIXTURES, family), str(tmp_path / "run"))
-  path = str(tmp_path / "run" / "config.py")                 # what train.py --config reads
-  spec = {"__file__": path}
-  exec(compile(open(path).read(), path, "exec"), spec)
-  config = spec["get_config"]()
+  # one training step from the import (train.init_from), then export -> import: same arrays
+  config = _train_config(tmp_path / "run")
   assert config.train.init_from == str(tmp_path / "run" / "export")
   config.data.seq_len, config.data.batch_size = 16, 8
   config.optim.warmup_steps = 0
@@ -74,8 +76,6 @@ def test_training_continues_from_an_import_and_exports_bit_identically(family, t
   ts = state_lib.create_train_state(config)
   ckpt_lib.load_model_state(config.train.init_from, ts.state[0], ts.shardings[0])
   before = jax.tree.map(np.asarray, ts.state[0].to_pure_dict())
-  logits = np.asarray(ts.model()(_reference(family)["tokens"])[0])
-  np.testing.assert_allclose(logits, _reference(family)["logits"], rtol=0, atol=1e-4)
   step = state_lib.make_train_step(ts)
   ts.state, metrics = step(ts.state, state_lib.device_batch(next(synthetic_batches(config)),
                                                             ts.mesh))
@@ -226,10 +226,7 @@ def test_train_py_config_of_an_import_fine_tunes_from_its_weights(tmp_path, text
   """OUT/config.py as train.py reads it: the run starts from the imported weights."""
   from moejax.training import loop
   hf.import_checkpoint(os.path.join(FIXTURES, "llama"), str(tmp_path / "run"))
-  path = str(tmp_path / "run" / "config.py")
-  spec = {"__file__": path}
-  exec(compile(open(path).read(), path, "exec"), spec)
-  config = spec["get_config"]()
+  config = _train_config(tmp_path / "run")
   config.data.update(seq_len=16, batch_size=8, text_dir=text_dir, data_dir=str(tmp_path / "tfds"))
   config.train.update(steps=1, eval_batches=1, progress_bar=False)
   config.optim.update(lr=1e-9, warmup_steps=0, schedule="constant")

@@ -90,10 +90,7 @@ def read_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     if not os.path.exists(path):
       raise InteropError(f"{index}: shard {name} is missing (copy every shard of the checkpoint)")
     try:
-      try:
-        tensors.update(load_file(path))
-      except TypeError:   # numpy has no bfloat16: read the file through jax, as float32
-        tensors.update(_load_via_jax(path))
+      tensors.update(load_file(path))   # bfloat16 as ml_dtypes' numpy type (jax registers it)
     except (SafetensorError, OSError, ValueError, TypeError) as e:
       raise InteropError(f"{path}: not readable as safetensors ({_first_line(e)})") from None
   for name, x in tensors.items():   # float16 / bfloat16 (an ml_dtypes type) -> float32
@@ -104,17 +101,6 @@ def read_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     if missing:
       raise InteropError(f"tensor {missing[0]}: listed in {INDEX} but in none of its shards")
   return hf_config, tensors
-
-
-def _load_via_jax(path: str) -> dict[str, np.ndarray]:
-  """The tensors of a safetensors file with dtypes numpy lacks (bfloat16), as float32."""
-  from safetensors import safe_open
-  out = {}
-  with safe_open(path, framework="flax") as f:
-    for name in f.keys():
-      x = f.get_tensor(name)
-      out[name] = np.asarray(x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x)
-  return out
 
 
 def write_checkpoint(out_dir: str, hf_config: dict, tensors: dict[str, np.ndarray], *,
@@ -206,10 +192,9 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     raise _refuse("model_type", family, f"not a family that converts (one of {', '.join(FAMILIES)})")
   if _field(hf, "hidden_act", "silu", required=False) != "silu":
     raise _refuse("hidden_act", hf["hidden_act"], "only SwiGLU (silu) feed-forwards convert")
-  for name in ("sliding_window",):
-    if family in ("mistral", "mixtral") and hf.get(name) is not None:
-      raise _refuse(name, hf[name], "moejax attends over the whole context; set it to null in "
-                    "config.json if you only use contexts up to the window")
+  if family in ("mistral", "mixtral") and hf.get("sliding_window") is not None:
+    raise _refuse("sliding_window", hf["sliding_window"], "moejax attends over the whole "
+                  "context; set it to null in config.json if you only use contexts up to the window")
   if family == "qwen2_moe" and hf.get("use_sliding_window"):
     raise _refuse("use_sliding_window", True, "moejax attends over the whole context")
   if family == "olmoe" and hf.get("clip_qkv") is not None:
@@ -277,9 +262,9 @@ def family_of(config: ml_collections.ConfigDict) -> str:
   kinds = {m.ffn, m.sparse_ffn} if m.sparse_layers != "none" else {m.ffn}
   bad = kinds - {"dense", "moe"}
   if bad:
-    return_field = "model.ffn" if m.ffn in bad else "model.sparse_ffn"
-    raise no(return_field, sorted(bad)[0], "only dense and moe blocks convert (PEER / PKM have "
-             "no transformers class)")
+    field = "model.ffn" if m.ffn in bad else "model.sparse_ffn"
+    raise no(field, m[field.split(".")[1]], "only dense and moe blocks convert (PEER / PKM "
+             "have no transformers class)")
   if "dense" in kinds or m.ffn == "dense":
     if not config.dense.gated or config.dense.activation != "silu":
       raise no("dense.activation", config.dense.activation, "transformers' blocks are SwiGLU: "
