@@ -182,12 +182,12 @@ def test_export_refuses_what_no_family_holds_and_existing_outputs(tmp_path, caps
   assert e.value.code == 2 and "exists and is not empty" in capsys.readouterr().err
   assert os.listdir(tmp_path / "taken") == ["keep.txt"]
   cfg = json.load(open(tmp_path / "run" / "export" / "config.json"))
-  cfg["model"]["ffn"] = "pkm"
+  cfg["dense"]["activation"] = "gelu_tanh"
   json.dump(cfg, open(tmp_path / "run" / "export" / "config.json", "w"))
   with pytest.raises(SystemExit):
     convert.main(["--to_hf", str(tmp_path / "run" / "export"), str(tmp_path / "new")])
   err = capsys.readouterr().err.strip()
-  assert err.startswith("error: config.model.ffn='pkm'") and "\n" not in err
+  assert err.startswith("error: config.dense.activation='gelu_tanh'") and "\n" not in err
   assert not (tmp_path / "new").exists()
   with pytest.raises(SystemExit):       # importing over an existing export
     convert.main(["--from_hf", os.path.join(FIXTURES, "llama"), "--workdir", str(tmp_path / "run")])
@@ -239,3 +239,22 @@ def test_train_py_config_of_an_import_fine_tunes_from_its_weights(tmp_path, text
   with pytest.raises(ckpt_lib.CheckpointError, match="train.init_from") as e:
     loop.train(config, str(tmp_path / "other"))
   assert "\n" not in str(e.value) and not (tmp_path / "other").exists()
+
+
+def test_peer_models_export_to_moejax_layout_and_back(tmp_path):
+  from lm_utils import tiny_config
+  config = tiny_config(sparse_ffn="peer", sparse_layers="1")
+  config.peer.update(num_experts_sqrt=8, heads=2, top_k=3, d_key=8)
+  config_lib.validate(config)
+  ms = state_lib.create_model_state(config)
+  ckpt_lib.export(str(tmp_path / "export"), ms.state, config)
+  hf.export_checkpoint(str(tmp_path / "export"), str(tmp_path / "out"))
+  meta = json.load(open(tmp_path / "out" / "config.json"))
+  assert meta["format"] == "moejax" and meta["moejax_config"]["model"]["sparse_ffn"] == "peer"
+  tensors = _tensors(tmp_path / "out")
+  pure = jax.tree.map(np.asarray, ms.state.to_pure_dict())
+  np.testing.assert_array_equal(tensors["blocks.0.attn.wq"], pure["blocks"][0]["attn"]["wq"])
+  assert any(name.startswith("blocks.1.ffn.") for name in tensors)
+  hf.import_checkpoint(str(tmp_path / "out"), str(tmp_path / "again"))
+  _, back, _ = eval_run.load(str(tmp_path / "again" / "export"))
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, back.state.to_pure_dict()), pure)

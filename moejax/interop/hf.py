@@ -25,6 +25,13 @@ checks, so a tensor that has no place, a missing one or one of the wrong shape i
 by name (:class:`InteropError`, one line) before anything is written. Unscanned and scanned
 (``model.scan_layers``) layouts both convert: the mapping is per block, and
 ``moejax.model.to_layout`` stacks the blocks.
+
+Models with PEER or PKM blocks, which no transformers class holds, export to moejax's own
+safetensors layout (:data:`OWN_FORMAT`): ``config.json`` is ``{"format": "moejax",
+"moejax_config": <the export's config>}`` and each tensor is one variable of the unscanned
+layout, named by its path joined with dots (``blocks.1.ffn.u``, ``blocks.0.attn.wq``,
+``embed``; query BatchNorm statistics included), stored as moejax holds it (``[in, out]``,
+float32). ``--from_hf`` reads that layout back.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 2 * 1024 ** 3    # export: shards of at most this many bytes (HF's 5 GB cap)
 
+OWN_FORMAT = "moejax"             # config.json "format" of moejax's own layout
+TABLE_KINDS = ("peer", "pkm")    # FFN kinds that only the own layout holds
 FAMILIES = ("llama", "mistral", "mixtral", "qwen2_moe", "olmoe")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -515,6 +524,45 @@ def params_to_hf(config: ml_collections.ConfigDict, pure: dict) -> dict[str, np.
   return out
 
 
+def holds_tables(config: ml_collections.ConfigDict) -> bool:
+  """The model has PEER / PKM blocks (exported in moejax's own layout)."""
+  m = config.model
+  return m.ffn in TABLE_KINDS or (m.sparse_ffn in TABLE_KINDS and m.sparse_layers != "none")
+
+
+def own_layout(config: ml_collections.ConfigDict, pure: dict) -> tuple[dict, dict[str, np.ndarray]]:
+  """``(config.json, tensors)`` of moejax's own layout (:data:`OWN_FORMAT`)."""
+  if config.model.scan_layers:
+    from moejax.model import to_layout
+    pure = to_layout(pure, config, scanned=False)
+  tensors = {".".join(map(str, path)): np.ascontiguousarray(np.asarray(_get(pure, path)))
+             for path in _flat_paths(pure)}
+  return {"format": OWN_FORMAT, "moejax_config": config.to_dict()}, tensors
+
+
+def params_from_own_layout(config: ml_collections.ConfigDict, tensors: dict[str, np.ndarray]
+                           ) -> dict:
+  """The model variables (``config``'s layout) of moejax's own layout, shapes checked."""
+  target = _model_shapes(config)
+  left = dict(tensors)
+  out: dict = {}
+  for path in _flat_paths(target):
+    name, want = ".".join(map(str, path)), _get(target, path)
+    if name not in left:
+      raise InteropError(f"tensor {name}: missing from the checkpoint (its moejax_config needs it)")
+    x = left.pop(name)
+    if tuple(x.shape) != tuple(want.shape):
+      raise InteropError(f"tensor {name}: shape {list(x.shape)}, moejax_config implies "
+                         f"{list(want.shape)}")
+    _put(out, path, np.asarray(x, want.dtype))
+  if left:
+    raise InteropError(f"tensor {sorted(left)[0]}: has no place in the model of moejax_config")
+  if config.model.scan_layers:
+    from moejax.model import to_layout
+    out = jax.tree.map(np.asarray, to_layout(out, config, scanned=True))
+  return out
+
+
 # ---------------------------------------------------------------------- whole directories
 
 
@@ -537,10 +585,18 @@ def import_checkpoint(hf_dir: str, workdir: str, *, scan_layers: bool = False
   export_dir = os.path.join(os.path.abspath(workdir), "export")
   _refuse_existing(export_dir, "--workdir")
   hf, tensors = read_checkpoint(hf_dir)
-  config = config_from_hf(hf)
+  own = hf.get("format") == OWN_FORMAT
+  if own:
+    try:
+      config = config_lib.from_dict(hf.get("moejax_config") or {})
+    except Exception as e:
+      raise InteropError(f"config.json field moejax_config: not a config of this moejax "
+                         f"({_first_line(e)})") from None
+  else:
+    config = config_from_hf(hf)
   config.model.scan_layers = scan_layers
   config.mesh.data = -1
-  pure = params_from_hf(config, tensors)
+  pure = params_from_own_layout(config, tensors) if own else params_from_hf(config, tensors)
   mesh, rules = state_lib.make_mesh(config), state_lib.axis_rules(config)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=0, router=1)))
@@ -584,7 +640,8 @@ def export_checkpoint(export_dir: str, out_dir: str, *,
                       max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
   """Writes the moejax export ``export_dir`` as a Hugging Face checkpoint in ``out_dir``
   (config.json + safetensors, sharded with an index past ``max_shard_bytes``), loadable by
-  ``transformers.AutoModelForCausalLM.from_pretrained``. Returns the files written."""
+  ``transformers.AutoModelForCausalLM.from_pretrained``; a PEER / PKM model in moejax's own
+  layout (:data:`OWN_FORMAT`). Returns the files written."""
   from moejax.training import checkpoint as ckpt_lib
   from moejax.training import state as state_lib
   _refuse_existing(out_dir, "OUT_DIR")
@@ -592,12 +649,17 @@ def export_checkpoint(export_dir: str, out_dir: str, *,
     raise InteropError(f"--to_hf={export_dir}: not a moejax export (config.json + model/; pass "
                        "WORKDIR/export)")
   config = ckpt_lib.read_config(export_dir)
-  hf = config_to_hf(config)              # refuses a model no family holds, before reading
+  own = holds_tables(config)
+  if not own:
+    config_to_hf(config)                 # refuses a model no family holds, before reading
   config.mesh.update({"data": -1, "expert": 1, "model": 1})
   ms = state_lib.create_model_state(config)
   ckpt_lib.load_model_state(export_dir, ms.state, ms.shardings)
   pure = jax.tree.map(np.asarray, ms.state.to_pure_dict())
-  tensors = params_to_hf(config, pure)
+  if own:
+    hf, tensors = own_layout(config, pure)
+  else:
+    hf, tensors = config_to_hf(config), params_to_hf(config, pure)
   tmp = out_dir.rstrip("/") + ".partial"
   if os.path.exists(tmp):
     import shutil
