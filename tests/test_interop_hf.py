@@ -258,3 +258,22 @@ def test_peer_models_export_to_moejax_layout_and_back(tmp_path):
   hf.import_checkpoint(str(tmp_path / "out"), str(tmp_path / "again"))
   _, back, _ = eval_run.load(str(tmp_path / "again" / "export"))
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, back.state.to_pure_dict()), pure)
+
+
+def test_native_models_find_their_family_or_name_the_field():
+  from lm_utils import tiny_config
+  c = tiny_config(sparse_ffn="moe", sparse_layers="all")     # dense section unused: no matter
+  c.moe.update(gated=True, activation="silu")
+  assert hf.family_of(c) == "mixtral"
+  c.moe.renormalize = False
+  with pytest.raises(hf.InteropError, match=r"config\.moe\.renormalize=False"):
+    hf.family_of(c)
+  c.model.qk_norm = "full"
+  assert hf.family_of(c) == "olmoe"
+  c = tiny_config(sparse_ffn="moe", sparse_layers="1")
+  c.moe.update(gated=True, activation="silu", num_shared_experts=1, shared_gate=True)
+  with pytest.raises(hf.InteropError, match=r"config\.dense\.activation='gelu_tanh'"):
+    hf.family_of(c)
+  c.dense.update(gated=True, activation="silu")
+  assert hf.family_of(c) == "qwen2_moe"
+  assert hf.config_to_hf(c)["mlp_only_layers"] == [0]

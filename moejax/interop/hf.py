@@ -274,15 +274,15 @@ def family_of(config: ml_collections.ConfigDict) -> str:
     field = "model.ffn" if m.ffn in bad else "model.sparse_ffn"
     raise no(field, m[field.split(".")[1]], "only dense and moe blocks convert (PEER / PKM "
              "have no transformers class)")
-  if "dense" in kinds or m.ffn == "dense":
+  sparse = set(parse_sparse_layers(m.sparse_layers, m.num_layers)) if m.sparse_ffn == "moe" else set()
+  if m.ffn == "moe":
+    sparse = set(range(m.num_layers))
+  if len(sparse) < m.num_layers:        # some blocks are dense
     if not config.dense.gated or config.dense.activation != "silu":
       raise no("dense.activation", config.dense.activation, "transformers' blocks are SwiGLU: "
                "dense.gated=True, activation=silu")
   if m.get("qk_norm", "none") == "head":
     raise no("model.qk_norm", "head", "per-head q/k norms are not in these families")
-  sparse = set(parse_sparse_layers(m.sparse_layers, m.num_layers)) if m.sparse_ffn == "moe" else set()
-  if m.ffn == "moe":
-    sparse = set(range(m.num_layers))
   if not sparse:
     if m.get("qk_norm", "none") != "none" or m.get("attention_bias", "none") == "qkv":
       field = "model.qk_norm" if m.get("qk_norm", "none") != "none" else "model.attention_bias"
