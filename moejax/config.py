@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
       "d_model": 128,
       "num_layers": 4,
       "num_heads": 4,
+      "num_kv_heads": 0,         # key/value heads (grouped-query attention); 0: num_heads
       "head_dim": 32,
       "d_ff": 512,
       "dtype": "float32",        # compute dtype: float32 | bfloat16 (params are float32)
@@ -49,6 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
       "tie_embeddings": False,
       "rope_theta": 10000.0,
       "norm_eps": 1e-6,
+      "attention_bias": "none",  # none | qkv (Qwen2) | all (q, k, v and output projections)
+      "qk_norm": "none",         # RMSNorm on q and k: none | full (whole projection, OLMoE) | head
       # Rematerialisation per block: none | full (save only block inputs) | save_dots (save
       # matmul outputs without batch dims: projections, not attention scores) | save_named
       # (save only the activations named in model.remat_names).
@@ -96,6 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
       # stop = end the run naming the step (exit 1); skip = leave params and optimizer
       # state unchanged for that step, count and log it.
       "on_nonfinite": "stop",
+      # A moejax export (e.g. WORKDIR/export, or one made by python -m moejax.convert) whose
+      # model variables start a run that has no checkpoint yet (fine-tuning); "": random init.
+      "init_from": "",
   })
 
   c.mesh = ml_collections.ConfigDict({
@@ -253,6 +259,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise _fail("model.vocab_size", m.vocab_size, "must be >= 0", "0 takes it from the tokenizer")
   if m.dtype not in ("float32", "bfloat16"):
     raise _fail("model.dtype", m.dtype, "must be float32 or bfloat16", "set --config.model.dtype=float32")
+  if m.num_kv_heads < 0 or (m.num_kv_heads and m.num_heads % m.num_kv_heads):
+    raise _fail("model.num_kv_heads", m.num_kv_heads,
+                f"must be 0 (= num_heads) or a divisor of model.num_heads={m.num_heads}",
+                "set --config.model.num_kv_heads=0")
+  from moejax.layers.attention import ATTENTION_BIASES, QK_NORMS
+  for f, allowed in (("attention_bias", ATTENTION_BIASES), ("qk_norm", QK_NORMS)):
+    if m[f] not in allowed:
+      raise _fail(f"model.{f}", m[f], f"must be one of {'|'.join(allowed)}",
+                  f"set --config.model.{f}=none")
   if m.head_dim % 2:
     raise _fail("model.head_dim", m.head_dim, "must be even for rotary positions",
                 "set --config.model.head_dim to an even int")

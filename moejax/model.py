@@ -66,7 +66,9 @@ class Block(nnx.Module):
     self.ffn_kind = ffn_kind
     self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
     self.attn = Attention(m.d_model, m.num_heads, m.head_dim, rope_theta=m.rope_theta,
-                          dtype=dtype, rngs=rngs)
+                          num_kv_heads=m.get("num_kv_heads", 0),
+                          bias=m.get("attention_bias", "none"), qk_norm=m.get("qk_norm", "none"),
+                          norm_eps=m.norm_eps, dtype=dtype, rngs=rngs)
     self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps)
     self.ffn = build_ffn(ffn_kind, config[ffn_kind], d_model=m.d_model, d_ff=m.d_ff, dtype=dtype,
                          rngs=rngs)

@@ -5,6 +5,12 @@ pipeline) a token attends only to earlier tokens of its own document, and the ca
 RoPE ``positions`` that restart at each document. Decoding: :meth:`Attention.decode` runs
 a chunk of new tokens against a KV cache (``init_cache``), attending to every cached
 position up to its own.
+
+What imported checkpoints need (``moejax.interop``), each off by default: grouped-query
+attention (``num_kv_heads < num_heads``: query head ``n`` reads KV head ``n // (heads /
+kv_heads)``, and the cache holds only the KV heads), biases on the projections (``bias``:
+``qkv`` as Qwen2, ``all`` as Llama's ``attention_bias``) and RMSNorm on q and k before the
+rotation (``qk_norm``: ``full`` over the whole projection as OLMoE, ``head`` per head).
 """
 
 from __future__ import annotations
@@ -32,6 +38,21 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
+class Bias(nnx.Module):
+  """An additive bias (zeros at init); its own module so that the optimizer's path ends in
+  ``bias`` (no weight decay)."""
+
+  def __init__(self, shape: tuple[int, ...], names: tuple[str, ...]):
+    self.bias = sharding.param(jnp.zeros(shape, jnp.float32), names)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x + self.bias[...].astype(x.dtype)
+
+
+ATTENTION_BIASES = ("none", "qkv", "all")
+QK_NORMS = ("none", "full", "head")
+
+
 def rope_angles(positions: jax.Array, theta: float, head_dim: int) -> tuple[jax.Array, jax.Array]:
   """``(sin, cos)`` of the rotary angles, ``[batch, length, head_dim / 2]`` float32, for int
   ``positions [batch, length]``."""
@@ -54,33 +75,73 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Causal self-attention.  x: [batch, length, embed] -> [batch, length, embed]."""
+  """Causal self-attention.  x: [batch, length, embed] -> [batch, length, embed].
+
+  ``num_kv_heads`` (0: ``num_heads``) must divide ``num_heads``; ``bias``: one of
+  :data:`ATTENTION_BIASES`; ``qk_norm``: one of :data:`QK_NORMS` (``norm_eps`` its epsilon).
+  """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rope_theta: float = 1e4,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               num_kv_heads: int = 0, bias: str = "none", qk_norm: str = "none",
+               norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+    kv_heads = num_kv_heads or num_heads
+    if num_heads % kv_heads:
+      raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={num_heads}")
     init = nnx.initializers.lecun_normal()
-    shape_in = (d_model, num_heads, head_dim)
     names_in = ("embed", "heads", "kv")
-    self.wq = sharding.param(init(rngs.params(), shape_in), names_in)
-    self.wk = sharding.param(init(rngs.params(), shape_in), names_in)
-    self.wv = sharding.param(init(rngs.params(), shape_in), names_in)
+    self.wq = sharding.param(init(rngs.params(), (d_model, num_heads, head_dim)), names_in)
+    self.wk = sharding.param(init(rngs.params(), (d_model, kv_heads, head_dim)), names_in)
+    self.wv = sharding.param(init(rngs.params(), (d_model, kv_heads, head_dim)), names_in)
     # fan-in of the output projection is heads * head_dim, not head_dim.
     wo = jax.random.normal(rngs.params(), (num_heads, head_dim, d_model)) / jnp.sqrt(num_heads * head_dim)
     self.wo = sharding.param(wo, ("heads", "kv", "embed"))
+    # Options below draw no random numbers: a default model's init is unchanged by them.
+    if bias not in ATTENTION_BIASES:
+      raise ValueError(f"attention bias {bias!r} not one of {ATTENTION_BIASES}")
+    if qk_norm not in QK_NORMS:
+      raise ValueError(f"qk_norm {qk_norm!r} not one of {QK_NORMS}")
+    with_bias = bias != "none"
+    self.bq = Bias((num_heads, head_dim), ("heads", "kv")) if with_bias else None
+    self.bk = Bias((kv_heads, head_dim), ("heads", "kv")) if with_bias else None
+    self.bv = Bias((kv_heads, head_dim), ("heads", "kv")) if with_bias else None
+    self.bo = Bias((d_model,), ("embed",)) if bias == "all" else None
+    self.qk_norm = qk_norm
+    if qk_norm == "full":
+      self.q_norm = RMSNorm(num_heads * head_dim, eps=norm_eps)
+      self.k_norm = RMSNorm(kv_heads * head_dim, eps=norm_eps)
+    elif qk_norm == "head":
+      self.q_norm = RMSNorm(head_dim, eps=norm_eps)
+      self.k_norm = RMSNorm(head_dim, eps=norm_eps)
+    else:
+      self.q_norm = self.k_norm = None
+    self.num_heads, self.num_kv_heads = num_heads, kv_heads
     self.rope_theta = rope_theta
     self.dtype = dtype
 
+  def _norm(self, norm, x):
+    """q/k RMSNorm of ``x [batch, length, heads, head_dim]``."""
+    if norm is None:
+      return x
+    if self.qk_norm == "head":
+      return norm(x)
+    return norm(x.reshape(x.shape[:2] + (-1,))).reshape(x.shape)
+
   def _qkv(self, x, positions, *, rotate: bool = True):
-    """q, k, v ``[batch, length, heads, head_dim]``; q and k rotated unless not ``rotate``."""
+    """q ``[batch, length, heads, head_dim]``, k, v ``[batch, length, kv_heads, head_dim]``;
+    q and k rotated unless not ``rotate``."""
     x = x.astype(self.dtype)
     q, k, v = (project(x, w[...].astype(self.dtype)) for w in (self.wq, self.wk, self.wv))
+    if self.bq is not None:
+      q, k, v = self.bq(q), self.bk(k), self.bv(v)
+    q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
     if rotate:
       q = rotary(q, positions, self.rope_theta)
       k = rotary(k, positions, self.rope_theta)
     return sharding.constrain(q, ("batch", "length", "heads", "kv")), k, v
 
   def _out(self, out):
-    return project(out, self.wo[...].astype(self.dtype), in_dims=2)
+    y = project(out, self.wo[...].astype(self.dtype), in_dims=2)
+    return y if self.bo is None else self.bo(y)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None = None) -> jax.Array:
@@ -88,6 +149,9 @@ class Attention(nnx.Module):
     document per row): attention is causal and stays inside each token's document."""
     if kernels.current_platform() == "cpu":   # rotary and attention in one kernel
       q, k, v = self._qkv(x, positions, rotate=False)
+      if self.num_kv_heads != self.num_heads:   # the kernel takes as many KV heads as queries
+        rep = self.num_heads // self.num_kv_heads
+        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
       sin, cos = rope_angles(positions, self.rope_theta, q.shape[-1])
       mask = causal_mask(x.shape[1], segment_ids)
       return self._out(cpu_kernels.attention(q, k, v, mask, sin, cos))
@@ -99,7 +163,7 @@ class Attention(nnx.Module):
     return self._out(out)
 
   def init_cache(self, batch: int, max_length: int) -> dict[str, jax.Array]:
-    """An empty KV cache ``{'k', 'v': [batch, max_length, heads, head_dim]}`` (compute dtype)."""
+    """An empty KV cache ``{'k', 'v': [batch, max_length, kv_heads, head_dim]}`` (compute dtype)."""
     shape = (batch, max_length) + self.wk.shape[1:]
     return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
 

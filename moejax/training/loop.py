@@ -210,6 +210,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, reevaluate: bool =
       return {"train": {}, "eval": {}, "step": steps[-1], "preempted": False, "finished": True,
               "message": msg}
 
+  if not steps and t.init_from and not paths.isdir(paths.join(t.init_from, "model")):
+    raise CheckpointError(f"config.train.init_from={t.init_from!r}: not a moejax export "
+                          "(config.json + model/); pass an export directory or \"\"")
   ts = state_lib.create_train_state(config)
   _check_batch_layout(config, ts.mesh)
   for split in (config.data.train_split, config.data.eval_split):
@@ -222,6 +225,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, reevaluate: bool =
     train_iter.set_state(data_state)
     start = ts.step
     log.info("resumed from step %d", start)
+  elif t.init_from:
+    ckpt_lib.load_model_state(t.init_from, ts.state[0], ts.shardings[0])
+    log.info("model variables from %s", t.init_from)
 
   cleanup = _Cleanup(workdir, holds_run=bool(steps))
   done = [0]   # steps run, for the cleanup

@@ -19,6 +19,15 @@ AUTO_SLOTS_PER_EXPERT = 32      # moe.group_size = -1: groups where each expert 
 NOISES = ("none", "jitter", "gaussian")
 
 
+# Routers of released MoE families, as settings of this section (router=top_k,
+# router_scores=linear, gated=True, activation=silu in all three): the router takes the
+# softmax over all experts, then the top k; the families differ in what follows.
+#   Mixtral:   renormalize=True (the k chosen gates sum to 1).
+#   Qwen2-MoE: renormalize=False (norm_topk_prob), plus num_shared_experts=1 with
+#              shared_d_ff=shared_expert_intermediate_size and shared_gate=True.
+#   OLMoE:     renormalize=False (and model.qk_norm=full in the attention).
+
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "num_experts": 8,
@@ -65,6 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
       "z_loss_weight": 0.001,        # router z-loss weight
       "d_ff": 0,                     # hidden size of each expert; 0: model.d_ff
       "num_shared_experts": 0,       # DeepSeek-style experts every token uses (one FFN of n * d_ff)
+      "shared_d_ff": 0,              # hidden size of that shared FFN; 0: num_shared_experts * d_ff
+      "shared_gate": False,          # scale the shared FFN's output by sigmoid(x @ w) (Qwen2-MoE)
       "gated": False,                # GLU experts (SwiGLU with activation='silu')
       "activation": "gelu_tanh",     # gelu (exact erf) | gelu_tanh | silu | relu (kernels/activations.py)
       "hash_seed": 0,                # seed of the fixed hash routing table / projection
@@ -102,9 +113,13 @@ def validate(cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict) 
   if not 1 <= cfg.top_k <= cfg.num_experts:
     raise _err("top_k", cfg.top_k, f"must be in [1, moe.num_experts={cfg.num_experts}]",
                f"set --config.moe.top_k={min(2, cfg.num_experts)}")
-  for f in ("d_ff", "num_shared_experts", "dropless_block", "min_capacity"):
+  for f in ("d_ff", "num_shared_experts", "shared_d_ff", "dropless_block", "min_capacity"):
     if cfg[f] < 0:
       raise _err(f, cfg[f], "must be >= 0", f"set --config.moe.{f}=0")
+  if (cfg.shared_gate or cfg.shared_d_ff) and not cfg.num_shared_experts:
+    field = "shared_gate" if cfg.shared_gate else "shared_d_ff"
+    raise _err(field, cfg[field], "applies to the shared expert, and moe.num_shared_experts=0",
+               "set --config.moe.num_shared_experts=1")
   if cfg.group_size < -1:
     raise _err("group_size", cfg.group_size, "must be >= -1 (-1: auto, 0: one group per sequence)",
                "set --config.moe.group_size=-1")

@@ -21,6 +21,7 @@ from moejax import sharding
 from moejax.errors import config_error
 from moejax.layers.base import Aux, register_ffn
 from moejax.layers.dense import DenseFFN
+from moejax.layers.projection import project
 from moejax.layers.moe import config as moe_config
 from moejax.layers.moe import dispatch as dispatch_lib
 from moejax.layers.moe import losses
@@ -110,9 +111,14 @@ class MoE(nnx.Module):
                                         rngs=rngs))
     self.experts = Experts(cfg.num_experts, d_model, expert_ff, gated=cfg.gated,
                            activation=cfg.activation, rngs=rngs)
-    self.shared = (DenseFFN(d_model, expert_ff * cfg.num_shared_experts, activation=cfg.activation,
+    shared_ff = cfg.get("shared_d_ff", 0) or expert_ff * cfg.num_shared_experts
+    self.shared = (DenseFFN(d_model, shared_ff, activation=cfg.activation,
                             gated=cfg.gated, dtype=dtype, rngs=rngs)
                    if cfg.num_shared_experts else None)
+    # Qwen2-MoE's shared expert gate: y_shared * sigmoid(x @ shared_gate) [embed, 1].
+    self.shared_gate = (sharding.param(nnx.initializers.lecun_normal()(rngs.params(), (d_model, 1)),
+                                       ("embed", None))
+                        if cfg.num_shared_experts and cfg.get("shared_gate", False) else None)
     random = (cfg.router_noise != "none" or
               (cfg.router == "top_k" and cfg.top_k > 1 and
                {cfg.second_policy, cfg.second_policy_eval} & {"sampling", "random"}))
@@ -186,7 +192,10 @@ class MoE(nnx.Module):
     y, plan = mode.apply(xg, plan, weights, self.activation, opts)
     y = sharding.constrain(y, ("groups", None, "embed")).reshape(b, l, d)
     if self.shared is not None:
-      y = y + self.shared(x, mask=mask)[0]
+      ys = self.shared(x, mask=mask)[0]
+      if self.shared_gate is not None:
+        ys = ys * jax.nn.sigmoid(project(x, self.shared_gate[...].astype(self.dtype)))
+      y = y + ys
     return y.astype(self.dtype), self._aux(plan, logits, mg)
 
   def _check_mesh(self, b: int = 0, l: int = 0, g: int = 0, s: int = 0) -> None:

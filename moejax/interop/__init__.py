@@ -1,0 +1,1 @@
+"""Conversion between moejax exports and other libraries' checkpoints (``hf``: Hugging Face)."""
