@@ -3,7 +3,7 @@
 Counts the matrix products the model does as written (2 FLOPs per multiply-add), for one
 token of a ``[batch, seq_len]`` batch:
 
-* attention: the q/k/v/output projections and the score and value products over the whole
+* attention: the q/k/v/output projections (k and v of ``num_kv_heads``) and the score and value products over the whole
   ``seq_len`` window (dense attention computes every ``[L, L]`` score; the causal mask
   zeroes half of them after the fact, as in PaLM's MFU convention);
 * the output projection ``d_model × vocab`` (the embedding lookup is a gather, 0 FLOPs);
@@ -90,7 +90,10 @@ def _moe(cfg, config, *, train: bool) -> dict[str, float]:
   if router.uses_scores:
     out["router"] = 2.0 * m.d_model * cfg.num_experts
   if cfg.num_shared_experts:
-    out["shared"] = _dense_mlp(m.d_model, d_ff * cfg.num_shared_experts, cfg.gated)
+    out["shared"] = _dense_mlp(m.d_model, cfg.shared_d_ff or d_ff * cfg.num_shared_experts,
+                               cfg.gated)
+    if cfg.shared_gate:
+      out["shared_gate"] = 2.0 * m.d_model
   return out
 
 
@@ -135,11 +138,12 @@ def count(config: ml_collections.ConfigDict, *, train: bool = True) -> FlopCount
     from moejax.data.tokenizers import ByteTokenizer
     vocab = ByteTokenizer().vocab_size
   heads_dim = m.num_heads * m.head_dim
+  kv_dim = (m.num_kv_heads or m.num_heads) * m.head_dim     # grouped-query: fewer k/v heads
   length = config.data.seq_len
   parts: dict[str, float] = {"output": 2.0 * m.d_model * vocab}
   sparse = set(config_lib.parse_sparse_layers(m.sparse_layers, m.num_layers))
   for i in range(m.num_layers):
-    parts[f"block_{i}/attn/proj"] = 2.0 * m.d_model * heads_dim * 4
+    parts[f"block_{i}/attn/proj"] = 2.0 * m.d_model * (2 * heads_dim + 2 * kv_dim)
     parts[f"block_{i}/attn/scores"] = 4.0 * length * heads_dim
     kind = m.sparse_ffn if i in sparse else m.ffn
     for name, flops in FFN_FLOPS[kind](config[kind], config, train=train).items():

@@ -36,9 +36,11 @@ CASES = {
     "moe_expert_choice": _config(model__sparse_ffn="moe", moe__router="expert_choice",
                                  moe__num_experts=8, moe__capacity_factor_train=1.0,
                                  moe__dispatch="einsum", moe__allow_noncausal=True, **SPARSE),
+    "gqa": _config(model__num_kv_heads=1),
     "moe_shared": _config(model__sparse_ffn="moe", moe__num_experts=4, moe__top_k=1,
                           moe__num_shared_experts=1, moe__dispatch="einsum",
-                          moe__capacity_factor_train=2.0, **SPARSE),
+                          moe__capacity_factor_train=2.0, moe__shared_d_ff=384,
+                          moe__shared_gate=True, **SPARSE),
 }
 
 
