@@ -604,7 +604,8 @@ ffi::Error SumSquaresRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> rows,
 // stay in cache). slot_runs groups the retrievals by slot once; the clip norm and lazy Adam
 // then each rebuild g[s] in a local buffer from its run. Written out, the [U, d] gradients
 // were 512 MiB per table at N = 1024², 4096 tokens: written by the scatter, read for the
-// norm and read again by Adam, ~40% of the row-sparse step's DRAM traffic.
+// norm and read again by Adam: three passes over 512 MiB, a large share of the row-sparse
+// step's DRAM traffic.
 
 // order [M] and starts [U + 1] (int32) of CountingSort(slots, M, U) as XLA buffers.
 ffi::Error SlotRunsImpl(ffi::Buffer<ffi::S32> slots, ffi::ResultBuffer<ffi::S32> order,
