@@ -2,9 +2,8 @@
 
 XLA:CPU mallocs each execution's temporaries and frees them afterwards. glibc serves a block
 above 32 MiB by a fresh ``mmap`` (and its per-thread arenas cannot hold one), unmapped again
-on free, so every step faults all its large temporaries in again, page by page: 119 MiB per
-step of the default LM (~20% of its time on a 2-core Xeon), 1.5 GiB of the row-sparse PEER
-step at N = 1024² (measured with ``ru_minflt``; ``benchmarks/host_memory.py``).
+on free, so every step faults all its large temporaries in again, page by page, and the
+kernel zero-fills each page (``benchmarks/host_memory.py`` counts them with ``ru_minflt``).
 
 :func:`keep_freed_memory` sets glibc's ``mallopt``: one arena for every thread, blocks up to
 2 GiB from the heap instead of ``mmap``, and no trimming of the heap's top below 2 GiB.

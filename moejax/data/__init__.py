@@ -17,7 +17,7 @@ if TYPE_CHECKING:
   from moejax.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, Tokenizer,
                                       load_tokenizer)
 
-# Loaded on first use: grain + TFDS take ~1 s to import, and the config module
+# Loaded on first use: grain + TFDS are slow to import, and the config module
 # imports this package only for default_config/validate.
 _LAZY = {
     "make_eval_iterator": "pipeline", "make_source": "pipeline", "make_train_iterator": "pipeline",

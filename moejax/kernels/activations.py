@@ -102,8 +102,7 @@ def glu(name: str, a: jax.Array, b: jax.Array | None) -> jax.Array:
 
   Why (XLA:CPU): autodiff of e.g. silu ``a * (1 / (1 + exp(-a)))`` keeps ``exp(-a)`` and
   the reciprocal as separate ``[tokens, mlp]`` buffers and runs forward and backward as
-  about five passes over them; the formula is one. A SwiGLU FFN's fwd+bwd at 4096 tokens,
-  d = 512, hidden 2048 ran 5% faster on one core (543 vs 572 ms, side by side).
+  about five passes over them; the formula is one.
   """
   h = fn(name)(a)
   return h if b is None else h * b
@@ -117,10 +116,8 @@ def _glu_bwd(name, res, dh):
   # The barrier keeps XLA from sharing the backward's recomputed f(a) with the forward's:
   # shared, the forward wrote f(a) and its parts (sigmoid, silu) out as [tokens, mlp]
   # buffers kept alive until the backward, instead of one fused pass to h. On XLA:CPU each
-  # such buffer of >= 32 MiB is a fresh mmap faulted in every step (default malloc): the
-  # dropless MoE at 4096 tokens, hidden 1024, top-2 had 62K page faults per step, now 54K
-  # (DenseFFN 47K -> 43K); dropless / DenseFFN tokens/s 0.90, 0.90 -> 0.94, 0.98
-  # (benchmarks/vs_pytorch.py --only moe,dense, alternating).
+  # such buffer of >= 32 MiB is a fresh mmap faulted in every step (default malloc), so
+  # fewer live buffers mean fewer page faults per step.
   a, b = jax.lax.optimization_barrier(res)
   return glu_vjp(name, a, b, dh)
 

@@ -2,7 +2,8 @@
 
 XLA's real TPU compiler runs on a CPU host for a topology that is not there; the compiled
 executable reports per-device memory and cost, and Mosaic kernels are checked for real
-(block shapes, layouts, VMEM). Nothing runs. See ``shared/reference/tpu_aot.md``.
+(block shapes, layouts, VMEM). Nothing runs. Used by ``moejax.compile`` (and so
+``benchmarks/tpu_compile.py``) and the TPU kernel tests; results in ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations

@@ -4,16 +4,16 @@
 // descending order and their indices, equal values in index order, in the total order
 // -NaN < -inf < ... < -0 < +0 < ... < inf < NaN.
 //
-// Why: XLA:CPU's TopK sorts partially per row, ~4.6 us for k = 16 of n = 1024 on a Xeon
-// core, ~57% of the PEER layer's forward at N = 1024². Here, per row:
+// Why: XLA:CPU's TopK sorts each row partially, and at k = 16 of n = 1024 that sort is most
+// of the PEER layer's forward. Here, per row:
 //   1. the maximum of each group of 16 entries (a vectorised pass over the row);
 //   2. tau = the k-th largest group maximum, by counting (vectorised, no branches). The k
 //      largest maxima are k distinct entries, so tau <= the row's k-th largest entry, and
 //      every top-k entry lies in a group whose maximum is >= tau;
 //   3. the entries >= tau of those groups (about k + 2 for k = 16 of 1024, in index order)
 //      go through a sorted k-buffer by insertion.
-// 0.66 us per row for k = 16 of 1024 on the same core (rows in cache; 0.9 us without
-// -march=native), against 1.3 us for a threshold-free insertion pass.
+// Steps 1 and 2 are branch-free vector passes; only the few entries above tau take the
+// branchy insertion, which a threshold-free insertion pass would run over the whole row.
 
 #include <algorithm>
 #include <cmath>
@@ -142,18 +142,16 @@ constexpr int64_t kAhead = 16;
 
 // Asks for the cache lines of row [d] (a hint: no fault, no effect on results), into L2
 // (locality 1): 16 rows ahead into L2 kept more misses in flight than 8 into L1, whose
-// few fill buffers the prefetches then held. Random 1 KiB rows of 1 GiB tables, 4096 x 128
-// retrievals, two threads: gather_dot / gather_weighted_sum 81-93 -> 61-68 ms, adam_rows
-// (412K rows) 135-140 -> 130-132 ms; unchanged on cache-resident tables.
+// few fill buffers the prefetches then held. It pays on random rows of tables far larger
+// than the caches; on cache-resident tables the hints cost nothing measurable.
 inline void PrefetchRow(const float* row, int64_t d) {
   constexpr int64_t kLine = 64 / sizeof(float);
   for (int64_t l = 0; l < d; l += kLine) __builtin_prefetch(row + l, 0, 1);
 }
 
 // out[i] = table[clip(indices[i], 0, N - 1)] for table [N, d], out [..., d]. Rows are
-// whole-row copies, and the rows kAhead retrievals on are prefetched: on random 1 KiB rows
-// of a 1 GiB table one core copied 3.2 GB/s this way, against 2.2 without prefetching
-// and 1.6 for XLA's gather.
+// whole-row copies, and the rows kAhead retrievals on are prefetched, so that on random rows
+// of a table far larger than the caches many misses are in flight at once instead of one.
 ffi::Error TakeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
                         ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> out) {
   Checks c("take_rows");
@@ -283,8 +281,8 @@ ffi::Error GatherWeightedSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tab
 }
 
 // Outputs larger than this are written with non-temporal stores: they cannot stay in
-// cache for their reader anyway, and a plain store first reads each line it writes (half
-// the traffic: 100 vs 56 ms for the 512 MiB scatter below on one Xeon core).
+// cache for their reader anyway, and a plain store first reads each line it writes (a
+// non-temporal store skips that read: half the memory traffic).
 constexpr int64_t kStreamBytes = int64_t{64} << 20;
 
 #if defined(__AVX512F__)
@@ -357,7 +355,7 @@ Runs CountingSort(const int32_t* ids, int64_t m, int64_t r) {
 }
 
 // How many retrievals ahead in a run RunSum prefetches its token row (vec rows are random
-// L3 reads: 35 -> 20 ms for factored_adam_rows at N = 128², runs of ~32; 2 and 8 the same).
+// L3 reads, each a stall unless requested ahead; 2 and 8 did as well as 4).
 constexpr int64_t kRunAhead = 4;
 
 // y[0, d) = sum over q in [begin, end), in order, of coef[order[q]] * vec[order[q] / h]:
@@ -381,9 +379,9 @@ inline void RunSum(const int32_t* order, int64_t begin, int64_t end, const float
 // group's rows of vec and written once, rows in order. Deterministic, the same sums in the
 // same order as one serial pass, whatever the thread count. Scattering pair by pair
 // instead writes random 1 KiB rows of a buffer far larger than the caches (read-modify-
-// write, plus a zero-fill pass), while vec [T, d] is small and stays cached: 2-3x slower
-// at R = 512K, d = 256. (No accumulator operand: one aliased to the output made XLA copy a
-// whole table the lookup reads, before the optimizer's in-place update of it.)
+// write, plus a zero-fill pass), while vec [T, d] is small and stays cached. (No
+// accumulator operand: one aliased to the output made XLA copy a whole table the lookup
+// reads, before the optimizer's in-place update of it.)
 void ScatterOuterRows(ffi::ThreadPool& pool, const int32_t* tg, int64_t t, int64_t h,
                       int64_t r, const std::vector<OuterScatter>& scatters) {
   const Runs runs = CountingSort(tg, t * h, r);
@@ -606,7 +604,8 @@ ffi::Error SumSquaresRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> rows,
 // stay in cache). slot_runs groups the retrievals by slot once; the clip norm and lazy Adam
 // then each rebuild g[s] in a local buffer from its run. Written out, the [U, d] gradients
 // were 512 MiB per table at N = 1024², 4096 tokens: written by the scatter, read for the
-// norm and read again by Adam, ~40% of the row-sparse step's DRAM traffic.
+// norm and read again by Adam: three passes over 512 MiB, a large share of the row-sparse
+// step's DRAM traffic.
 
 // order [M] and starts [U + 1] (int32) of CountingSort(slots, M, U) as XLA buffers.
 ffi::Error SlotRunsImpl(ffi::Buffer<ffi::S32> slots, ffi::ResultBuffer<ffi::S32> order,
@@ -668,8 +667,8 @@ void FactorOperands(Checks& c, ffi::Buffer<ffi::S32>& order, ffi::Buffer<ffi::S3
 // sum over slots of |g[s]|^2 = sum_e c_e^2 |v_e|^2 + 2 sum_{e < e' in a run} c_e c_e' (v_e . v_e'):
 // the first sum over all retrievals e in order (coefs read once, with the tokens' squared
 // norms), the cross terms only for slots retrieved more than once (~1/3 of them at N =
-// 1024², 4096 tokens, most twice or three times). Rebuilding every g[s] instead read a
-// random 1 KiB row of vec per retrieval: 2x the time (212 vs ~105 ms of thread time). Equal to
+// 1024², 4096 tokens, most twice or three times). Rebuilding every g[s] instead reads a
+// random 1 KiB row of vec per retrieval; the first sum needs only the tokens' norms. Equal to
 // sum_squares_rows of the written-out gradients up to rounding (double sums over fixed
 // blocks, then in block order: the same bits whatever the thread count).
 // Runs up to this long take their cross terms pair by pair; longer ones rebuild g[s].

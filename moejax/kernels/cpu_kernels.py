@@ -1,25 +1,24 @@
 """C++ kernels for XLA:CPU, called through the XLA FFI; built from ``cpu_kernels.cc`` on first use.
 
 * :func:`top_k` is ``jax.lax.top_k`` (same values, indices, order and ties). XLA:CPU's TopK
-  sorts partially per row: at k = 16 of n = 1024 (product-key retrieval) it was ~57% of the
-  PEER layer's forward at N = 1024², 4096 tokens. The kernel bounds the k-th entry by group
-  maxima and sorts only the few entries above the bound: ~0.66 vs ~4.6 us per row.
+  sorts each row partially, and at product-key sizes (k = 16 of n = 1024) that sort is most
+  of the PEER layer's forward. The kernel bounds the k-th entry by group maxima and sorts
+  only the few entries above the bound.
 * :func:`take_rows` is ``jnp.take(table, indices, axis=0, mode="clip")`` for a float32
-  ``[N, d]`` table: whole-row copies over the thread pool, ~2x XLA's gather on random
-  1 KiB rows of a table far larger than the caches.
+  ``[N, d]`` table: whole-row copies over the thread pool, the next rows prefetched so
+  that several cache misses are in flight at once on random rows of a table far larger
+  than the caches (the hardware prefetcher does not guess random jumps).
 * :func:`gather_dot`, :func:`gather_weighted_sum` and :func:`scatter_outer_add`: the
   product-key lookup's contractions with gathered rows (``x · table[i]``, ``Σ w ·
   table[i]``, ``acc[i] += c · v``), each random row read once and used in place. XLA's
   gather + einsum writes the ``[T, H, d]`` rows out and reads them back (or runs over
-  small chunks of tokens to keep them in cache): the PEER lookup forward at N = 1024²,
-  4096 tokens takes 172 instead of 209 ms. The contractions prefetch the rows a few
+  small chunks of tokens to keep them in cache). The contractions prefetch the rows a few
   retrievals ahead. The scatter groups its ``(t, j)`` pairs by target first (a counting
   sort) and writes each output row once, from a buffer in cache, past the cache when the
   output is large: adding pair by pair is a read-modify-write of random 1 KiB rows.
-  At 512K pairs into ``[512K, 256]``: 43 instead of 229 ms.
 * :func:`adam_rows`: the lazy-Adam update of distinct table rows and their moments, in
   place, one vectorised pass per row (XLA gathers each row of three tables, updates,
-  scatters back): 142 ms for 412K rows of ``[1024², 256]`` tables.
+  scatters back, three more passes over random rows).
 
 * :func:`slot_runs`, :func:`factored_sum_squares`, :func:`factored_adam_rows`: the
   row-sparse tables' clip norm and lazy Adam with each row gradient rebuilt in cache from
@@ -30,8 +29,8 @@
   (``cpu_attention.cc``; reference ``attention_reference.attention``): per (batch, head) in
   cache, a block of queries at a time over only the keys it may see, the small matmuls in
   registers, the backward from the saved log-sum-exp. XLA ran the default LM's attention
-  as a dozen passes over the ``[batch, heads, L, L]`` scores and their gradients: one
-  layer's fwd + bwd at 16 × 128 tokens, 4 heads of 32 took 2.5 instead of 5.4 ms.
+  as a dozen passes over the ``[batch, heads, L, L]`` scores and their gradients, each a
+  loop over a buffer larger than the cache.
 
 Each is the XLA op instead (:func:`usable` is False) on TPU / GPU (the target platform,
 :func:`moejax.kernels.current_platform`), for other dtypes, with ``MOEJAX_CPU_KERNELS=0``,
@@ -101,8 +100,9 @@ _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
 _SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc"))
 _HEADERS = (Path(__file__).with_name("cpu_common.h"),)
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
-# Tried first, for this CPU's vector units (0.66 vs 0.9 us per row); dropped where the
-# compiler refuses it. The cache name includes the CPU's feature flags, so a cache shared
+# Tried first, for this CPU's vector units (the group-maximum and counting passes of top_k
+# vectorise to its widest registers); dropped where the compiler refuses it. The cache
+# name includes the CPU's feature flags, so a cache shared
 # between machines never loads code built for another CPU.
 _NATIVE = ("-march=native",)
 
@@ -114,7 +114,7 @@ def enabled() -> bool:
 
 def required() -> bool:
   """True when ``MOEJAX_CPU_KERNELS=1`` is set: a failed build is then an error, not a
-  warning (e.g. for benchmarks, where a silent XLA fallback reads as a 2x slower host)."""
+  warning (e.g. for benchmarks, where a silent XLA fallback reads as a slower host)."""
   return os.environ.get("MOEJAX_CPU_KERNELS") == "1"
 
 

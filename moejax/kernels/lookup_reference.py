@@ -55,7 +55,7 @@ def _after(indices, *deps):
 
 def _gather(table, indices, dtype):
   # Gather first, then cast: casting the whole [N, d] table would cost O(N·d) per step.
-  # (= jnp.take(mode="clip"); on CPU a prefetching C++ row copy, ~2x XLA's gather.)
+  # (= jnp.take(mode="clip"); on CPU a prefetching C++ row copy.)
   return cpu_kernels.take_rows(table, indices).astype(dtype)
 
 

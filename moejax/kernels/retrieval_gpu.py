@@ -55,8 +55,8 @@ def _kernel(q1_ref, q2_ref, k1_ref, k2_ref, la_ref, lb_ref, s_ref, i_ref, *, k: 
 
 def launch_config(n_pad: int, block_rows: int | None = None) -> tuple[int, int]:
   """(rows per program, num_warps). Each program holds a ``[rows, n_pad]`` f32 score block
-  in registers; small programs win (H100, T=8192, h=8, k=16: n=1024 best at 4 rows,
-  1.9 ms vs 6.8 ms at 16 rows; n=256 at 8 rows / 2 warps)."""
+  in registers; small programs win, since a larger block spills registers to local memory
+  (benchmarks/RESULTS.md has the sweep)."""
   if block_rows is None:
     block_rows = max(1, 4096 // n_pad) if n_pad >= 1024 else min(32, 2048 // n_pad)
   num_warps = 2 if block_rows * n_pad >= 2048 else 1

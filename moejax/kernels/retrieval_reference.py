@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import kernels
-from moejax.kernels import cpu_kernels   # top_k = jax.lax.top_k; on CPU a C++ kernel (7x faster)
+from moejax.kernels import cpu_kernels   # top_k = jax.lax.top_k; on CPU a C++ kernel
 
 
 def half_scores(q: jax.Array, keys: jax.Array) -> jax.Array:
@@ -58,8 +58,8 @@ def check_shapes(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int)
 
 # Half-scores held per chunk of tokens (bytes) on CPU. Chunking keeps a chunk's [h, c, n]
 # scores near the cores between the matmul and the top-k instead of in memory; bigger
-# chunks make the matmuls efficient. At h = 8, n = 1024, d_key = 128, 4096 tokens (2-core
-# Xeon, side by side): 1 MiB 202 ms, 4 MiB 112 ms, 8 MiB ~110 ms, 64 MiB 223 ms.
+# chunks make the matmuls efficient; much larger ones spill the scores past the last-level
+# cache again. 8 MiB was the best of the sizes tried (benchmarks/RESULTS.md).
 CHUNK_BYTES = 8 << 20
 
 
@@ -85,7 +85,7 @@ def _topk_dense(q: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int):
 def _topk_head_major(q: jax.Array, keys1: jax.Array, keys2: jax.Array, k: int):
   """The algorithm on head-major ``q [h, c, d_key]`` -> ``[h, c, k]``: the half-scores are
   batched matmuls' natural ``[h, c, n]`` (a chunk of :func:`_topk_dense` would transpose
-  them to ``[c, h, n]``; ~20% of the retrieval on CPU)."""
+  them to ``[c, h, n]``, one more pass over every score)."""
   d = q.shape[-1]
 
   def half(qh, keys):

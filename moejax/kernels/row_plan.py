@@ -28,8 +28,8 @@ def unique_rows(indices: jax.Array, num_rows: int) -> jax.Array:
   """The distinct rows of ``indices`` ascending, padded with ``num_rows``: ``[U]`` int32.
 
   Sort-free when the table is not much larger than the batch of retrievals (marks in an
-  ``[N]`` array, a cumsum gives each marked row its rank: O(N + M), 30x faster than
-  ``jnp.unique``'s O(M log M) sort on CPU at N = 1024², M = 512K); a sort otherwise.
+  ``[N]`` array, a cumsum gives each marked row its rank: O(N + M) in sequential passes,
+  against ``jnp.unique``'s O(M log M) sort); a sort otherwise.
   """
   flat = indices.reshape(-1).astype(jnp.int32)
   u = num_unique_slots(flat.shape[0], num_rows)

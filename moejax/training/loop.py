@@ -31,13 +31,6 @@ from moejax.training.writers import MetricWriter, Progress
 log = logging.getLogger(__name__)
 
 
-def model_flops_per_token(config: ml_collections.ConfigDict, num_params_active: int) -> float:
-  """Forward+backward FLOPs per token: 6 * active params + attention (6 * L * T * d)."""
-  m = config.model
-  attn = 6 * m.num_layers * config.data.seq_len * m.num_heads * m.head_dim
-  return 6.0 * num_params_active + attn
-
-
 def prepare_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, object]:
   """Validates the config and fills the vocab size from the tokenizer."""
   config_lib.validate(config)

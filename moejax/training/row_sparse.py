@@ -176,8 +176,9 @@ def factored_taps(layer: nnx.Module) -> bool:
   """Whether ``layer``'s row gradients stay as the lookup's factors (:class:`RowFactors
   <moejax.kernels.row_plan.RowFactors>`): where its lookup is the reference one and the CPU
   kernels run for its float32 tables (a local mesh). Written out, the ``[U, d]`` row
-  gradients were ~40% of the row-sparse PEER step's memory traffic at N = 1024² (and 1 GiB
-  of its memory). Elsewhere (TPU / GPU kernels, a sharded batch) ``[U, d]`` taps."""
+  gradients (1 GiB at N = 1024²) are written by the scatter and read by the clip norm and
+  again by Adam, a large share of the row-sparse PEER step's memory traffic. Elsewhere
+  (TPU / GPU kernels, a sharded batch) ``[U, d]`` taps."""
   tables = [getattr(layer, name)[...] for name in layer.row_tables]
   return (kernels.resolve(getattr(layer, "kernel", "reference"), width=tables[0].shape[-1])
           == "reference" and jnp.dtype(getattr(layer, "dtype", jnp.float32)) == jnp.float32
