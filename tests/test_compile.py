@@ -210,7 +210,7 @@ def test_scanned_layers_flagged_as_lower_bound(compile_mod):
   from moejax.config import default_config
   if "scan_layers" not in default_config().model:
     pytest.skip("no model.scan_layers in this moejax")
-  report = compile_mod.compile_config(load_config("default", **{"model.scan_layers": True}), "v5e:2x2",
+  report = compile_mod.compile_config(load_config("dense_small", **{"model.scan_layers": True}), "v5e:2x2",
                                       eval_step=False)
   assert report.train.while_loops >= 1
   assert ">= " in report.table() and "lower bounds" in report.table()

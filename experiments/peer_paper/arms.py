@@ -28,7 +28,7 @@ TRUNKS = {
     "tiny": dict(
         model=dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, d_ff=64),
         data=dict(seq_len=32, batch_size=8),   # a multiple of the 8 devices tests simulate
-        train=dict(steps=4, eval_every=2, eval_batches=2, checkpoint_every=4, log_every=2),
+        train=dict(steps=4, eval_every=0, eval_batches=2, checkpoint_every=4, log_every=2),
         optim=dict(warmup_steps=1),
         seeds=(0,), final_eval_batches=2),
     # About two hours of a 2-core CPU for the main study (15 runs), the default LM's trunk.
@@ -53,7 +53,7 @@ TRUNKS = {
 # experts. The paper: PEER h = 8, k = 16; PKM h = 8, k = 32; MoE 128 experts.
 SIZES = {
     "tiny": dict(n=8, peer_h=2, peer_k=2, pkm_h=2, pkm_k=4, d_key=8, experts=4,
-                 usage_n=(8,), whiten_n=(8,), long_n=(), ablation_fixed=((1, 4),), ablation_grow=()),
+                 usage_n=(8,), whiten_n=(), long_n=(), ablation_fixed=((1, 4),), ablation_grow=()),
     "cpu": dict(n=128, peer_h=8, peer_k=16, pkm_h=8, pkm_k=32, d_key=64, experts=16,
                 usage_n=(32, 64, 128, 256), whiten_n=(32, 64), long_n=(128,),
                 ablation_fixed=((1, 32), (2, 16), (4, 8), (8, 4)),
