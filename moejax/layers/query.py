@@ -43,6 +43,35 @@ def topk_batch_parallel(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, 
                            queries, keys1, keys2)
 
 
+def _init_affine_and_mean(norm: nnx.Module, heads: int, d_key: int, momentum: float,
+                          epsilon: float, use_running_average: bool) -> None:
+  """What the batch-statistics query norms share: scale, bias, running mean, settings."""
+  names = ("key_heads", "key_dim")
+  norm.scale = sharding.param(jnp.ones((heads, d_key), jnp.float32), names)
+  norm.bias = sharding.param(jnp.zeros((heads, d_key), jnp.float32), names)
+  norm.mean = sharding.param(jnp.zeros((heads, d_key), jnp.float32), names, kind=nnx.BatchStat)
+  norm.momentum = momentum
+  norm.epsilon = epsilon
+  norm.use_running_average = use_running_average
+
+
+def _real_token_weights(q: jax.Array, mask: jax.Array | None):
+  """``[b, l, 1, 1]`` weights of the real tokens of ``q [b, l, h, d]``, their count, and the
+  count as a divisor (at least 1)."""
+  w = (jnp.ones(q.shape[:2], q.dtype) if mask is None else mask.astype(q.dtype))[..., None, None]
+  count = jnp.sum(w)
+  return w, count, jnp.maximum(count, 1.0)
+
+
+def _update_running(pairs, count: jax.Array, momentum: float) -> None:
+  """``running = momentum · running + (1 − momentum) · batch`` for each ``(stat, batch)``
+  (flax's convention); a batch with no real token leaves the statistics unchanged."""
+  for stat, batch in pairs:
+    old = stat[...]
+    new = momentum * old + (1 - momentum) * jax.lax.stop_gradient(batch).astype(old.dtype)
+    stat[...] = jnp.where(count > 0, new, old)
+
+
 class MaskedBatchNorm(nnx.Module):
   """BatchNorm over the query features ``[h, d_key]``; statistics over real tokens only.
 
@@ -56,31 +85,19 @@ class MaskedBatchNorm(nnx.Module):
 
   def __init__(self, heads: int, d_key: int, *, momentum: float = 0.99, epsilon: float = 1e-5,
                use_running_average: bool = False):
-    names = ("key_heads", "key_dim")
-    self.scale = sharding.param(jnp.ones((heads, d_key), jnp.float32), names)
-    self.bias = sharding.param(jnp.zeros((heads, d_key), jnp.float32), names)
-    self.mean = sharding.param(jnp.zeros((heads, d_key), jnp.float32), names, kind=nnx.BatchStat)
-    self.var = sharding.param(jnp.ones((heads, d_key), jnp.float32), names, kind=nnx.BatchStat)
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.use_running_average = use_running_average
+    _init_affine_and_mean(self, heads, d_key, momentum, epsilon, use_running_average)
+    self.var = sharding.param(jnp.ones((heads, d_key), jnp.float32), ("key_heads", "key_dim"),
+                              kind=nnx.BatchStat)
 
   def __call__(self, q: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """``q [b, l, h, d]`` float32 -> normalised ``q``."""
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
-      w = (jnp.ones(q.shape[:2], q.dtype) if mask is None else mask.astype(q.dtype))[..., None, None]
-      count = jnp.sum(w)
-      denom = jnp.maximum(count, 1.0)
+      w, count, denom = _real_token_weights(q, mask)
       mean = jnp.sum(q * w, axis=(0, 1)) / denom
       var = jnp.sum(jnp.square(q - mean) * w, axis=(0, 1)) / denom
-      keep = count > 0
-      m = self.momentum
-      for stat, batch in ((self.mean, mean), (self.var, var)):
-        old = stat[...]
-        new = m * old + (1 - m) * jax.lax.stop_gradient(batch).astype(old.dtype)
-        stat[...] = jnp.where(keep, new, old)
+      _update_running(((self.mean, mean), (self.var, var)), count, self.momentum)
     return (q - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
 
 
@@ -112,33 +129,21 @@ class MaskedWhitening(nnx.Module):
 
   def __init__(self, heads: int, d_key: int, *, momentum: float = 0.99, epsilon: float = 1e-5,
                use_running_average: bool = False):
-    names = ("key_heads", "key_dim")
-    self.scale = sharding.param(jnp.ones((heads, d_key), jnp.float32), names)
-    self.bias = sharding.param(jnp.zeros((heads, d_key), jnp.float32), names)
-    self.mean = sharding.param(jnp.zeros((heads, d_key), jnp.float32), names, kind=nnx.BatchStat)
+    _init_affine_and_mean(self, heads, d_key, momentum, epsilon, use_running_average)
     self.cov = sharding.param(jnp.broadcast_to(jnp.eye(d_key, dtype=jnp.float32), (heads, d_key, d_key)),
                               ("key_heads", "key_dim", None), kind=nnx.BatchStat)
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.use_running_average = use_running_average
 
   def __call__(self, q: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """``q [b, l, h, d]`` float32 -> whitened ``q``."""
     if self.use_running_average:
       mean, cov = self.mean[...], self.cov[...]
     else:
-      w = (jnp.ones(q.shape[:2], q.dtype) if mask is None else mask.astype(q.dtype))[..., None, None]
-      count = jnp.sum(w)
-      denom = jnp.maximum(count, 1.0)
+      w, count, denom = _real_token_weights(q, mask)
       qs = jax.lax.stop_gradient(q)
       mean = jnp.sum(qs * w, axis=(0, 1)) / denom                              # [h, d]
       centred = (qs - mean) * w
       cov = jnp.einsum("blhd,blhe->hde", centred, qs - mean) / denom          # [h, d, d]
-      keep = count > 0
-      m = self.momentum
-      for stat, batch in ((self.mean, mean), (self.cov, cov)):
-        old = stat[...]
-        stat[...] = jnp.where(keep, m * old + (1 - m) * batch.astype(old.dtype), old)
+      _update_running(((self.mean, mean), (self.cov, cov)), count, self.momentum)
     d = q.shape[-1]
     evals, evecs = jnp.linalg.eigh(cov + self.epsilon * jnp.eye(d, dtype=cov.dtype))
     inv_sqrt = jnp.einsum("hde,he,hfe->hdf", evecs, jax.lax.rsqrt(jnp.maximum(evals, self.epsilon)),
