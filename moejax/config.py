@@ -263,6 +263,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise _fail("model.num_kv_heads", m.num_kv_heads,
                 f"must be 0 (= num_heads) or a divisor of model.num_heads={m.num_heads}",
                 "set --config.model.num_kv_heads=0")
+  kv_heads = m.num_kv_heads or m.num_heads
+  if cfg.mesh.model > 1 and kv_heads % cfg.mesh.model:
+    # k, v and the KV cache are sharded by head over the 'model' axis.
+    raise _fail("model.num_kv_heads", m.num_kv_heads,
+                f"{kv_heads} key/value heads do not divide over mesh.model={cfg.mesh.model}",
+                "set --config.mesh.model to a divisor of the key/value heads")
   from moejax.layers.attention import ATTENTION_BIASES, QK_NORMS
   for f, allowed in (("attention_bias", ATTENTION_BIASES), ("qk_norm", QK_NORMS)):
     if m[f] not in allowed:

@@ -151,3 +151,12 @@ def test_bad_options_name_the_field(field, value):
     if section == "moe":
       c.model.sparse_ffn, c.model.sparse_layers = "moe", "all"
     config_lib.validate(c)
+
+
+def test_kv_heads_must_divide_over_the_model_axis():
+  c = tiny_config(num_heads=4, head_dim=8)
+  c.model.num_kv_heads, c.mesh.model = 1, 2
+  with pytest.raises(ConfigError, match=r"model\.num_kv_heads.*mesh\.model=2"):
+    config_lib.validate(c)
+  c.model.num_kv_heads = 2
+  config_lib.validate(c)

@@ -472,7 +472,7 @@ def _model_shapes(config) -> dict:
   c = copy.deepcopy(config)
   c.model.scan_layers = False
   model = nnx.eval_shape(lambda: Transformer(c, rngs=nnx.Rngs(params=0, router=1)))
-  return nnx.state(model).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model))
 
 
 def params_from_hf(config: ml_collections.ConfigDict, tensors: dict[str, np.ndarray]) -> dict:
@@ -584,6 +584,10 @@ def import_checkpoint(hf_dir: str, workdir: str, *, scan_layers: bool = False
   from moejax.training import state as state_lib
   export_dir = os.path.join(os.path.abspath(workdir), "export")
   _refuse_existing(export_dir, "--workdir")
+  for name in ("config.py", "tokenizer.model"):
+    if os.path.exists(os.path.join(workdir, name)):
+      raise InteropError(f"--workdir={workdir}: holds {name} already (pass a new directory; "
+                         "nothing is overwritten)")
   hf, tensors = read_checkpoint(hf_dir)
   own = hf.get("format") == OWN_FORMAT
   if own:
@@ -595,7 +599,7 @@ def import_checkpoint(hf_dir: str, workdir: str, *, scan_layers: bool = False
   else:
     config = config_from_hf(hf)
   config.model.scan_layers = scan_layers
-  config.mesh.data = -1
+  config.mesh.update({"data": -1, "expert": 1, "model": 1})   # this host; train.py sets its own
   pure = params_from_own_layout(config, tensors) if own else params_from_hf(config, tensors)
   mesh, rules = state_lib.make_mesh(config), state_lib.axis_rules(config)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
@@ -642,6 +646,7 @@ def export_checkpoint(export_dir: str, out_dir: str, *,
   (config.json + safetensors, sharded with an index past ``max_shard_bytes``), loadable by
   ``transformers.AutoModelForCausalLM.from_pretrained``; a PEER / PKM model in moejax's own
   layout (:data:`OWN_FORMAT`). Returns the files written."""
+  from flax import nnx
   from moejax.training import checkpoint as ckpt_lib
   from moejax.training import state as state_lib
   _refuse_existing(out_dir, "OUT_DIR")
@@ -655,16 +660,22 @@ def export_checkpoint(export_dir: str, out_dir: str, *,
   config.mesh.update({"data": -1, "expert": 1, "model": 1})
   ms = state_lib.create_model_state(config)
   ckpt_lib.load_model_state(export_dir, ms.state, ms.shardings)
-  pure = jax.tree.map(np.asarray, ms.state.to_pure_dict())
+  pure = jax.tree.map(np.asarray, nnx.to_pure_dict(ms.state))
   if own:
     hf, tensors = own_layout(config, pure)
   else:
     hf, tensors = config_to_hf(config), params_to_hf(config, pure)
-  tmp = out_dir.rstrip("/") + ".partial"
-  if os.path.exists(tmp):
-    import shutil
-    shutil.rmtree(tmp)
-  files = write_checkpoint(tmp, hf, tensors, max_shard_bytes=max_shard_bytes)
+  # Written beside OUT_DIR under a fresh name and renamed when whole: a failed export leaves
+  # nothing behind and touches no directory it did not make.
+  import shutil
+  import tempfile
+  parent, base = os.path.split(os.path.abspath(out_dir.rstrip("/")))
+  tmp = tempfile.mkdtemp(prefix=base + ".partial-", dir=parent)
+  try:
+    files = write_checkpoint(tmp, hf, tensors, max_shard_bytes=max_shard_bytes)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   if os.path.isdir(out_dir):
     os.rmdir(out_dir)                    # empty (checked above)
   os.replace(tmp, out_dir)
