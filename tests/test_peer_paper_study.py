@@ -56,6 +56,19 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, capsys):
   summary = (out / "summary.md").read_text()
   assert "## Main study" in summary and "## Expert usage" in summary and "## Heads × top-k" in summary
 
+  # A checkout holding only the finished runs' records (what git keeps of runs/) reports
+  # the same and trains nothing.
+  fresh = tmp_path / "fresh_runs"
+  for f in study.records(runs, "tiny", todo):
+    dest = fresh / f.relative_to(runs)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(f.read_bytes())
+  capsys.readouterr()
+  assert study.main(["--scale", "tiny", f"--runs={fresh}", f"--results={tmp_path / 'again'}"]) == 0
+  assert capsys.readouterr().out.count("done") == len(todo)
+  again = json.loads((tmp_path / "again" / "tiny" / "results.json").read_text())
+  assert [r["eval_loss"] for r in again["runs"]] == [r["eval_loss"] for r in res["runs"]]
+
   # Finished runs are skipped; a run missing its evaluation is evaluated again, through
   # the train.py / eval.py processes (train.py finds the run finished and does nothing).
   dense = study.workdir(runs, "tiny", arms.dense(), 0)

@@ -70,6 +70,21 @@ def workdir(runs: Path, scale: str, arm: arms_lib.Arm, seed: int) -> Path:
   return runs / scale / arm.name / f"seed{seed}"
 
 
+# What a finished run's report needs (no checkpoints or exports): committed to git under
+# runs/ so that a fresh checkout reports and resumes without training it again.
+RECORD_FILES = (SPEC, TIMES, "metrics.jsonl", "eval/eval.json", "eval/counts.npz")
+
+
+def records(runs: Path, scale: str, todo) -> list[Path]:
+  """The record files of the finished runs of ``todo`` (those that exist)."""
+  out = []
+  for _, arm, seed in todo:
+    wd = workdir(runs, scale, arm, seed)
+    if _read_json(wd / TIMES, {}).get("evaluated") and (wd / "eval" / "eval.json").exists():
+      out += [wd / f for f in RECORD_FILES if (wd / f).exists()]
+  return out
+
+
 def _read_json(path: Path, default):
   try:
     return json.loads(path.read_text())
@@ -167,6 +182,8 @@ def main(argv=None) -> int:
   p.add_argument("--runs", default=str(HERE / "runs"), help="where the workdirs go")
   p.add_argument("--results", default=str(HERE / "results"), help="where results/SCALE goes")
   p.add_argument("--report_only", action="store_true", help="only write results and figures")
+  p.add_argument("--records", action="store_true",
+                 help="print the record files of the finished runs (to git add -f) and stop")
   p.add_argument("--in_process", action="store_true",
                  help="train and evaluate in this process instead of train.py / eval.py processes")
   args = p.parse_args(argv)
@@ -181,6 +198,9 @@ def main(argv=None) -> int:
     p.exit(2, f"error: --seeds={args.seeds}: must be a comma list of ints, e.g. 0,1,2\n")
   runs = Path(args.runs).resolve()
   todo = plan(studies, args.scale, seeds)
+  if args.records:
+    print("\n".join(str(f.relative_to(ROOT)) for f in records(runs, args.scale, todo)))
+    return 0
   failed = []
   if not args.report_only:
     for i, (study, arm, seed) in enumerate(todo, 1):
