@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -173,9 +172,3 @@ def study_rows(rows: list[dict], study: str, scale: str) -> list[dict]:
   names = {a.name for a in arms_lib.study(study, scale)}
   seed = arms_lib.TRUNKS[scale]["seeds"][0]
   return [r for r in rows if r["arm"] in names and r["seed"] == seed]
-
-
-def flops_within(rows_or_counts: list[float], tol: float) -> bool:
-  """True when every value is within ``tol`` (relative) of the first."""
-  ref = rows_or_counts[0]
-  return all(math.isclose(v, ref, rel_tol=tol) for v in rows_or_counts)
