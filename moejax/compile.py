@@ -331,12 +331,15 @@ def make_topology_mesh(config: ml_collections.ConfigDict, topology: str):
   devices = topology_devices(topology)
   m = config.mesh
   try:
-    return sharding.make_mesh(m.data, m.expert, m.model, devices=devices)
+    mesh = sharding.make_mesh(m.data, m.expert, m.model, devices=devices)
   except ValueError:
     raise config_error("mesh", f"data={m.data} expert={m.expert} model={m.model}",
                        f"does not divide the {len(devices)} devices of {topology}",
                        "set --config.mesh.data/expert/model so their product divides "
                        f"{len(devices)}, -1 = the rest") from None
+  from moejax import config as config_lib
+  config_lib.check_kv_heads(config, mesh.shape["model"])
+  return mesh
 
 
 def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:

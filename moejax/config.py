@@ -240,6 +240,18 @@ def _check_schema(cfg, ref, prefix: str = "", root=None) -> None:
                   f"set --config.{field}=<{type(want).__name__}>, default {want!r}")
 
 
+def check_kv_heads(cfg: ml_collections.ConfigDict, model_axis: int) -> None:
+  """k, v and the KV cache are sharded by head over the 'model' mesh axis of size ``model_axis``.
+
+  Called once the mesh is resolved against the devices (an axis of -1 is only known then).
+  """
+  kv_heads = cfg.model.num_kv_heads or cfg.model.num_heads
+  if kv_heads % model_axis:
+    raise _fail("mesh.model", cfg.mesh.model,
+                f"{kv_heads} key/value heads do not divide over a model axis of {model_axis}",
+                "set --config.mesh.model to a divisor of the key/value heads")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks ``cfg``; returns it. Raises ConfigError naming the first bad field."""
   from moejax import data
@@ -263,12 +275,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise _fail("model.num_kv_heads", m.num_kv_heads,
                 f"must be 0 (= num_heads) or a divisor of model.num_heads={m.num_heads}",
                 "set --config.model.num_kv_heads=0")
-  kv_heads = m.num_kv_heads or m.num_heads
-  if cfg.mesh.model > 1 and kv_heads % cfg.mesh.model:
-    # k, v and the KV cache are sharded by head over the 'model' axis.
-    raise _fail("model.num_kv_heads", m.num_kv_heads,
-                f"{kv_heads} key/value heads do not divide over mesh.model={cfg.mesh.model}",
-                "set --config.mesh.model to a divisor of the key/value heads")
   from moejax.layers.attention import ATTENTION_BIASES, QK_NORMS
   for f, allowed in (("attention_bias", ATTENTION_BIASES), ("qk_norm", QK_NORMS)):
     if m[f] not in allowed:

@@ -154,9 +154,16 @@ def test_bad_options_name_the_field(field, value):
 
 
 def test_kv_heads_must_divide_over_the_model_axis():
+  from moejax.training import loop
   c = tiny_config(num_heads=4, head_dim=8)
   c.model.num_kv_heads, c.mesh.model = 1, 2
-  with pytest.raises(ConfigError, match=r"model\.num_kv_heads.*mesh\.model=2"):
-    config_lib.validate(c)
+  config_lib.validate(c)  # only the resolved mesh can tell
+  with pytest.raises(ConfigError, match=r"mesh\.model=2: 1 key/value heads do not divide"):
+    config_lib.check_kv_heads(c, 2)
   c.model.num_kv_heads = 2
-  config_lib.validate(c)
+  config_lib.check_kv_heads(c, 2)
+  # -1 resolves against the 8 devices: a model axis of 8 over 4 heads.
+  c.model.num_kv_heads = 0
+  c.mesh.update(data=1, expert=1, model=-1)
+  with pytest.raises(ConfigError, match=r"mesh\.model=-1: 4 key/value heads .* model axis of 8"):
+    loop._check_mesh(c)

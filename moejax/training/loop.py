@@ -48,7 +48,7 @@ def _check_mesh(config) -> None:
   m, n = config.mesh, jax.device_count()
   shape = (m.data, m.expert, m.model)
   try:
-    sharding.resolve_mesh_shape(shape, n)
+    resolved = sharding.resolve_mesh_shape(shape, n)
   except ValueError:
     axis = next((a for a, v in zip(("data", "expert", "model"), shape) if v > 0 and n % v), None)
     axis = axis or next((a for a, v in zip(("data", "expert", "model"), shape) if v > 1), "data")
@@ -58,6 +58,7 @@ def _check_mesh(config) -> None:
                        f"{known} devices{' (times the rest)' if -1 in shape else ''}, which does not "
                        f"divide the {n} devices here",
                        f"set --config.mesh.{axis} to a divisor of {n}, or -1 for the rest") from None
+  config_lib.check_kv_heads(config, resolved[2])
 
 
 def _check_workdir_path(workdir: str) -> bool:
