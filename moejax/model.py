@@ -78,7 +78,7 @@ class Block(nnx.Module):
     if cache is None:
       a = self.attn(h, ctx["positions"], ctx.get("segment_ids"))
     else:
-      a, cache = self.attn.decode(h, ctx["positions"], cache, ctx["index"])
+      a, cache = self.attn.decode(h, ctx["positions"], cache, ctx["index"], ctx.get("kv_valid"))
     x = x + checkpoint_name(a.astype(x.dtype), "attn_out")
     h = checkpoint_name(self.ffn_norm(x), "ffn_in")
     kw = {"token_ids": ctx["token_ids"]} if getattr(self.ffn, "wants_token_ids", False) else {}
@@ -298,21 +298,30 @@ class Transformer(nnx.Module):
                        for b in seg.blocks))
     return out
 
-  def decode(self, tokens: jax.Array, cache: list, index: jax.Array
-             ) -> tuple[jax.Array, list]:
-    """Incremental forward: ``tokens [batch, n]`` at positions ``index .. index + n - 1``
+  def decode(self, tokens: jax.Array, cache: list, index: jax.Array, *,
+             positions: jax.Array | None = None, kv_valid: jax.Array | None = None,
+             last_only: bool = False) -> tuple[jax.Array, list]:
+    """Incremental forward: ``tokens [batch, n]`` at cache slots ``index .. index + n - 1``
     of each row (one document per row), attending to the cached keys / values of the
-    earlier positions. Returns (logits ``[batch, n, vocab]`` float32, the new cache).
+    earlier slots. Returns (logits ``[batch, n, vocab]`` float32, the new cache).
+
+    ``positions [batch, n]``: RoPE positions (None: the slots). ``kv_valid [batch,
+    max_length]``: the cache slots that hold real tokens (None: all); a token at an invalid
+    slot is padding (left-padded prompts), attended by no one and routed nowhere.
+    ``last_only``: logits of the last token only (``[batch, 1, vocab]``; a prompt's prefill).
 
     Run it in eval mode (query BatchNorm on its running statistics; MoE layers decode
     without dropping, see ``moejax.generation``).
     """
     b, n = tokens.shape
-    positions = jnp.broadcast_to(index + jnp.arange(n), (b, n))
-    ctx = {"positions": positions, "mask": jnp.ones((b, n), bool), "segment_ids": None,
-           "token_ids": tokens, "index": index}
+    if positions is None:
+      positions = jnp.broadcast_to(index + jnp.arange(n), (b, n))
+    mask = (jnp.ones((b, n), bool) if kv_valid is None
+            else jax.lax.dynamic_slice_in_dim(kv_valid, index, n, axis=1))
+    ctx = {"positions": positions, "mask": mask, "segment_ids": None,
+           "token_ids": tokens, "index": index, "kv_valid": kv_valid}
     x, _, cache = self._run_blocks(self._embed(tokens), ctx, cache)
-    x = self.final_norm(x)
+    x = self.final_norm(x[:, -1:] if last_only else x)
     logits = project(x, self.output_projection()).astype(jnp.float32)
     return logits, cache
 

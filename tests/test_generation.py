@@ -1,5 +1,7 @@
-"""KV-cache decoding: equals the full forward for every FFN kind; sampling; one trace."""
+"""KV-cache decoding: equals the full forward for every FFN kind; left-padded batches decode
+as their rows alone; sampling; one trace per shape."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,8 @@ from flax import nnx
 
 from lm_utils import tiny_config
 from moejax import config as config_lib
-from moejax.generation import Generator, full_forward_logits, prepare, sample_logits
+from moejax.generation import (Generator, full_forward_logits, generate, left_pad, prepare,
+                               sample_logits)
 from moejax.model import Transformer
 
 KINDS = {
@@ -80,23 +83,60 @@ def test_decode_logits_equal_full_forward(kind, scan):
   np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=2e-4, rtol=2e-4)
 
 
-def test_batch_rows_of_different_lengths_equal_rows_alone():
-  model = _model("top2_dropless")
-  gen = Generator(model)
-  prompts = [[5, 6, 7], [9, 3, 4, 8, 10, 2, 14]]
+@pytest.mark.parametrize("kind", ["dense", "top2_dropless", "peer", "pkm"])
+def test_left_padded_prefill_and_decode_equal_full_forward_of_each_row(kind):
+  """Rows of different lengths, left-padded, one prefill then one token at a time: at every
+  real position the logits are the full forward's of that row alone."""
+  model = prepare(_model(kind))
+  rows = [[3, 7, 11], [9, 3, 4, 8, 10, 2, 14, 1, 5, 6, 12]]
+  tokens, padding = left_pad(rows)                       # [2, 16]: 13 and 5 pads
+  width, extra = tokens.shape[1], 4
+  follow = np.array([[4, 5, 6, 7], [8, 9, 10, 11]], np.int32)
+  kv_valid = jnp.arange(width + extra)[None, :] >= jnp.asarray(padding)[:, None]
+  cache = model.init_cache(2, width + extra)
+  positions = jnp.maximum(jnp.arange(width)[None, :] - padding[:, None], 0)
+  lg, cache = model.decode(jnp.asarray(tokens), cache, jnp.int32(0), positions=positions,
+                           kv_valid=kv_valid)
+  got = [lg]
+  for t in range(extra):
+    slot = width + t
+    lg, cache = model.decode(jnp.asarray(follow[:, t:t + 1]), cache, jnp.int32(slot),
+                             positions=jnp.asarray(slot - padding)[:, None], kv_valid=kv_valid)
+    got.append(lg)
+  got = jnp.concatenate(got, 1)
+  for i, row in enumerate(rows):
+    full = full_forward_logits(model, jnp.asarray(row + follow[i].tolist())[None])[0]
+    chex.assert_trees_all_close(got[i, padding[i]:], full, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["dense", "top2_dropless", "peer"])
+def test_batch_rows_of_different_lengths_equal_rows_alone(kind):
+  gen = Generator(_model(kind))
+  prompts = [[5, 6, 7], [9, 3, 4, 8, 10, 2, 14, 1, 5, 6, 12], [4]]
   both = gen.generate(prompts, max_new_tokens=6, temperature=0.0)
   for p, row in zip(prompts, both):
     np.testing.assert_array_equal(row, gen.generate([p], max_new_tokens=6, temperature=0.0)[0])
+  # eos: each row stops at its own first eos, the others go on
+  eos = int(both[0][2])
+  cut = gen.generate(prompts, max_new_tokens=6, temperature=0.0, eos_id=eos)
+  for row, new in zip(both, cut):
+    hit = np.flatnonzero(row == eos)
+    np.testing.assert_array_equal(new, row[:hit[0] + 1] if len(hit) else row)
+  assert len(cut[0]) <= 3 < len(both[0])
+  # the public function, two prompts per batch: the same rows
+  assert generate(gen, prompts, 6, batch_size=2) == [r.tolist() for r in both]
 
 
 def test_compiled_once_per_batch_and_length():
   gen = Generator(_model("dense"))
   gen.generate([[1, 2, 3]], 8, temperature=0.0)
   gen.generate([[4, 5, 6]], 8, temperature=0.7, top_k=5, top_p=0.9, seed=3)
-  gen.generate([[4, 5]], 9)            # same max length 11
+  gen.generate([[4, 5, 6, 7, 8]], 8)          # same prompt bucket (8), same new tokens
   assert gen.traces == 1
-  gen.generate([[4, 5]], 20)
+  gen.generate([[4, 5]], 9)
   assert gen.traces == 2
+  gen.generate([list(range(1, 10))], 9)       # 9 tokens: bucket 16
+  assert gen.traces == 3
 
 
 def test_sampling_reproducible_and_cut_by_top_k_top_p():

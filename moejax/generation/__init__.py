@@ -1,4 +1,4 @@
-"""Text generation: an autoregressive decoder with a KV cache (``moejax.generation.decode``)."""
+"""Text generation: batched prefill + KV-cache decoding (``moejax.generation.decode``)."""
 
-from moejax.generation.decode import (Generator, full_forward_logits, prepare,  # noqa: F401
-                                      sample_logits)
+from moejax.generation.decode import (Generator, full_forward_logits, generate,  # noqa: F401
+                                      left_pad, prepare, prompt_bucket, sample_logits)

@@ -1,17 +1,25 @@
-"""Autoregressive decoding with a KV cache, for every FFN kind (dense, MoE, PEER, PKM).
+"""Autoregressive decoding with a KV cache, batched, for every FFN kind (dense, MoE, PEER, PKM).
 
-:class:`Generator` runs a whole generation -- prompt and new tokens -- as one jitted
-``lax.fori_loop`` over positions: each step feeds one token per row through
-:meth:`moejax.model.Transformer.decode` (keys / values of earlier positions come from the
-cache), takes the next-token logits and either copies the next prompt token (rows whose
-prompt is not finished: prompts of different lengths share the loop) or samples. The
-function is compiled once per (batch, max length) and never retraced per token; sampling
-settings are traced arguments.
+:func:`generate` (or :meth:`Generator.generate`, which keeps its compilations) decodes a
+list of prompts of any lengths together. The prompts are left-padded to a common length
+``P`` (a bucket: a power of two from 8, then a multiple of 256, so that varied prompt lengths
+share compilations); every row keeps its own RoPE positions (``slot - padding``) and attends
+only to its own tokens (``kv_valid``), so a row decodes as it would alone. Two jitted calls:
+
+* **prefill**: the whole padded prompt ``[batch, P]`` in one forward
+  (:meth:`moejax.model.Transformer.decode` at slot 0) fills a cache of ``P +
+  max_new_tokens`` slots and gives the first new token;
+* **decode**: a ``lax.while_loop`` of one-token steps on that cache (updated in place, no
+  dispatch per token), sampling each next token, until ``max_new_tokens`` or every row has ended with
+  ``eos_id``.
+
+Each is compiled once per (batch, ``P``, ``max_new_tokens``) and never retraced per token;
+sampling settings are traced arguments.
 
 The model runs in eval mode (:func:`prepare`): query BatchNorm uses its running statistics,
 MoE layers route without dropping (``MoE.no_drop``: dropless token choice, every expert
-for expert choice) and pick second experts greedily, so decoding token by token gives the
-full forward pass's outputs (:func:`full_forward_logits`) at every position.
+for expert choice) and pick second experts greedily, so decoding gives the full forward
+pass's outputs (:func:`full_forward_logits`) at every position.
 
 Sampling (:func:`sample_logits`): ``temperature`` 0 is greedy (argmax); otherwise logits
 are divided by the temperature, cut to the ``top_k`` best (0: all), then to the smallest set
@@ -71,100 +79,142 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
   return jnp.where(temperature > 0, sampled, greedy)
 
 
-def _write_next(tokens, logits, t, rng, done, lengths, temperature, top_k, top_p, eos_id,
-                pad_id):
-  """Token ``t + 1`` of every row from ``logits [b, vocab]`` at ``t``: the prompt's own token
-  while the prompt lasts, else a sample (``pad_id`` once a row has ended with ``eos_id``).
-  Returns the updated (tokens ``[b, T]``, rng, done ``[b]``)."""
-  rng, sub = jax.random.split(rng)
-  nxt = sample_logits(logits, sub, temperature, top_k, top_p)
-  forced = t + 1 < lengths
-  given = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)[:, 0]
-  nxt = jnp.where(forced, given, jnp.where(done, pad_id, nxt))
-  done = done | (~forced & (nxt == eos_id))
-  tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], t + 1, axis=1)
-  return tokens, rng, done
+def prompt_bucket(n: int) -> int:
+  """The padded prompt length of a longest prompt of ``n`` tokens: a power of two from 8 up
+  to 256, then a multiple of 256 (few compilations, at most 2x or +255 padding)."""
+  if n > 256:
+    return -(-n // 256) * 256
+  return max(8, 1 << (n - 1).bit_length())
+
+
+def left_pad(prompts: list, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts (lists of token ids, at least one each) -> (tokens ``[batch, P]`` int32
+  left-padded with ``pad_id`` to ``P = prompt_bucket(longest)``, padding ``[batch]`` int32)."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token (and there must be one prompt)")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  width = prompt_bucket(int(lengths.max()))
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, width - len(p):] = p
+  return tokens, width - lengths
 
 
 class Generator:
-  """Generates from a Transformer with a KV cache; one compilation per (batch, max length).
+  """Generates from a Transformer with a KV cache; compiled once per (batch, prompt bucket,
+  max_new_tokens).
 
   ``gen = Generator(model); rows = gen.generate([[ids...], ...], max_new_tokens=200)``.
-  ``gen.traces`` counts how often the loop was traced (tests: once per shape).
+  ``gen.traces`` counts how often the decode loop was traced (tests: once per shape).
   """
 
   def __init__(self, model: Transformer, *, mesh=None, rules=None):
     self.graphdef, self.state = nnx.split(prepare(model))
     self.mesh, self.rules = mesh, rules
     self.traces = 0
-    self._run = jax.jit(self._loop)
-    self._full = jax.jit(self._full_loop)
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_new",))
+    self._decode = jax.jit(self._decode_fn, static_argnames=("max_new",))
 
   def _model(self, state) -> Transformer:
     return nnx.merge(self.graphdef, state)
 
-  def _loop(self, state, tokens, lengths, rng, temperature, top_k, top_p, eos_id, pad_id):
-    """tokens ``[b, T]`` (prompts, right-padded), lengths ``[b]`` -> tokens ``[b, T]``."""
+  def _prefill_fn(self, state, tokens, padding, *, max_new):
+    """tokens ``[b, P]`` left-padded by ``padding [b]`` -> (last logits ``[b, vocab]``, the
+    cache of ``P + max_new`` slots, kv_valid ``[b, P + max_new]``)."""
+    model = self._model(state)
+    b, width = tokens.shape
+    cache = model.init_cache(b, width + max_new)
+    kv_valid = jnp.arange(width + max_new)[None, :] >= padding[:, None]
+    positions = jnp.maximum(jnp.arange(width)[None, :] - padding[:, None], 0)
+    logits, cache = model.decode(tokens, cache, jnp.int32(0), positions=positions,
+                                 kv_valid=kv_valid, last_only=True)
+    return logits[:, 0], cache, kv_valid
+
+  def _decode_fn(self, state, cache, kv_valid, logits, padding, rng, temperature, top_k,
+                 top_p, eos_id, pad_id, *, max_new):
+    """From the prefill's outputs -> new tokens ``[b, max_new]`` (``pad_id`` after a row's
+    ``eos_id``)."""
     self.traces += 1
     model = self._model(state)
-    b, t_max = tokens.shape
-    cache = model.init_cache(b, t_max)
+    b = logits.shape[0]
+    width = kv_valid.shape[1] - max_new
 
-    def body(t, carry):
-      tokens, cache, rng, done = carry
-      cur = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)               # [b, 1]
-      logits, cache = model.decode(cur, cache, t)
-      tokens, rng, done = _write_next(tokens, logits[:, 0], t, rng, done, lengths, temperature,
-                                      top_k, top_p, eos_id, pad_id)
-      return tokens, cache, rng, done
+    def sample(logits, rng, done):
+      rng, sub = jax.random.split(rng)
+      nxt = jnp.where(done, pad_id, sample_logits(logits, sub, temperature, top_k, top_p))
+      return nxt, rng, done | (nxt == eos_id)
 
-    done = jnp.zeros((b,), bool)
-    tokens, *_ = jax.lax.fori_loop(0, t_max - 1, body, (tokens, cache, rng, done))
-    return tokens
+    first, rng, done = sample(logits, rng, jnp.zeros((b,), bool))
+    out = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
 
-  def _full_loop(self, state, tokens, lengths, rng, temperature, top_k, top_p, eos_id, pad_id):
-    """The same generation without a cache: the full forward over all ``T`` positions at
-    every step (the baseline of ``benchmarks/generate.py``)."""
-    model = self._model(state)
-    b, t_max = tokens.shape
+    def cond(carry):
+      i, _, _, _, done, _ = carry
+      return (i < max_new) & ~jnp.all(done)
 
-    def body(t, carry):
-      tokens, rng, done = carry
-      logits = jax.lax.dynamic_slice_in_dim(full_forward_logits(model, tokens), t, 1, axis=1)
-      return _write_next(tokens, logits[:, 0], t, rng, done, lengths, temperature, top_k, top_p,
-                         eos_id, pad_id)
+    def body(carry):
+      i, out, cache, rng, done, last = carry
+      slot = width + i - 1                                   # where ``last`` sits
+      logits, cache = model.decode(last[:, None], cache, slot,
+                                   positions=(slot - padding)[:, None], kv_valid=kv_valid)
+      nxt, rng, done = sample(logits[:, 0], rng, done)
+      out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
+      return i + 1, out, cache, rng, done, nxt
 
-    tokens, *_ = jax.lax.fori_loop(0, t_max - 1, body,
-                                   (tokens, rng, jnp.zeros((b,), bool)))
-    return tokens
+    carry = (jnp.int32(1), out, cache, rng, done, first)
+    return jax.lax.while_loop(cond, body, carry)[1]
+
+  def prefill(self, tokens: np.ndarray, padding: np.ndarray, max_new_tokens: int):
+    """The prefill alone (benchmarks): -> (last logits, cache, kv_valid), device arrays."""
+    return self._call(self._prefill, (self.state, jnp.asarray(tokens), jnp.asarray(padding)),
+                      max_new=max_new_tokens)
 
   def generate(self, prompts: list, max_new_tokens: int, *, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1,
-               pad_id: int = 0, use_cache: bool = True) -> list[np.ndarray]:
+               pad_id: int = 0, batch_size: int | None = None) -> list[np.ndarray]:
     """New tokens of each prompt (a list of token ids, at least one each): up to
-    ``max_new_tokens``, ending at the first ``eos_id`` (included). Same ``seed``, same
-    prompts and settings: same tokens."""
-    if any(len(p) == 0 for p in prompts):
-      raise ValueError("every prompt needs at least one token")
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    t_max = int(lengths.max()) + max_new_tokens
-    tokens = np.full((len(prompts), t_max), pad_id, np.int32)
-    for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = p
-    fn = self._run if use_cache else self._full
-    args = (self.state, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+    ``max_new_tokens``, ending at the first ``eos_id`` (included). Prompts are decoded
+    together, ``batch_size`` at a time (None: all). Same ``seed``, same prompts and
+    settings: same tokens."""
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    step = batch_size or max(len(prompts), 1)
+    rows = []
+    for n, at in enumerate(range(0, len(prompts), step)):
+      rows += self._generate_batch(prompts[at:at + step], max_new_tokens,
+                                   jax.random.fold_in(jax.random.key(seed), n), temperature,
+                                   top_k, top_p, eos_id, pad_id)
+    return rows
+
+  def _generate_batch(self, prompts, max_new, rng, temperature, top_k, top_p, eos_id, pad_id):
+    tokens, padding = left_pad(prompts, pad_id)
+    logits, cache, kv_valid = self.prefill(tokens, padding, max_new)
+    args = (self.state, cache, kv_valid, logits, jnp.asarray(padding), rng,
             jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
             jnp.int32(pad_id))
-    out = np.asarray(self._call(fn, args))
+    out = np.asarray(self._call(self._decode, args, max_new=max_new))
     rows = []
-    for i, n in enumerate(lengths):
-      new = out[i, n:n + max_new_tokens]
+    for new in out:
       stop = np.flatnonzero(new == eos_id)
       rows.append(new[:stop[0] + 1] if len(stop) else new)
     return rows
 
-  def _call(self, fn, args):
+  def _call(self, fn, args, **static):
     if self.mesh is None:
-      return fn(*args)
+      return fn(*args, **static)
     with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-      return fn(*args)
+      return fn(*args, **static)
+
+
+def generate(model: Transformer | Generator, prompts: list[list[int]], max_new_tokens: int,
+             eos_id: int = -1, *, batch_size: int | None = None, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, pad_id: int = 0
+             ) -> list[list[int]]:
+  """New token ids of each prompt (greedy by default), prompts decoded together
+  ``batch_size`` at a time (None: all at once); each row stops after its first ``eos_id``
+  (included; -1: never). ``model``: a Transformer (compiled anew on each call) or a
+  :class:`Generator` (keeps its compilations: pass one when calling repeatedly)."""
+  gen = model if isinstance(model, Generator) else Generator(model)
+  rows = gen.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed, eos_id=eos_id, pad_id=pad_id,
+                      batch_size=batch_size)
+  return [[int(t) for t in r] for r in rows]

@@ -168,15 +168,21 @@ class Attention(nnx.Module):
     return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
 
   def decode(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array],
-             index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+             index: jax.Array, kv_valid: jax.Array | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """New tokens ``x [batch, n, embed]`` at cache slots ``index .. index + n - 1`` (one
-    document per row, slot = position): writes their keys / values into ``cache`` and
-    attends causally over the cache. Returns (``[batch, n, embed]``, the new cache)."""
+    document per row; ``positions [batch, n]`` for RoPE): writes their keys / values into
+    ``cache`` and attends causally over the cache, only to the slots ``kv_valid [batch,
+    max_length]`` marks (None: all; left-padded prompts mark their padding invalid). Returns
+    (``[batch, n, embed]``, the new cache)."""
     q, k, v = self._qkv(x, positions)
     start = (0, index, 0, 0)
     cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
              "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
     n, t = x.shape[1], cache["k"].shape[1]
-    mask = jnp.arange(t)[None, :] <= index + jnp.arange(n)[:, None]          # [n, t]
-    out = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=mask[None, None])
+    slots, query_slots = jnp.arange(t)[None, :], index + jnp.arange(n)[:, None]
+    mask = (slots <= query_slots)[None, None]                                 # [1, 1, n, t]
+    if kv_valid is not None:   # a padding query sees itself only (no empty softmax)
+      mask = mask & (kv_valid[:, None, None, :] | (slots == query_slots)[None, None])
+    out = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=mask)
     return self._out(out), cache
