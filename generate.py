@@ -1,11 +1,12 @@
 """Sample text from a trained moejax model (an export or a training workdir).
 
     python generate.py --checkpoint WORKDIR[/export] --prompt "def " --max_new_tokens 200
-    python generate.py --checkpoint DIR --prompts prompts.txt --temperature 0.8 --top_p 0.95
+    python generate.py --checkpoint DIR --prompts_file prompts.txt --batch_size 8 --temperature 0
 
-One prompt per line of ``--prompts`` (a batch; ``\\n`` in a line is a newline). Decoding uses
-a KV cache, compiled once per (batch, prompt length + max_new_tokens); ``--temperature 0``
-is greedy. Generation stops at the tokenizer's EOS. Output: each prompt followed by its
+One prompt per line of ``--prompts_file`` (``\\n`` in a line is a newline), decoded together
+``--batch_size`` at a time: each batch's prompts go through one prefill forward, then a KV
+cache decodes them token by token (``moejax.generation``), compiled once per (batch, prompt
+length bucket, max_new_tokens); ``--temperature 0`` is greedy. Generation stops at the tokenizer's EOS. Output: each prompt followed by its
 continuation, bytes decoded with the config's tokenizer. A bad input (flag, prompts file,
 checkpoint) is one ``error:`` line on stderr naming it, exit code 2.
 """
@@ -24,7 +25,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "An export dir, a workdir or its checkpoints/ dir.",
                     required=True)
 flags.DEFINE_string("prompt", "", "The prompt (text).")
-flags.DEFINE_string("prompts", "", "A file with one prompt per line (a batch).")
+flags.DEFINE_string("prompts_file", "", "A file with one prompt per line.")
+flags.DEFINE_alias("prompts", "prompts_file")
+flags.DEFINE_integer("batch_size", 8, "Prompts decoded together (the last batch may be smaller).")
 flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per prompt.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = all.")
@@ -33,15 +36,16 @@ flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same text).")
 
 
 def _prompts() -> list[str]:
-  if FLAGS.prompts:
+  if FLAGS.prompts_file:
     try:
-      with open(FLAGS.prompts, encoding="utf-8") as f:
+      with open(FLAGS.prompts_file, encoding="utf-8") as f:
         lines = [l.rstrip("\n").replace("\\n", "\n") for l in f]
-    except OSError as e:
-      raise DataError(f"--prompts={FLAGS.prompts}: {e.strerror}") from None
+    except (OSError, UnicodeDecodeError) as e:
+      why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+      raise DataError(f"--prompts_file={FLAGS.prompts_file}: {why}") from None
     lines = [l for l in lines if l]
     if not lines:
-      raise DataError(f"--prompts={FLAGS.prompts}: no prompt in it (one per line)")
+      raise DataError(f"--prompts_file={FLAGS.prompts_file}: no prompt in it (one per line)")
     return lines
   return [FLAGS.prompt]
 
@@ -55,9 +59,12 @@ def _check_flags() -> list[str]:
   cli.check(FLAGS.top_k >= 0, "top_k", FLAGS.top_k, "must be >= 0 (0 = all tokens, e.g. --top_k=40)")
   cli.check(0 < FLAGS.top_p <= 1, "top_p", FLAGS.top_p, "must be in (0, 1] (1 = all tokens, "
             "e.g. --top_p=0.95)")
-  if FLAGS.prompt and FLAGS.prompts:
-    cli.fail(f"--prompt and --prompts={FLAGS.prompts}: give one of them")
-  cli.check_exists("prompts", FLAGS.prompts, "pass a text file with one prompt per line")
+  cli.check(FLAGS.batch_size >= 1, "batch_size", FLAGS.batch_size,
+            "must be >= 1 (prompts decoded together, e.g. --batch_size=8)")
+  if FLAGS.prompt and FLAGS.prompts_file:
+    cli.fail(f"--prompt and --prompts_file={FLAGS.prompts_file}: give one of them")
+  cli.check_exists("prompts_file", FLAGS.prompts_file,
+                   "pass a text file with one prompt per line")
   cli.check_checkpoint(FLAGS.checkpoint)
   try:
     return _prompts()
@@ -86,7 +93,8 @@ def main(argv):
   prompts = [list(tokenizer.encode(t)) or [tokenizer.eos_id] for t in texts]
   rows = gen.generate(prompts, FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                       top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
-                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                      batch_size=FLAGS.batch_size)
   for i, (text, row) in enumerate(zip(texts, rows)):
     if len(texts) > 1:
       print(f"=== {i}")

@@ -1,72 +1,133 @@
-"""Decode throughput: KV cache vs re-running the full forward pass for every token.
+"""Prefill and decode tokens/s of moejax next to transformers' ``generate``, same model.
 
-    python benchmarks/generate.py [--ffn dense|moe|peer|pkm] [--new 512] [--batch 1]
+    nice -n 5 python benchmarks/generate.py [--prompt_len 128] [--new 64] [--batches 1,8]
 
-Builds the small LM (configs/dense_small.py sizes, byte vocabulary) with the chosen
-feed-forward kind in its middle block, random weights, and generates ``--new`` tokens
-greedily after a 4-token prompt, both ways, each as one jitted loop (compile excluded, best
-of ``--repeats``). Prints tokens/s of each and the speed-up of the cache.
+Builds a Mixtral-shaped model with random weights (transformers' ``MixtralConfig``: d_model
+512, 4 blocks, 8 experts, top-2, GQA 8/2 heads, vocab 32000), saves it as a Hugging Face
+checkpoint, imports it with ``moejax.interop.hf`` and, at each batch size, alternately
+times (``--repeats`` rounds, medians):
+
+* prefill: moejax's prefill call, transformers' forward with ``use_cache`` and
+  ``logits_to_keep=1`` (what ``generate`` runs first); tokens/s = batch x prompt_len / time;
+* decode: a whole greedy generation of ``--new`` tokens (``min_new_tokens`` = ``--new``, no
+  eos) minus the median prefill time; tokens/s = batch x (new - 1) / that time (the first
+  new token comes from the prefill).
+
+Torch runs on ``--threads`` threads (XLA's CPU client uses every core: 2 on the machines
+this was written for). Compilation is excluded (one warm-up call each). Also prints the
+fraction of greedy tokens on which both agree (random weights leave near ties, so a
+difference after a near tie is not an error) and the ratios moejax / transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
+import tempfile
 import time
 
-import jax
-from flax import nnx
+import numpy as np
 
-from moejax import config as config_lib
-from moejax.generation import Generator
-from moejax.model import Transformer
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-SPARSE = {
-    "dense": {},
-    "moe": {"moe": dict(num_experts=8, top_k=2, dispatch="dropless")},
-    "peer": {"peer": dict(num_experts_sqrt=128, heads=4, top_k=8, d_key=64)},
-    "pkm": {"pkm": dict(num_keys_sqrt=128, heads=4, top_k=8, d_key=64)},
-}
+from moejax import platform_env  # noqa: E402
+
+platform_env.skip_absent_tpu()   # before JAX is imported: no libtpu start-up lines without a TPU
+
+
+def _hf_model(path: str, seed: int):
+  import torch
+  from transformers import MixtralConfig, MixtralForCausalLM
+  torch.manual_seed(seed)
+  cfg = MixtralConfig(vocab_size=32000, hidden_size=512, intermediate_size=1792,
+                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                      num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False)
+  model = MixtralForCausalLM(cfg).eval()
+  model.save_pretrained(path)
+  return model
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  out = fn()
+  return time.perf_counter() - t0, out
 
 
 def main():
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
   ap = argparse.ArgumentParser()
-  ap.add_argument("--ffn", default="dense", choices=list(SPARSE))
-  ap.add_argument("--new", type=int, default=512)
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--prompt_len", type=int, default=128)
+  ap.add_argument("--new", type=int, default=64)
+  ap.add_argument("--batches", default="1,8")
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--threads", type=int, default=2)
   args = ap.parse_args()
 
-  c = config_lib.default_config()
-  c.model.vocab_size = 258
-  if args.ffn != "dense":
-    c.model.sparse_ffn, c.model.sparse_layers = args.ffn, "middle"
-    for section, fields in SPARSE[args.ffn].items():
-      c[section].update(fields)
-  config_lib.validate(c)
-  model = Transformer(c, rngs=nnx.Rngs(0))
-  gen = Generator(model)
-  prompts = [[102, 103, 104, 34]] * args.batch        # "def " in byte ids
-  print(f"# {jax.devices()[0].platform}, ffn={args.ffn}, batch={args.batch}, "
-        f"{args.new} new tokens after a 4-token prompt, d_model={c.model.d_model}, "
-        f"layers={c.model.num_layers}")
-  rates = {}
-  for name, use_cache in (("kv_cache", True), ("full_forward", False)):
-    gen.generate(prompts, args.new, temperature=0.0, use_cache=use_cache)   # compile
-    best = float("inf")
+  import torch
+  torch.set_num_threads(args.threads)
+  from moejax import host_memory
+  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  import jax
+  from flax import nnx
+  from moejax.evaluation import run as eval_run
+  from moejax.generation import Generator, left_pad
+  from moejax.interop import hf
+
+  tmp = tempfile.mkdtemp(prefix="moejax_generate_bench_")
+  hf_model = _hf_model(os.path.join(tmp, "hf"), seed=0)
+  hf.import_checkpoint(os.path.join(tmp, "hf"), os.path.join(tmp, "moejax"))
+  _, ms, _ = eval_run.load(os.path.join(tmp, "moejax", "export"))
+  gen = Generator(nnx.merge(ms.graphdef, ms.state))
+
+  print(f"# {jax.devices()[0].platform} ({os.cpu_count()} cores), torch threads "
+        f"{torch.get_num_threads()}; Mixtral-shaped d_model 512, 4 blocks, 8 experts top-2, "
+        f"vocab 32000; prompt {args.prompt_len} tokens, {args.new} new tokens, greedy, "
+        f"median of {args.repeats}")
+  print(f"{'batch':>5s} {'':12s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
+  rng = np.random.default_rng(0)
+  for b in [int(x) for x in args.batches.split(",")]:
+    prompts = rng.integers(3, 32000, size=(b, args.prompt_len)).astype(np.int32)
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    tokens, padding = left_pad(prompts.tolist())
+
+    def mj_prefill():
+      jax.block_until_ready(gen.prefill(tokens, padding, args.new))
+
+    def mj_generate():
+      return np.stack(gen.generate(prompts.tolist(), args.new, temperature=0.0))
+
+    def hf_prefill():
+      with torch.inference_mode():
+        hf_model(ids, use_cache=True, logits_to_keep=1)
+
+    def hf_generate():
+      with torch.inference_mode():
+        out = hf_model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new,
+                                do_sample=False, eos_token_id=None, pad_token_id=0,
+                                attention_mask=torch.ones_like(ids))
+      return out[:, args.prompt_len:].numpy()
+
+    mj_prefill(), mj_generate(), hf_prefill(), hf_generate()   # compile / warm up
+    times = {k: [] for k in ("mj_prefill", "mj_generate", "hf_prefill", "hf_generate")}
+    last = {}
     for _ in range(args.repeats):
-      t0 = time.perf_counter()
-      out = gen.generate(prompts, args.new, temperature=0.0, use_cache=use_cache)
-      best = min(best, time.perf_counter() - t0)
-    rates[name] = args.batch * args.new / best
-    print(f"{name:13s} {rates[name]:10.1f} tokens/s  ({best:.2f} s)")
-    if name == "kv_cache":
-      ref = out
-    else:
-      same = all((a == b).all() for a, b in zip(ref, out))
-      print(f"same tokens both ways: {same}")
-  print(f"speed-up of the cache: {rates['kv_cache'] / rates['full_forward']:.1f}x")
+      for name, fn in (("mj_prefill", mj_prefill), ("hf_prefill", hf_prefill),
+                       ("mj_generate", mj_generate), ("hf_generate", hf_generate)):
+        t, out = _timed(fn)
+        times[name].append(t)
+        last[name] = out
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rates = {}
+    for who in ("mj", "hf"):
+      pre, total = med[f"{who}_prefill"], med[f"{who}_generate"]
+      rates[who] = (b * args.prompt_len / pre, b * (args.new - 1) / max(total - pre, 1e-9))
+      label = "moejax" if who == "mj" else "transformers"
+      print(f"{b:5d} {label:12s} {rates[who][0]:14.0f} {rates[who][1]:13.1f}")
+    agree = float(np.mean(last["mj_generate"] == last["hf_generate"]))
+    print(f"{b:5d} {'ratio':12s} {rates['mj'][0] / rates['hf'][0]:13.2f}x "
+          f"{rates['mj'][1] / rates['hf'][1]:12.2f}x   (greedy tokens agreeing: {agree:.0%})")
 
 
 if __name__ == "__main__":

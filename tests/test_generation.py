@@ -1,6 +1,10 @@
 """KV-cache decoding: equals the full forward for every FFN kind; left-padded batches decode
 as their rows alone; sampling; one trace per shape."""
 
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -176,3 +180,29 @@ def test_eos_stops_a_row():
   first = int(np.flatnonzero(free == eos)[0])
   cut = gen.generate([PROMPT], 12, temperature=0.0, eos_id=eos)[0]
   np.testing.assert_array_equal(cut, free[:first + 1])
+
+
+def test_generate_cli_decodes_a_prompts_file_in_batches(tmp_path):
+  """generate.py --prompts_file, 3 prompts in batches of 2, greedy: each prompt followed by
+  the tokens the Generator gives that prompt alone."""
+  from moejax.data.tokenizers import ByteTokenizer
+  from moejax.training import checkpoint as ckpt_lib
+  c = tiny_config(vocab_size=ByteTokenizer.vocab_size)
+  config_lib.validate(c)
+  model = Transformer(c, rngs=nnx.Rngs(params=0))
+  ckpt_lib.export(str(tmp_path / "export"), nnx.state(model), c)
+  texts = ["def ", "hello world", "x"]
+  (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, "generate.py"), f"--checkpoint={tmp_path}/export",
+       f"--prompts_file={tmp_path}/prompts.txt", "--batch_size=2", "--temperature=0",
+       "--max_new_tokens=5"], cwd=root, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  tok, gen = ByteTokenizer(), Generator(model)
+  want = ""
+  for i, text in enumerate(texts):
+    row = gen.generate([list(tok.encode(text))], 5, temperature=0.0, eos_id=tok.eos_id)[0]
+    want += f"=== {i}\n" + text + tok.decode([t for t in row if t != tok.eos_id]) + "\n"
+  assert proc.stdout == want
