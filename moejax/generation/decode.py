@@ -64,19 +64,28 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
   cut. All three may be traced scalars.
   """
   v = logits.shape[-1]
-  greedy = jnp.argmax(logits, -1).astype(jnp.int32)
-  z = logits / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
-  sorted_z = -jnp.sort(-z, axis=-1)                                       # descending
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
-  sorted_z = jnp.where(jnp.arange(v) < k, sorted_z, -jnp.inf)
-  probs = jax.nn.softmax(sorted_z, axis=-1)
-  # nucleus: keep rank i while the probability before it is < top_p (at least one)
-  keep = (jnp.cumsum(probs, -1) - probs) < top_p
-  n_keep = jnp.maximum(jnp.sum(keep & (jnp.arange(v) < k), -1), 1)
-  threshold = jnp.take_along_axis(sorted_z, (n_keep - 1)[:, None], -1)
-  z = jnp.where(z >= threshold, z, -jnp.inf)
-  sampled = jax.random.categorical(rng, z, axis=-1).astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled, greedy)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  top_k, top_p = jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)
+
+  def cut(z):   # the sort over the vocabulary runs only when a cut is asked for
+    sorted_z = -jnp.sort(-z, axis=-1)                                     # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    sorted_z = jnp.where(jnp.arange(v) < k, sorted_z, -jnp.inf)
+    probs = jax.nn.softmax(sorted_z, axis=-1)
+    # nucleus: keep rank i while the probability before it is < top_p (at least one)
+    keep = (jnp.cumsum(probs, -1) - probs) < top_p
+    n_keep = jnp.maximum(jnp.sum(keep & (jnp.arange(v) < k), -1), 1)
+    threshold = jnp.take_along_axis(sorted_z, (n_keep - 1)[:, None], -1)
+    return jnp.where(z >= threshold, z, -jnp.inf)
+
+  def sample():
+    z = logits / jnp.maximum(temperature, 1e-6)
+    z = jax.lax.cond((top_k > 0) | (top_p < 1), cut, lambda z: z, z)
+    return jax.random.categorical(rng, z, axis=-1).astype(jnp.int32)
+
+  # greedy decoding skips the sampling's work (a sort and a categorical draw per step)
+  return jax.lax.cond(temperature > 0, sample,
+                      lambda: jnp.argmax(logits, -1).astype(jnp.int32))
 
 
 def prompt_bucket(n: int) -> int:
