@@ -121,6 +121,9 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+C4_VOCAB = 32000   # the SentencePiece vocabulary the C4 TPU configs are sized and budgeted for
+
+
 def c4_tpu_base(*, seq_len: int, batch_size: int, steps: int, warmup_steps: int
                 ) -> ml_collections.ConfigDict:
   """The shared trunk of the TPU configs: a 12 x 768 bf16 LM on c4/en (TFDS, array_record).
@@ -141,7 +144,7 @@ def c4_tpu_base(*, seq_len: int, batch_size: int, steps: int, warmup_steps: int
                      worker_count=8))
   c.optim.update(dict(lr=1e-3, warmup_steps=warmup_steps, schedule="cosine"))
   c.train.update(dict(steps=steps, log_every=100, eval_every=2000, checkpoint_every=2000))
-  c.eval.datasets = "c4/en:3.1.0"
+  c.eval.datasets = "c4/en:3.1.0,lambada"   # the PEER paper's eval sets that TFDS has (data/eval_sets.py)
   return c
 
 

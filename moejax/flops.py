@@ -149,3 +149,17 @@ def count(config: ml_collections.ConfigDict, *, train: bool = True) -> FlopCount
     for name, flops in FFN_FLOPS[kind](config[kind], config, train=train).items():
       parts[f"block_{i}/{kind}/{name}"] = flops
   return FlopCount(parts)
+
+
+def steps_for_budget(config: ml_collections.ConfigDict, budget: float, *,
+                     vocab_size: int | None = None) -> int:
+  """Training steps that spend ``budget`` model FLOPs at ``config``'s batch (isoFLOP arms).
+
+  Training FLOPs per step = :attr:`FlopCount.train` per token × ``batch_size × seq_len``.
+  ``vocab_size`` stands in for ``config.model.vocab_size`` (0 when the tokenizer sets it).
+  """
+  if vocab_size is not None:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.vocab_size = vocab_size
+  tokens = config.data.batch_size * config.data.seq_len
+  return max(1, round(budget / (count(config, train=True).train * tokens)))

@@ -34,7 +34,7 @@ def load(name):
 
 
 def test_the_tpu_configs_are_found():
-  assert {"peer_c4_tpu", "pkm_c4_tpu", "switch_base_c4_tpu"} <= set(TPU_CONFIGS)
+  assert {*TABLE1, "switch_base_c4_tpu"} <= set(TPU_CONFIGS)
 
 
 @pytest.mark.parametrize("name", TPU_CONFIGS)
@@ -57,6 +57,25 @@ def test_tpu_config_names_its_slice(name):
   assert c.data.batch_size % (data * expert) == 0
   # A SentencePiece placeholder (vocab from --vocab_size when compiling), never "byte".
   assert c.data.tokenizer != "byte" and c.model.vocab_size in (0, VOCAB)
+
+
+TABLE1 = ("dense_c4_tpu", "moe_ec_c4_tpu", "pkm_c4_tpu", "peer_c4_tpu")   # the PEER paper's Table 1
+
+
+@pytest.mark.parametrize("budget", ["6e18", "2e19"])
+def test_table1_arms_spend_one_flop_budget_on_one_trunk(budget):
+  """Each arm's steps x model FLOPs per step is the budget (to one step), on the same trunk."""
+  from moejax import flops
+  trunks = set()
+  for name in TABLE1:
+    c = load(name).get_config(budget)
+    c.model.vocab_size = VOCAB
+    per_step = flops.count(c).train * c.data.batch_size * c.data.seq_len
+    assert abs(c.train.steps * per_step - float(budget)) <= per_step, name
+    m = c.model
+    trunks.add((m.d_model, m.num_layers, m.num_heads, m.d_ff, c.data.batch_size, c.data.seq_len))
+  assert len(trunks) == 1
+  assert load("dense_c4_tpu").get_config("2e19").train.steps > 3 * load("dense_c4_tpu").get_config().train.steps
 
 
 @pytest.mark.slow
