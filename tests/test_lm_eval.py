@@ -67,7 +67,7 @@ def forward(export):
 
 def test_padding_is_invisible_to_the_forward(export, forward):
   ids = _ids("The quick brown fox jumps")
-  unpadded = export[1](jnp.asarray([ids[:-1]], jnp.int32))[0][0]
+  unpadded = jax.jit(lambda t: export[1](t)[0])(jnp.asarray([ids[:-1]], jnp.int32))[0]
   chex.assert_trees_all_close(forward(ids), np.asarray(jax.nn.log_softmax(unpadded, -1)),
                               rtol=1e-5, atol=1e-5)
 
@@ -158,20 +158,48 @@ def test_generate_until_is_greedy_and_stops_at_a_stop_string(lm, forward):
   assert len(got[1]) <= 2
 
 
-def test_local_task_accuracy_equals_the_one_from_the_forward(lm, forward, monkeypatch):
-  monkeypatch.chdir(ROOT)                # the task's data path is relative to the repository
+def _greedy(forward, ids: list[int], n: int) -> list[int]:
+  """Up to ``n`` argmax tokens after ``ids``, ending at EOS (included), from the forward."""
+  new = []
+  while len(new) < n and (not new or new[-1] != TOK.eos_id):
+    new.append(int(forward(ids + new + [2])[-1].argmax()))
+  return new
+
+
+def test_local_tasks_equal_what_the_forward_gives(lm, forward, monkeypatch):
+  """moejax_local: a multiple-choice, a rolling log-likelihood and a generation task over
+  tests/fixtures/lm_eval/mc4.jsonl, run by the harness itself."""
+  monkeypatch.chdir(ROOT)                # the tasks' data path is relative to the repository
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-  out = lm_eval.simple_evaluate(model=lm, tasks=["moejax_mc4"],
-                                task_manager=TaskManager(include_path=TASKS), log_samples=True)
+  out = lm_eval.simple_evaluate(model=lm, tasks=["moejax_local"],
+                                task_manager=TaskManager(include_path=TASKS, include_defaults=False),
+                                log_samples=True)
   with open(os.path.join(TASKS, "mc4.jsonl")) as f:
     docs = [json.loads(line) for line in f]
+  samples = {task: sorted(s, key=lambda s: s["doc_id"]) for task, s in out["samples"].items()}
+
+  # multiple choice: accuracy from the continuations' log-likelihoods
   lls = [[_direct(forward, _ids(d["question"]), _ids(" " + c))[0] for c in d["choices"]]
          for d in docs]
   want = np.mean([int(np.argmax(l)) == d["answer"] for l, d in zip(lls, docs)])
   assert out["results"]["moejax_mc4"]["acc,none"] == pytest.approx(want, abs=1e-9)
-  samples = sorted(out["samples"]["moejax_mc4"], key=lambda s: s["doc_id"])
-  got = [[r[0] for r in s["filtered_resps"]] for s in samples]
+  got = [[r[0] for r in s["filtered_resps"]] for s in samples["moejax_mc4"]]
   chex.assert_trees_all_close(got, lls, rtol=1e-5, atol=1e-5)
+
+  # rolling: each document (shorter than one window) after EOS, every token scored
+  texts = [f"{d['question']} {d['choices'][d['answer']]}." for d in docs]
+  want = [forward([TOK.eos_id] + _ids(t))[np.arange(len(t)), _ids(t)].sum() for t in texts]
+  got = [float(np.ravel(s["filtered_resps"])[0]) for s in samples["moejax_text4"]]
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-4)
+
+  # generation: greedy, 8 new tokens at most, cut at the task's stop strings
+  got = [s["filtered_resps"][0] for s in samples["moejax_gen4"]]
+  for d, text in zip(docs, got):
+    new = _greedy(forward, _ids(d["question"]), 8)
+    want = TOK.decode([t for t in new if t != TOK.eos_id])
+    for stop in ("\n", "."):
+      want = want.split(stop)[0]
+    assert text == want, (d["question"], text, want)
 
 
 def test_registered_and_bad_model_args_name_the_argument(export):
