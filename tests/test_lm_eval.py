@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.tasks import TaskManager
 
+from cli_env import cli_env
 from lm_utils import tiny_config
 from moejax import config as config_lib
 from moejax.data.tokenizers import ByteTokenizer
@@ -211,3 +214,17 @@ def test_registered_and_bad_model_args_name_the_argument(export):
   # --model_args win over the command's --batch_size (which it always passes)
   with pytest.raises(ValueError, match="model_args batch_size='auto'"):
     MoejaxLM.create_from_arg_string(f"checkpoint={export[0]},batch_size=auto", {"batch_size": 1})
+
+
+def test_command_bad_model_arg_is_one_line_exit_2(tmp_path):
+  out = tmp_path / "results"
+  proc = subprocess.run(
+      [sys.executable, "-m", "moejax.evaluation.lm_eval", "--model", "moejax", "--model_args",
+       f"checkpoint={tmp_path / 'nothing'},batch_size=8", "--tasks", "moejax_mc4",
+       "--include_path", TASKS, "--output_path", str(out)],
+      cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      f"error: model_args checkpoint={tmp_path / 'nothing'}: does not exist (pass a training "
+      "workdir or its export/ dir)"]
+  assert not out.exists()

@@ -39,6 +39,8 @@ request's score does not depend on the other requests of its batch.
 
 from __future__ import annotations
 
+import re
+
 from moejax import platform_env
 
 # Run as a command, this is before JAX is imported (no libtpu start-up without a TPU);
@@ -61,10 +63,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from moejax import data, sharding
+from moejax.errors import CheckpointError
 from moejax.evaluation import run
+from moejax.evaluation.locate import locate
 from moejax.generation import Generator, prepare
 
 _MIN_BUCKET = 16
+DEFAULT_MAX_GEN_TOKS = 256    # new tokens of a generate_until request that does not say
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -78,31 +83,68 @@ def _cut_at_stop(text: str, until: list[str]) -> str:
   return text[:min(ends)] if ends else text
 
 
+class ModelArgsError(ValueError):
+  """A model argument the adapter cannot use; the message names it and says the fix."""
+
+
+_MODEL_ARGS = ("checkpoint", "batch_size", "mesh_data", "mesh_expert", "mesh_model",
+               "max_gen_toks")
+# What the harness passes to every model; nothing here uses it.
+_HARNESS_ARGS = ("device", "max_batch_size")
+
+
+def _integer(args: dict, name: str, example: str, *, all_devices: bool = False) -> int:
+  """``args[name]`` as an integer >= 1 (or -1 where ``all_devices``), else ModelArgsError."""
+  value = args[name]
+  text = str(value).strip()
+  if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text) or not (
+      int(text) >= 1 or all_devices and int(text) == -1):
+    rule = "an integer >= 1 or -1 (all devices)" if all_devices else "an integer >= 1"
+    raise ModelArgsError(f"model_args {name}={value!r}: must be {rule} (e.g. {name}={example})")
+  return int(text)
+
+
+def check_model_args(args: dict) -> dict:
+  """The model arguments, checked (no JAX work: a bad one is known before the model loads).
+
+  Raises :class:`ModelArgsError` naming an unknown argument, a missing or unreadable
+  ``checkpoint`` or a bad number. Returns them with the numbers as ints.
+  """
+  unknown = sorted(k for k, v in args.items()
+                   if k not in _MODEL_ARGS + _HARNESS_ARGS and v is not None)
+  if unknown:
+    raise ModelArgsError(f"model_args {unknown[0]}={args[unknown[0]]!r}: unknown (known: "
+                         f"{', '.join(_MODEL_ARGS)})")
+  out = {"batch_size": 8, "mesh_data": -1, "mesh_expert": 1, "mesh_model": 1,
+         "max_gen_toks": DEFAULT_MAX_GEN_TOKS}
+  out.update({k: v for k, v in args.items() if k in _MODEL_ARGS and v is not None})
+  if not out.get("checkpoint"):
+    raise ModelArgsError("model_args checkpoint: missing (checkpoint=WORKDIR or WORKDIR/export)")
+  try:
+    locate(str(out["checkpoint"]))
+  except CheckpointError as e:
+    raise ModelArgsError(str(e).replace("--checkpoint=", "model_args checkpoint=", 1)) from None
+  out["batch_size"] = _integer(out, "batch_size", "8; 'auto' is not supported")
+  out["max_gen_toks"] = _integer(out, "max_gen_toks", "256")
+  out["mesh_data"] = _integer(out, "mesh_data", "-1", all_devices=True)
+  for name in ("mesh_expert", "mesh_model"):
+    out[name] = _integer(out, name, "1")
+  return out
+
+
 @register_model("moejax")
 class MoejaxLM(TemplateLM):
   """A moejax model for lm-evaluation-harness (see the module doc)."""
-
-  DEFAULT_MAX_GEN_TOKS = 256
 
   def __init__(self, checkpoint: str | None = None, batch_size: int | str = 8, mesh_data: int = -1,
                mesh_expert: int = 1, mesh_model: int = 1, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
                **harness_args):
     super().__init__()
-    # What the harness passes to every model (device, max_batch_size, ...) has no use here.
-    unknown = sorted(k for k, v in harness_args.items()
-                     if k not in ("device", "max_batch_size") and v is not None)
-    if unknown:
-      raise ValueError(f"model_args {unknown[0]}={harness_args[unknown[0]]!r}: unknown (known: "
-                       "checkpoint, batch_size, mesh_data, mesh_expert, mesh_model, max_gen_toks)")
-    if not checkpoint:
-      raise ValueError("model_args checkpoint: missing (checkpoint=WORKDIR or WORKDIR/export)")
-    try:
-      rows = int(batch_size)
-    except ValueError:
-      rows = 0
-    if rows < 1:
-      raise ValueError(f"model_args batch_size={batch_size!r}: must be a positive integer "
-                       "(e.g. batch_size=8; 'auto' is not supported)")
+    args = check_model_args(dict(harness_args, checkpoint=checkpoint, batch_size=batch_size,
+                                 mesh_data=mesh_data, mesh_expert=mesh_expert,
+                                 mesh_model=mesh_model, max_gen_toks=max_gen_toks))
+    checkpoint, rows = args["checkpoint"], args["batch_size"]
+    mesh_data, mesh_expert, mesh_model = args["mesh_data"], args["mesh_expert"], args["mesh_model"]
     self.config, ms, self.step = run.load(
         checkpoint, {"data": mesh_data, "expert": mesh_expert, "model": mesh_model})
     self.checkpoint = checkpoint
@@ -114,7 +156,7 @@ class MoejaxLM(TemplateLM):
     # Rows split over (data, expert): a batch is a multiple of that many rows.
     shards = ms.mesh.shape["data"] * ms.mesh.shape["expert"]
     self._batch_size = -(-rows // shards) * shards
-    self._max_gen_toks = int(max_gen_toks)
+    self._max_gen_toks = args["max_gen_toks"]
     self._row_sharding = sharding.batch_sharding(ms.mesh)
     self._score = jax.jit(self._score_rows, out_shardings=sharding.replicated(ms.mesh))
 
@@ -288,10 +330,41 @@ class MoejaxLM(TemplateLM):
     return out
 
 
+def _check_command(argv: list[str]) -> None:
+  """``--model moejax`` with a bad model argument: one ``error:`` line and exit 2, before the
+  harness indexes its tasks and before anything is written."""
+  import argparse
+
+  from lm_eval.utils import simple_parse_args_string
+
+  from moejax import cli as moejax_cli
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--model")
+  parser.add_argument("--model_args", default="")
+  known, _ = parser.parse_known_args(argv)
+  if known.model != "moejax":
+    return
+  try:
+    check_model_args(simple_parse_args_string(known.model_args))
+  except ModelArgsError as e:
+    moejax_cli.fail(str(e))
+
+
 def cli() -> None:
   """``lm_eval``'s command line with the ``moejax`` model registered."""
+  import sys
+
   from lm_eval.__main__ import cli_evaluate
-  cli_evaluate()
+
+  from moejax import cli as moejax_cli
+  from moejax.errors import ConfigError, DataError
+  _check_command(sys.argv[1:])
+  try:
+    cli_evaluate()
+  except (ModelArgsError, ConfigError, DataError, CheckpointError) as e:
+    # e.g. a mesh the devices cannot hold, a tokenizer file gone: still one line. hard: a
+    # failed checkpoint read leaves threads that would print on the way out.
+    moejax_cli.fail(str(e), hard=True)
 
 
 if __name__ == "__main__":
