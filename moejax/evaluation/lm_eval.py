@@ -12,13 +12,16 @@ or from Python::
 
 Importing this module registers the model under the name ``moejax`` (``simple_evaluate(
 model="moejax", model_args="checkpoint=...")`` works after the import). The harness's own
-``lm_eval`` command (0.4.x) finds models only inside its source tree, so the command above is
-lm_eval's command line run after that import: every flag of ``lm_eval`` is accepted.
+``lm_eval`` command (0.4.x) finds models only inside its source tree, so the command above
+(and ``moejax-lm-eval``) is lm_eval's command line run after that import: every flag of
+``lm_eval`` is accepted.
 
 Model arguments: ``checkpoint`` (an export, a workdir or its checkpoints/ -- the newest
 checkpoint), ``batch_size`` (rows per forward; rounded up to a multiple of the devices the
 batch is split over), ``mesh_data`` / ``mesh_expert`` / ``mesh_model`` (the mesh, as
-``eval.py`` builds it: all devices on the data axis by default).
+``eval.py`` builds it: all devices on the data axis by default), ``max_gen_toks`` (for
+generation requests that do not set it). A bad one is a :class:`ModelArgsError` naming it;
+the command prints it as one ``error:`` line and exits 2 before the harness starts.
 
 What each request type computes:
 
@@ -27,8 +30,9 @@ What each request type computes:
   tokens' log-probabilities and whether each was the argmax. Requests are sorted by length
   and batched; a batch is padded to ``[batch_size, L]`` with ``L`` the next power of two
   (at most ``seq_len``), so few shapes are compiled.
-* ``loglikelihood_rolling``: the document's log-likelihood in disjoint windows of
-  ``seq_len`` tokens (lm_eval's rolling windows, context 1), the first conditioned on EOS.
+* ``loglikelihood_rolling``: the whole document's log-likelihood, scored in windows of
+  ``seq_len`` tokens (lm_eval's rolling windows, made disjoint): every token once, the
+  first window after EOS, each later one after as much of the text before it as fits.
 * ``generate_until``: greedy decoding (sampling when the task sets ``do_sample``) with
   :class:`moejax.generation.Generator`, up to ``max_gen_toks`` new tokens (the prompt is
   left-truncated so that both fit ``seq_len``), cut at the first stop string.
@@ -52,7 +56,7 @@ try:
   from lm_eval.api.model import TemplateLM
   from lm_eval.api.registry import register_model
   from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-except ImportError as e:   # pragma: no cover - depends on the environment
+except ImportError as e:
   raise ImportError("moejax.evaluation.lm_eval needs lm-evaluation-harness: "
                     "pip install 'moejax[eval]'") from e
 
@@ -220,8 +224,9 @@ class MoejaxLM(TemplateLM):
     with jax.sharding.use_abstract_mesh(self._mesh.abstract_mesh), \
         nnx.logical_axis_rules(self._rules):
       logits, _ = model(tokens, mask=mask)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    # log p(target) = logit(target) - logsumexp(logits): no second [batch, length, vocab] array
+    token_logp = (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+                  - jax.nn.logsumexp(logits, axis=-1))
     greedy = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)
     return jnp.sum(token_logp * weights, axis=-1), jnp.all(greedy, axis=-1)
 
