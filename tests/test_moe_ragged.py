@@ -246,7 +246,7 @@ TD, TF, TB, TL = 128, 256, 8, 64
 def _compile_train_step(topology, **kw):
   """Value and gradients (state, x) of a small MoE layer (the layer path, abstract state), compiled
   for ``topology`` on a (data=1, expert=4) mesh."""
-  from moejax.kernels import aot
+  from moejax.aot import targets as aot
   mesh = sharding.make_mesh(data=1, expert=4, model=1, devices=aot.topology_devices(topology))
   cfg = _cfg(**kw)
   with jax.set_mesh(mesh), _rules(), kernels.target_platform("tpu"):
@@ -266,7 +266,7 @@ def _compile_train_step(topology, **kw):
 
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", "v5e:2x2"])
 def test_compiles_for_tpu(topology):
-  from moejax.kernels import aot
+  from moejax.aot import targets as aot
   if not aot.libtpu_available():
     pytest.skip("needs libtpu (pip install 'jax[tpu]')")
   c = _compile_train_step(topology, dispatch="dropless_ep")

@@ -9,7 +9,7 @@ from flax import nnx
 
 from lm_utils import train_losses, tiny_config
 from moejax import kernels
-from moejax.kernels import aot
+from moejax.aot import targets as aot
 from moejax.layers.peer import PEER
 
 needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(), reason="needs libtpu (jax[tpu])")
