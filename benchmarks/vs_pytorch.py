@@ -248,10 +248,10 @@ def moejax_peer_like(a, n, tp):
   """moejax PEER computing the same function as PEER-pytorch ``tp`` (weights copied)."""
   import jax.numpy as jnp
   from flax import nnx
-  from moejax.layers.peer import PEER
-  m = PEER(a.peer_d, num_experts_sqrt=n, heads=a.heads, top_k=a.top_k, d_key=a.d_key,
-           activation="gelu", score="softmax", query_norm="none", per_head_keys=True,
-           kernel="reference", rngs=nnx.Rngs(0))
+  from moejax.layers.peer import PEER, PEERSettings
+  m = PEER(a.peer_d, PEERSettings(num_experts_sqrt=n, heads=a.heads, top_k=a.top_k, d_key=a.d_key,
+                                 activation="gelu", score="softmax", query_norm="none",
+                                 per_head_keys=True, kernel="reference"), rngs=nnx.Rngs(0))
   h, dk, d = a.heads, a.d_key // 2, a.peer_d
   w = _np(tp.to_queries[0].weight).reshape(2, h, dk, d)       # '(p h d)' rows
   m.retrieval.query[...] = jnp.asarray(w.transpose(3, 1, 0, 2).reshape(d, h, 2 * dk))
@@ -457,11 +457,12 @@ def moejax_moe_like(a, tm, dispatch: str):
   import jax.numpy as jnp
   from flax import nnx
   from moejax.layers.moe.config import default_config
-  from moejax.layers.moe.layer import MoE
+  from moejax.layers.moe import MoE, MoESettings
   cfg = default_config()
   cfg.update(dict(num_experts=a.experts, top_k=a.moe_top_k, gated=True, activation="silu",
                   d_ff=a.moe_ff, dispatch=dispatch, capacity_factor_train=a.capacity_factor))
-  m = MoE(cfg, d_model=a.moe_d, d_ff=a.moe_ff, rngs=nnx.Rngs(params=0, router=1))
+  m = MoE(MoESettings.from_config(cfg), d_model=a.moe_d, d_ff=a.moe_ff,
+          rngs=nnx.Rngs(params=0, router=1))
   m.train()
   f = a.moe_ff
   gate_up = _np(tm.experts.gate_up_proj)                     # [E, 2F, D]: act(gate) * up
@@ -494,8 +495,9 @@ def torch_swiglu(a):
 def moejax_dense_like(a, tm):
   import jax.numpy as jnp
   from flax import nnx
-  from moejax.layers.dense import DenseFFN
-  m = DenseFFN(a.moe_d, a.moe_top_k * a.moe_ff, activation="silu", gated=True, rngs=nnx.Rngs(0))
+  from moejax.layers.dense import DenseFFN, DenseSettings
+  m = DenseFFN(a.moe_d, a.moe_top_k * a.moe_ff, DenseSettings(activation="silu", gated=True),
+               rngs=nnx.Rngs(0))
   m.wi[...] = jnp.asarray(_np(tm.w1.weight).T)
   m.wg[...] = jnp.asarray(_np(tm.w3.weight).T)
   m.wo[...] = jnp.asarray(_np(tm.w2.weight).T)

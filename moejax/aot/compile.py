@@ -53,7 +53,7 @@ def make_topology_mesh(config: ml_collections.ConfigDict, topology: str) -> jax.
                        f"does not divide the {len(devices)} devices of {topology}",
                        "set --config.mesh.data/expert/model so their product divides "
                        f"{len(devices)}, -1 = the rest") from None
-  config_lib.check_kv_heads(config, mesh.shape["model"])
+  config_lib.check_mesh_shape(config, dict(mesh.shape))
   return mesh
 
 

@@ -59,7 +59,7 @@ def _check_mesh(config) -> None:
                        f"{known} devices{' (times the rest)' if -1 in shape else ''}, which does not "
                        f"divide the {n} devices here",
                        f"set --config.mesh.{axis} to a divisor of {n}, or -1 for the rest") from None
-  config_lib.check_kv_heads(config, resolved[2])
+  config_lib.check_mesh_shape(config, dict(zip(sharding.MESH_AXES, resolved)))
 
 
 def _check_workdir_path(workdir: str) -> bool:
