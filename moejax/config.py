@@ -380,12 +380,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
-def to_dict(cfg: ml_collections.ConfigDict) -> dict:
-  return cfg.to_dict()
-
-
 def from_dict(d: dict) -> ml_collections.ConfigDict:
-  """A config saved by ``to_dict`` (e.g. ``config.json`` of an export), on top of defaults.
+  """A config saved by ``ConfigDict.to_dict()`` (e.g. ``config.json`` of an export), on top of defaults.
 
   Unknown fields (from a newer or older moejax) raise ConfigError.
   """
