@@ -376,7 +376,8 @@ def tpu_section(a):
   Shape: --tokens, --d, --heads, --top_k, --d_key and the first n of --ns; f32 tables and
   activations (moejax keeps tables in f32). The last line is the memory ratio on v5p.
   """
-  from moejax.kernels import aot, lookup_reference, lookup_tpu, retrieval_reference
+  from moejax.aot import targets as aot
+  from moejax.kernels import lookup_reference, lookup_tpu, retrieval_reference
   from moejax.kernels import retrieval_tpu
   print("\n# TPU section: compiled memory per device (libtpu AOT, no TPU needed)")
   if not aot.libtpu_available():

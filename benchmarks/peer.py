@@ -130,13 +130,15 @@ def bench_layers(a):
   t_dense = t_dense[-1]
   del m
   for n in [int(s) for s in a.ns.split(",")]:
-    m = peer.PEER(a.d_model, num_experts_sqrt=n, heads=a.heads, top_k=a.top_k, d_key=a.d_key,
-                  query_norm=a.query_norm, dtype=dtype, rngs=nnx.Rngs(0))
+    m = peer.PEER(a.d_model, peer.PEERSettings(num_experts_sqrt=n, heads=a.heads, top_k=a.top_k,
+                                               d_key=a.d_key, query_norm=a.query_norm),
+                  dtype=dtype, rngs=nnx.Rngs(0))
     rows.append((f"PEER N = {n}²", f"{2 * n * n * a.d_model / 1e6:.1f}M", measure(m)))
     del m
     if a.pkm:
-      m = pkm.PKM(a.d_model, num_keys_sqrt=n, heads=a.heads, top_k=2 * a.top_k, d_key=a.d_key,
-                  query_norm=a.query_norm, dtype=dtype, rngs=nnx.Rngs(0))
+      m = pkm.PKM(a.d_model, pkm.PKMSettings(num_keys_sqrt=n, heads=a.heads, top_k=2 * a.top_k,
+                                             d_key=a.d_key, query_norm=a.query_norm),
+                  dtype=dtype, rngs=nnx.Rngs(0))
       rows.append((f"PKM N = {n}² (k = {2 * a.top_k})", f"{n * n * a.d_model / 1e6:.1f}M",
                    measure(m)))
       del m

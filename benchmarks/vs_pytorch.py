@@ -246,21 +246,8 @@ def torch_peer(a, n):
 
 def moejax_peer_like(a, n, tp):
   """moejax PEER computing the same function as PEER-pytorch ``tp`` (weights copied)."""
-  import jax.numpy as jnp
-  from flax import nnx
-  from moejax.layers.peer import PEER
-  m = PEER(a.peer_d, num_experts_sqrt=n, heads=a.heads, top_k=a.top_k, d_key=a.d_key,
-           activation="gelu", score="softmax", query_norm="none", per_head_keys=True,
-           kernel="reference", rngs=nnx.Rngs(0))
-  h, dk, d = a.heads, a.d_key // 2, a.peer_d
-  w = _np(tp.to_queries[0].weight).reshape(2, h, dk, d)       # '(p h d)' rows
-  m.retrieval.query[...] = jnp.asarray(w.transpose(3, 1, 0, 2).reshape(d, h, 2 * dk))
-  keys = _np(tp.keys)                                           # [h, n, 2, dk]
-  m.retrieval.keys1[...] = jnp.asarray(keys[:, :, 0])
-  m.retrieval.keys2[...] = jnp.asarray(keys[:, :, 1])
-  m.u[...] = jnp.asarray(_np(tp.weight_down_embed.weight))
-  m.v[...] = jnp.asarray(_np(tp.weight_up_embed.weight))
-  return m
+  from moejax.interop.torch_modules import peer_from_pytorch
+  return peer_from_pytorch(tp)
 
 
 def peer_fwd_case(a) -> Case:
@@ -454,21 +441,9 @@ def torch_mixtral(a):
 
 def moejax_moe_like(a, tm, dispatch: str):
   """moejax MoE with Mixtral's weights (dropless computes Mixtral's function)."""
-  import jax.numpy as jnp
-  from flax import nnx
-  from moejax.layers.moe.config import default_config
-  from moejax.layers.moe.layer import MoE
-  cfg = default_config()
-  cfg.update(dict(num_experts=a.experts, top_k=a.moe_top_k, gated=True, activation="silu",
-                  d_ff=a.moe_ff, dispatch=dispatch, capacity_factor_train=a.capacity_factor))
-  m = MoE(cfg, d_model=a.moe_d, d_ff=a.moe_ff, rngs=nnx.Rngs(params=0, router=1))
+  from moejax.interop.torch_modules import moe_from_mixtral
+  m = moe_from_mixtral(tm, dispatch=dispatch, capacity_factor=a.capacity_factor)
   m.train()
-  f = a.moe_ff
-  gate_up = _np(tm.experts.gate_up_proj)                     # [E, 2F, D]: act(gate) * up
-  m.experts.wi[...] = jnp.asarray(gate_up[:, :f].transpose(0, 2, 1))
-  m.experts.wg[...] = jnp.asarray(gate_up[:, f:].transpose(0, 2, 1))
-  m.experts.wo[...] = jnp.asarray(_np(tm.experts.down_proj).transpose(0, 2, 1))
-  m.router.w[...] = jnp.asarray(_np(tm.gate.weight).T)
   return m
 
 
@@ -492,14 +467,8 @@ def torch_swiglu(a):
 
 
 def moejax_dense_like(a, tm):
-  import jax.numpy as jnp
-  from flax import nnx
-  from moejax.layers.dense import DenseFFN
-  m = DenseFFN(a.moe_d, a.moe_top_k * a.moe_ff, activation="silu", gated=True, rngs=nnx.Rngs(0))
-  m.wi[...] = jnp.asarray(_np(tm.w1.weight).T)
-  m.wg[...] = jnp.asarray(_np(tm.w3.weight).T)
-  m.wo[...] = jnp.asarray(_np(tm.w2.weight).T)
-  return m
+  from moejax.interop.torch_modules import dense_from_swiglu
+  return dense_from_swiglu(tm.w1, tm.w3, tm.w2)
 
 
 def _torch_fwd_bwd(tm, xt):

@@ -61,7 +61,7 @@ def _dense(cfg, config, *, train: bool) -> dict[str, float]:
 
 def _moe(cfg, config, *, train: bool) -> dict[str, float]:
   # Imported here: the MoE package pulls in its dispatchers, which the dense count never needs.
-  from moejax.layers.moe import layer as moe_layer
+  from moejax.layers.moe import config as moe_config
   from moejax.layers.moe import routing
   m = config.model
   d_ff = cfg.d_ff or m.d_ff
@@ -77,7 +77,7 @@ def _moe(cfg, config, *, train: bool) -> dict[str, float]:
     per_token = cfg.num_experts if cfg.router == "expert_choice" else cfg.top_k
   elif capacity:
     length = config.data.seq_len
-    s = moe_layer.routing_group_size(cfg.group_size, length, cfg.num_experts, k)
+    s = moe_config.routing_group_size(cfg.group_size, length, cfg.num_experts, k)
     c = routing.capacity(s, cfg.num_experts, k, factor, cfg.min_capacity)
     per_token = cfg.num_experts * c / s
   else:

@@ -20,10 +20,10 @@ from moejax.layers.base import FFN_REGISTRY, TableParam, build_ffn
 D = 16
 
 
-def _peer(seed=0, **kw):
+def _peer(seed=0, dtype=jnp.float32, **kw):
   args = dict(num_experts_sqrt=8, heads=2, top_k=3, d_key=8, query_norm="none")
   args.update(kw)
-  return peer.PEER(D, rngs=nnx.Rngs(seed), **args)
+  return peer.PEER(D, peer.PEERSettings(**args), dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 def _x(seed=1, b=2, l=5, dtype=jnp.float32):
@@ -122,8 +122,8 @@ def test_initial_output_variance_comparable_to_dense():
   d = 64
   x = jax.random.normal(jax.random.key(0), (4, 64, d))
   for score in ("softmax", "sigmoid"):
-    m = peer.PEER(d, num_experts_sqrt=32, heads=4, top_k=8, d_key=32, score=score,
-                  rngs=nnx.Rngs(0))
+    m = peer.PEER(d, peer.PEERSettings(num_experts_sqrt=32, heads=4, top_k=8, d_key=32,
+                                       score=score), rngs=nnx.Rngs(0))
     var = float(jnp.var(nnx.jit(lambda m, x: m(x)[0])(m, x)))
     assert 0.1 < var < 2.0, (score, var)
 

@@ -18,10 +18,10 @@ from moejax.layers.base import TableParam, build_ffn
 D = 16
 
 
-def _pkm(seed=0, **kw):
+def _pkm(seed=0, dtype=jnp.float32, **kw):
   args = dict(num_keys_sqrt=8, heads=2, top_k=4, d_key=8, query_norm="none")
   args.update(kw)
-  return pkm.PKM(D, rngs=nnx.Rngs(seed), **args)
+  return pkm.PKM(D, pkm.PKMSettings(**args), dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 def _x(seed=1, b=2, l=5):

@@ -2,7 +2,7 @@
 
 Each TPU config module has ``TOPOLOGY = "vX:AxB..."`` (its target slice), named in its
 docstring too. The fast tests check that declaration without compiling. The slow test compiles
-the config's train and eval steps there with libtpu (``moejax.compile.compile_config``, vocab
+the config's train and eval steps there with libtpu (``moejax.aot.compile.compile_config``, vocab
 32,000 as the configs' SentencePiece model) and asserts at least 25 % HBM headroom per device
 for both steps; each config takes minutes on 2 CPU cores:
 
@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from moejax.kernels.aot import libtpu_available
+from moejax.aot.targets import libtpu_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Several test processes on one machine may load libtpu at once (compile-only use).
@@ -40,18 +40,18 @@ def test_the_tpu_configs_are_found():
 @pytest.mark.parametrize("name", TPU_CONFIGS)
 def test_tpu_config_names_its_slice(name):
   """TOPOLOGY is an accepted topology, the docstring names it, and the mesh and batch fit it."""
-  from moejax import compile as compile_lib
   from moejax import config as config_lib
+  from moejax.aot import chips
   from moejax.sharding import resolve_mesh_shape
   mod = load(name)
   topology = getattr(mod, "TOPOLOGY", None)
   assert topology, f"configs/{name}.py: no TOPOLOGY constant"
-  assert compile_lib.resolve_topology(topology) == topology
+  assert chips.resolve_topology(topology) == topology
   assert topology in mod.__doc__, f"configs/{name}.py: the docstring does not name {topology}"
   c = mod.get_config()
   config_lib.validate(c)
-  chip = compile_lib.chip_of(topology)
-  devices = compile_lib.num_chips(topology) * chip.devices_per_chip
+  chip = chips.chip_of(topology)
+  devices = chips.num_chips(topology) * chip.devices_per_chip
   data, expert, model = resolve_mesh_shape((c.mesh.data, c.mesh.expert, c.mesh.model), devices)
   assert data * expert * model == devices, "the mesh leaves devices of the slice unused"
   assert c.data.batch_size % (data * expert) == 0
@@ -82,10 +82,10 @@ def test_table1_arms_spend_one_flop_budget_on_one_trunk(budget):
 @pytest.mark.skipif(not libtpu_available(), reason="needs libtpu (pip install -e '.[tpu]')")
 @pytest.mark.parametrize("name", TPU_CONFIGS)
 def test_tpu_config_fits_its_slice(name):
-  from moejax import compile as compile_lib
+  from moejax.aot.compile import compile_config
   mod = load(name)
-  report = compile_lib.compile_config(mod.get_config(), mod.TOPOLOGY, vocab_size=VOCAB,
-                                      config_name=f"configs/{name}.py")
+  report = compile_config(mod.get_config(), mod.TOPOLOGY, vocab_size=VOCAB,
+                          config_name=f"configs/{name}.py")
   print("\n" + report.table())
   assert report.topology == mod.TOPOLOGY and report.mesh_devices == report.num_devices
   assert report.vocab_size == VOCAB        # the SentencePiece placeholder, not the byte tokenizer

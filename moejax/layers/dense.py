@@ -2,47 +2,52 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from moejax import kernels, sharding
+from moejax.errors import config_error
+from moejax.kernels import activations as act_lib
 from moejax.layers.base import Aux, register_ffn
 from moejax.layers.projection import project
-
-from moejax.kernels import activations as act_lib
+from moejax.layers.settings import Settings
 
 # The one table of named activations (gelu = exact erf, gelu_tanh, silu, relu).
 ACTIVATIONS = act_lib.NAMES
 
 
-def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "activation": "gelu_tanh",  # gelu (exact erf) | gelu_tanh | silu | relu (kernels/activations.py)
-      "gated": False,        # GLU-style gate (SwiGLU with activation='silu')
-  })
+@dataclasses.dataclass(frozen=True)
+class DenseSettings(Settings):
+  """``config.dense``."""
+
+  activation: str = "gelu_tanh"  # gelu (exact erf) | gelu_tanh | silu | relu (kernels/activations.py)
+  gated: bool = False            # GLU-style gate (SwiGLU with activation='silu')
+
+
+default_config = DenseSettings.default_config
 
 
 def validate(cfg, config):
-  from moejax.errors import ConfigError
   if cfg.activation not in ACTIVATIONS:
-    raise ConfigError(f"config.dense.activation={cfg.activation!r}: must be one of "
-                      f"{list(ACTIVATIONS)} (set --config.dense.activation=gelu)")
+    raise config_error("dense.activation", cfg.activation, f"must be one of {list(ACTIVATIONS)}",
+                       "set --config.dense.activation=gelu")
 
 
 class DenseFFN(nnx.Module):
   """y = W_out · act(W_in · x) [⊙ W_gate · x].  x, y: [batch, length, embed]."""
 
-  def __init__(self, d_model: int, d_ff: int, *, activation: str = "gelu_tanh", gated: bool = False,
+  def __init__(self, d_model: int, d_ff: int, settings: DenseSettings = DenseSettings(), *,
                dtype=jnp.float32, rngs: nnx.Rngs):
     init = nnx.initializers.lecun_normal()
     self.wi = sharding.param(init(rngs.params(), (d_model, d_ff)), ("embed", "mlp"))
     self.wg = (sharding.param(init(rngs.params(), (d_model, d_ff)), ("embed", "mlp"))
-               if gated else None)
+               if settings.gated else None)
     self.wo = sharding.param(init(rngs.params(), (d_ff, d_model)), ("mlp", "embed"))
-    act_lib.get(activation)  # ValueError for an unknown name
-    self.activation = activation
+    act_lib.get(settings.activation)  # ValueError for an unknown name
+    self.activation = settings.activation
     self.dtype = dtype
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
@@ -67,4 +72,4 @@ class DenseFFN(nnx.Module):
 
 @register_ffn("dense", default_config=default_config, validate=validate)
 def build(cfg, *, d_model, d_ff, dtype, rngs):
-  return DenseFFN(d_model, d_ff, activation=cfg.activation, gated=cfg.gated, dtype=dtype, rngs=rngs)
+  return DenseFFN(d_model, d_ff, DenseSettings.from_config(cfg), dtype=dtype, rngs=rngs)

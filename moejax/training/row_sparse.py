@@ -55,25 +55,6 @@ def dedupe_rows(indices: jax.Array, row_grads: jax.Array, num_rows: int
   return unique, summed
 
 
-def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, indices: jax.Array,
-                   row_grads: jax.Array, *, count: jax.Array, lr: jax.Array, b1: float, b2: float,
-                   eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One lazy-Adam step on the rows named by ``indices``.
-
-  Args:
-    table, mu, nu: [N, d] parameter and first / second moments.
-    indices: [...] row ids retrieved this step; row_grads: [..., d] their gradients.
-    count: the 1-based global step (bias correction); lr: this step's learning rate.
-
-  Returns:
-    the new (table, mu, nu).
-  """
-  d = table.shape[-1]
-  unique, g = dedupe_rows(indices.reshape(-1), row_grads.reshape(-1, d).astype(jnp.float32),
-                          table.shape[0])
-  return adam_on_unique_rows(table, mu, nu, unique, g, count=count, lr=lr, b1=b1, b2=b2, eps=eps)
-
-
 # Rows per chunk of the lazy-Adam update: the chunk's rows of the table, both moments and
 # the gradient (4 × 2048 × d floats, 8 MB at d = 256) stay in cache.
 ADAM_CHUNK_ROWS = 2048

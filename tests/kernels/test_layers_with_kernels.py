@@ -9,8 +9,8 @@ from flax import nnx
 
 from lm_utils import train_losses, tiny_config
 from moejax import kernels
-from moejax.kernels import aot
-from moejax.layers.peer import PEER
+from moejax.aot import targets as aot
+from moejax.layers.peer import PEER, PEERSettings
 
 needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(), reason="needs libtpu (jax[tpu])")
 
@@ -69,8 +69,8 @@ def test_kernel_choice_is_resolved_per_platform():
 def _peer_fwd_bwd_temp_bytes(kernel, *, tokens, d_model, heads, top_k, d_key, n, topology):
   """Compiled per-device temp bytes of one PEER layer's forward + backward (all grads)."""
   def make():
-    return PEER(d_model, num_experts_sqrt=n, heads=heads, top_k=top_k, d_key=d_key,
-                query_norm="batch", kernel=kernel, rngs=nnx.Rngs(0))
+    return PEER(d_model, PEERSettings(num_experts_sqrt=n, heads=heads, top_k=top_k, d_key=d_key,
+                                      query_norm="batch", kernel=kernel), rngs=nnx.Rngs(0))
   abstract = nnx.eval_shape(make)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
 

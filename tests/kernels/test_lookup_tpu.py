@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
-from moejax.kernels import aot, lookup_reference, lookup_tpu, lookup_vjp  # noqa: E402
+from moejax.aot import targets as aot  # noqa: E402
+from moejax.kernels import lookup_reference, lookup_tpu, lookup_vjp  # noqa: E402
 from moejax.kernels.row_plan import row_plan, unique_rows  # noqa: E402
 
 D = 128

@@ -33,7 +33,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from moejax import kernels
-from moejax.kernels import aot
+from moejax.aot import targets as aot
 from moejax.kernels import retrieval_gpu as rg
 from moejax.kernels import retrieval_reference as ref
 from moejax.kernels import retrieval_tpu as rt

@@ -5,9 +5,8 @@
   Under a mesh the buffer is constrained to ``expert`` on its first axis, so GSPMD
   inserts the all-to-all (the "GSPMD einsum path"). On CPU with no axis left to the
   partitioner the same values move as rows instead (gather into the buffers, weighted
-  scatter-add back; ``plan.slots()``): the mask einsums cost a fifth of the expert FLOPs
-  at 128-token groups, and the einsum MoE step ran 0.60-0.63 -> 0.67-0.68 of the dense
-  FFN's speed (4096 tokens, 8 experts, cf 1.25, 2-core Xeon).
+  scatter-add back; ``plan.slots()``), which skips the mask einsums' FLOPs (measured in
+  ``benchmarks/RESULTS.md``).
 * :func:`dropless_dispatch` -- no capacity: sort the (token, choice) rows by expert and
   run a grouped matmul: ``jax.lax.ragged_dot`` (TPU/GPU), megablox ``gmm`` (TPU); on CPU
   ``blocked``: each expert's rows padded to blocks of a few power-of-two sizes, one fused
