@@ -37,7 +37,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from moejax import compile as compile_lib  # noqa: E402
+from moejax.aot import chips as chip_table  # noqa: E402
 from moejax import flops  # noqa: E402
 from moejax.config import C4_VOCAB  # noqa: E402
 
@@ -89,10 +89,10 @@ def plan(budget: float) -> list[Plan]:
     c = mod.get_config(budget_name(budget))
     c.model.vocab_size = C4_VOCAB
     per_step = flops.count(c).train * c.data.batch_size * c.data.seq_len
-    chip = compile_lib.chip_of(mod.TOPOLOGY)
+    chip = chip_table.chip_of(mod.TOPOLOGY)
     path = os.path.join(RESULTS, f"{arm.config}.json")
     compiled = json.load(open(path)) if os.path.exists(path) else None
-    out.append(Plan(arm, mod.TOPOLOGY, c.train.steps, per_step, compile_lib.num_chips(mod.TOPOLOGY),
+    out.append(Plan(arm, mod.TOPOLOGY, c.train.steps, per_step, chip_table.num_chips(mod.TOPOLOGY),
                     chip.peak_flops, compiled))
   return out
 
