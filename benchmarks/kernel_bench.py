@@ -417,8 +417,8 @@ def tpu_section(a):
 
 def main(argv=None):
   a = parse_args(argv)
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  backends.prepare_process()   # before JAX's first computation
   if a.section in ("gpu", "all"):
     gpu_section(a)
   if a.section in ("tpu", "all"):

@@ -205,8 +205,8 @@ def bench_train_step(a):
 
 def main():
   a = parse_args()
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  backends.prepare_process()   # before JAX's first computation
   import jax
   print(f"device: {jax.devices()[0].device_kind} × {jax.device_count()}, jax {jax.__version__}")
   bench_retrieval(a)

@@ -87,6 +87,15 @@ def _backward(res, do):
 masked_attention.defvjp(lambda q, k, v, mask: _forward(q, k, v, mask), _backward)
 
 
+def rope_angles(positions: jax.Array, theta: float, head_dim: int) -> tuple[jax.Array, jax.Array]:
+  """``(sin, cos)`` of the rotary angles, ``[batch, length, head_dim / 2]`` float32, for int
+  ``positions [batch, length]``."""
+  half = head_dim // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)          # [half]
+  angle = positions[..., None].astype(jnp.float32) * freq               # [batch, length, half]
+  return jnp.sin(angle), jnp.cos(angle)
+
+
 def rotate_half(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   """Rotate-half: ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` on the last dim of
   ``x [..., D]``; ``sin, cos`` broadcast to ``[..., D / 2]``."""

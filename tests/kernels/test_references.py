@@ -12,7 +12,7 @@ from absl.testing import parameterized
 from jax import enable_x64
 from jax.test_util import check_grads
 
-from moejax.kernels import cpu_kernels
+from moejax.backends.cpu import native as cpu_kernels
 from moejax.kernels import lookup_reference as lr
 from moejax.kernels import retrieval_reference as pk
 from moejax.layers import table_mix

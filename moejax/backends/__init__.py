@@ -1,0 +1,45 @@
+"""Platform backends: implementations of the registry's operations for one platform.
+
+A backend is a package ``moejax.backends.<name>`` with a ``register()`` that hands its
+implementations to :mod:`moejax.kernels.registry` (and the product-key ``row_ops``, the MoE
+dispatch's grouped matmuls, ...). The registry calls :func:`load` the first time a layer
+asks it for an operation; nothing under ``moejax.layers``, ``moejax.training`` or
+``moejax.model`` imports a backend. Without any backend every layer runs its portable XLA
+program (what TPU and GPU run), on every platform.
+
+* ``cpu``: the CPU speed work: native kernels (XLA FFI, C++ built on first use), the
+  CPU-tuned XLA layouts (flattened projections, row-moving MoE dispatch, blocked grouped
+  matmuls, chunked lookups) and the host-memory setting of the entry points.
+  ``MOEJAX_CPU_BACKEND=0`` leaves it unregistered (``MOEJAX_CPU_KERNELS=0`` keeps it but
+  skips only its native kernels).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from moejax.kernels import registry
+
+BACKENDS = ("cpu",)
+
+
+def enabled(name: str) -> bool:
+  """False when ``MOEJAX_<NAME>_BACKEND=0``."""
+  return os.environ.get(f"MOEJAX_{name.upper()}_BACKEND", "1") != "0"
+
+
+def load() -> None:
+  """Registers every enabled backend (the registry calls this once)."""
+  for name in BACKENDS:
+    if enabled(name):
+      importlib.import_module(f"{__name__}.{name}").register()
+
+
+def prepare_process() -> bool:
+  """The entry points' first call, before JAX's first computation: each registered
+  backend's process setting (the CPU's keeps freed host memory mapped, see
+  ``moejax.backends.cpu.host_memory``). Starts no JAX backend. True if it changed
+  anything."""
+  prepare = registry.find("process.prepare", registry.ANY)
+  return bool(prepare is not None and prepare())
