@@ -1,0 +1,141 @@
+"""The CPU backend sits behind the registry's seams.
+
+* Without it (``MOEJAX_CPU_BACKEND=0``: nothing registered, every layer runs its portable
+  XLA program, what TPU and GPU run) tiny dense, MoE (dropless and capacity), PEER and PKM
+  language models compute the same loss, gradients and training losses as with it.
+* No module under ``moejax/layers``, ``moejax/training`` or ``moejax/model.py`` imports a
+  backend or asks which platform it runs on: the registry does.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (model overrides, section overrides): each FFN kind at a tiny size.
+VARIANTS = {
+    "dense": ({}, {}),
+    "moe_dropless": ({"ffn": "moe"}, {"moe": {"num_experts": 4, "top_k": 2, "dispatch": "dropless"}}),
+    "moe_capacity": ({"ffn": "moe"}, {"moe": {"num_experts": 4, "top_k": 2, "dispatch": "einsum"}}),
+    "peer": ({"sparse_ffn": "peer", "sparse_layers": "all"},
+             {"peer": {"num_experts_sqrt": 8, "heads": 2, "top_k": 4, "d_key": 8}}),
+    "peer_row_sparse": ({"sparse_ffn": "peer", "sparse_layers": "all"},
+                        {"peer": {"num_experts_sqrt": 8, "heads": 2, "top_k": 4, "d_key": 8},
+                         "optim": {"table_update": "row_sparse"}}),
+    "pkm": ({"sparse_ffn": "pkm", "sparse_layers": "all"},
+            {"pkm": {"num_keys_sqrt": 8, "heads": 2, "top_k": 4, "d_key": 8}}),
+}
+
+# Runs in a fresh process: the registry loads the backends once per process.
+_SCRIPT = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, "tests")
+import jax, jax.numpy as jnp
+from flax import nnx
+import lm_utils
+from moejax import config as config_lib, model as model_lib
+from moejax.kernels import registry
+
+variants = json.loads(sys.argv[1])
+out = {"registered": registry.registered("cpu")}
+for name, (model_over, sections) in variants.items():
+  c = lm_utils.tiny_config(**model_over)
+  for section, fields in sections.items():
+    c[section].update(fields)
+  config_lib.validate(c)
+  batch = next(lm_utils.synthetic_batches(c))
+  model = model_lib.Transformer(c, rngs=nnx.Rngs(0))
+  model.eval()   # batch statistics off: one forward, comparable across programs
+
+  def loss_fn(model):
+    logits, _ = model(jnp.asarray(batch["inputs"]))
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], -1))
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  leaves = {jax.tree_util.keystr(p): np.asarray(v).tolist()
+            for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param))}
+  out[name] = {"loss": float(loss), "grads": leaves,
+               "train": lm_utils.train_losses(c, steps=3)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run(backend: bool) -> dict:
+  env = dict(os.environ, MOEJAX_CPU_BACKEND="1" if backend else "0", JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(VARIANTS)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_layers_without_the_cpu_backend_equal_with_it():
+  with_backend, without = _run(True), _run(False)
+  assert {"attention.rotary", "projection", "row_ops", "moe.capacity_moves"} <= set(
+      with_backend["registered"])
+  assert without["registered"] == []
+  for name in VARIANTS:
+    on, off = with_backend[name], without[name]
+    chex.assert_trees_all_close(off["loss"], on["loss"], rtol=1e-5, atol=1e-6)
+    assert set(off["grads"]) == set(on["grads"]), name
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in on["grads"].values()), name
+    for path in on["grads"]:
+      chex.assert_trees_all_close(np.asarray(off["grads"][path]), np.asarray(on["grads"][path]),
+                                  rtol=1e-4, atol=1e-6, custom_message=f"{name} {path}")
+    chex.assert_trees_all_close(np.asarray(off["train"]), np.asarray(on["train"]), rtol=1e-4,
+                                atol=1e-5, custom_message=name)
+
+
+def _imports(path: Path) -> list[str]:
+  """Every module ``path`` imports (absolute names; ``from moejax import x`` gives
+  ``moejax.x``), and every string passed to ``importlib.import_module``."""
+  names = []
+  for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    if isinstance(node, ast.Import):
+      names += [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+          and node.args and isinstance(node.args[0], ast.Constant)):
+      names.append(str(node.args[0].value))
+  return names
+
+
+def _platform_free_sources() -> list[Path]:
+  pkg = ROOT / "moejax"
+  files = [*sorted((pkg / "layers").rglob("*.py")), *sorted((pkg / "training").rglob("*.py")),
+           pkg / "model.py"]
+  assert len(files) > 10
+  return files
+
+
+def test_layers_training_and_model_import_no_backend():
+  offenders = [f"{path.relative_to(ROOT)}: {name}" for path in _platform_free_sources()
+               for name in _imports(path) if name.startswith("moejax.backends")]
+  assert not offenders, offenders
+
+
+def test_layers_training_and_model_ask_no_platform():
+  """They never branch on the platform: no ``current_platform`` / ``target_platform`` /
+  ``jax.default_backend`` (the registry picks the platform's implementation)."""
+  banned = {"current_platform", "target_platform", "default_backend"}
+  offenders = []
+  for path in _platform_free_sources():
+    for node in ast.walk(ast.parse(path.read_text())):
+      name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+      if name in banned:
+        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+  assert not offenders, offenders
