@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "dense": ({}, {}),
     "moe_dropless": ({"ffn": "moe"}, {"moe": {"num_experts": 4, "top_k": 2, "dispatch": "dropless"}}),
-    "moe_capacity": ({"ffn": "moe"}, {"moe": {"num_experts": 4, "top_k": 2, "dispatch": "einsum"}}),
+    "moe_capacity": ({"ffn": "moe"}, {"moe": {"num_experts": 4, "top_k": 2, "dispatch": "einsum",
+                                              "allow_noncausal": True}}),
     "peer": ({"sparse_ffn": "peer", "sparse_layers": "all"},
              {"peer": {"num_experts_sqrt": 8, "heads": 2, "top_k": 4, "d_key": 8}}),
     "peer_row_sparse": ({"sparse_ffn": "peer", "sparse_layers": "all"},
