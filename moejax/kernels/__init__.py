@@ -1,17 +1,22 @@
-"""Kernels for product-key layers, each beside the plain-JAX reference it must equal.
+"""Kernels for product-key layers and attention, each tested against its plain-JAX oracle.
 
 Imports only jax (no Flax, except ``moejax.sharding``'s shard_map helpers): layers call the
 product-key ops through :func:`get` and the overridable operations through
 :func:`registry.find <moejax.kernels.registry.find>`.
 
 Modules:
+  reference            the plain-JAX oracles (never tuned, never a kernel): brute-force
+                       product-key top-k, the lookup and its pieces, rotary attention
   platform             the target platform (:func:`target_platform`, :func:`current_platform`)
   registry             product-key kernel selection and the operations a backend overrides
   chunking             chunk sizes of plain-JAX loops (the backend decides)
+  row_ops              the row gathers / contractions of the XLA paths (a backend's, or XLA's)
   activations          named activations with derivatives (shared by kernels and references)
-  attention_reference  attention and rotary positions in XLA
-  retrieval_reference  product-key top-k in plain JAX (``product_key_topk``)
-  lookup_reference     the PEER / PKM lookup in plain JAX (dense and row-sparse gradients)
+  rotary               rotary position embeddings (rotate-half)
+  retrieval_reference  product-key top-k in XLA, by candidate pairs (``product_key_topk``)
+  lookup_xla           the tuned XLA PEER / PKM lookup (chunked; dense and row-sparse
+                       gradients): the ``reference`` kernel choice
+  lookup_vjp           the lookup's forward / backward structure the Pallas kernels share
   row_plan             retrievals sorted by row: the deterministic backward's plan
   retrieval_tpu / retrieval_gpu, lookup_tpu / lookup_gpu   the Pallas kernels
 

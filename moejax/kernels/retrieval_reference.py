@@ -164,22 +164,6 @@ def product_key_topk(queries: jax.Array, keys1: jax.Array, keys2: jax.Array,
   return _topk(queries, keys1, keys2, k)
 
 
-def full_product_keys(keys1: jax.Array, keys2: jax.Array) -> jax.Array:
-  """All n² product keys ``[h|1, n², d_key]``; row ``i1·n + i2`` = concat(keys1[i1], keys2[i2])."""
-  n = keys1.shape[1]
-  return jnp.concatenate([jnp.repeat(keys1, n, axis=1), jnp.tile(keys2, (1, n, 1))], axis=-1)
-
-
-def brute_force_topk(queries: jax.Array, keys1: jax.Array, keys2: jax.Array,
-                     k: int) -> tuple[jax.Array, jax.Array]:
-  """Exhaustive top-k over all N product keys; O(N·d_key) per query-head (tests, benchmarks)."""
-  keys = full_product_keys(keys1, keys2)
-  dt = jnp.promote_types(queries.dtype, jnp.float32)
-  scores = half_scores(queries.astype(dt), keys.astype(dt))   # [..., h, N]
-  s, i = jax.lax.top_k(scores, k)
-  return s, i.astype(jnp.int32)
-
-
 def rescore(queries: jax.Array, keys1: jax.Array, keys2: jax.Array,
             indices: jax.Array) -> jax.Array:
   """Scores ``[..., h, k]`` of given product-key ``indices [..., h, k]`` (differentiable).

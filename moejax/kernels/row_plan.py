@@ -129,7 +129,7 @@ class RowFactors(NamedTuple):
 
   The gradient of the row retrieved at ``(t, j)`` gets ``coefs[t, j] · vectors[t]``; a
   distinct row's gradient sums those of its retrievals. A row-sparse tap of this form
-  (zeros) receives these factors as its cotangent (``lookup_reference.lookup_sparse``),
+  (zeros) receives these factors as its cotangent (``lookup_xla.lookup_sparse``),
   and a backend's optimizer kernels rebuild each row gradient in cache from them.
   """
 

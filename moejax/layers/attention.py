@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import sharding
-from moejax.kernels import attention_reference, registry
-from moejax.kernels.attention_reference import rope_angles
+from moejax.kernels import registry
+from moejax.kernels.rotary import rope_angles, rotate_heads
 from moejax.layers.projection import project
 
 
@@ -61,7 +61,7 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     positions: [batch, length] int.
   """
   sin, cos = rope_angles(positions, theta, x.shape[-1])
-  return attention_reference.rotate_heads(x, sin, cos, fused_backward=False)
+  return rotate_heads(x, sin, cos, fused_backward=False)
 
 
 class Attention(nnx.Module):

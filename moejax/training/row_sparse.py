@@ -8,7 +8,7 @@ only the rows retrieved in the step:
 
 * gradients arrive as ``(unique rows [U], row_grads [U, d])``: each distinct row retrieved
   in the step once, its gradient summed over every retrieval (the layer's lookup computes
-  these directly, see ``moejax.kernels.lookup_reference.lookup_sparse``; the Pallas kernels
+  these directly, see ``moejax.kernels.lookup_xla.lookup_sparse``; the Pallas kernels
   never build a per-retrieval ``[tokens, h, k, d]`` gradient). Where the platform's backend
   says so (``row_sparse.factored``, the CPU's) they stay as the lookup's factors
   (:class:`FactoredRowGrads`): the clip norm and the update rebuild each row in cache, and

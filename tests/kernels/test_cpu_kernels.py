@@ -309,7 +309,7 @@ def test_row_contractions_fall_back_and_run_in_shard_map():
 def test_lookup_same_with_and_without_the_kernels(monkeypatch, peer, sparse):
   """The reference lookup (forward and every gradient) with the C++ row contractions (one
   pass, no chunks) equals its XLA form (gathers + einsums over chunks of tokens)."""
-  from moejax.kernels import lookup_reference as lr
+  from moejax.kernels import lookup_xla as lr
   from moejax.kernels.row_plan import num_unique_slots
   n, d, t, h, k = 500, 32, 300, 4, 8
   ks = jax.random.split(jax.random.key(11), 5)

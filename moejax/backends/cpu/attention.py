@@ -7,7 +7,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from moejax.backends.cpu import native
-from moejax.kernels.attention_reference import causal_mask, rope_angles
+from moejax.backends.cpu.attention_xla import causal_mask
+from moejax.kernels.rotary import rope_angles
 
 
 def rotary_attention(q, k, v, positions, theta, segment_ids=None):

@@ -26,7 +26,7 @@
   written-out ``[U, d]`` gradient (512 MiB per table at N = 1024², 4096 tokens).
 
 * :func:`attention` is masked softmax attention with its rotary positions
-  (``cpu_attention.cc``; reference ``attention_reference.attention``): per (batch, head) in
+  (``cpu_attention.cc``; its XLA form ``attention_xla.attention``): per (batch, head) in
   cache, a block of queries at a time over only the keys it may see, the small matmuls in
   registers, the backward from the saved log-sum-exp. XLA ran the default LM's attention
   as a dozen passes over the ``[batch, heads, L, L]`` scores and their gradients, each a
@@ -74,7 +74,8 @@ import jaxlib
 import numpy as np
 
 from moejax import kernels, sharding
-from moejax.kernels import attention_reference, row_ops, row_plan
+from moejax.backends.cpu import attention_xla
+from moejax.kernels import row_ops, row_plan
 
 TOPK = "moejax_topk_f32"
 TAKE_ROWS = "moejax_take_rows_f32"
@@ -272,7 +273,7 @@ def take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
   return jax.ffi.ffi_call(TAKE_ROWS, out, vmap_method="sequential")(table, indices)
 
 
-# The gathered-row contractions of the product-key lookup (lookup_reference): rows are
+# The gathered-row contractions of the product-key lookup (lookup_xla): rows are
 # read once and contracted in place; XLA's gather + einsum writes the [T, H, d] rows out
 # and reads them back. Each is its einsum on take_rows elsewhere (rows cast to the other
 # operand's dtype first, as the reference does). Not differentiable (the lookup's VJP
@@ -457,12 +458,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   cache: rotation, scores and softmax of a block of queries at a time over only the keys the
   block may see, its small matmuls in registers; the backward recomputes the probabilities
   from the saved log-sum-exp, and rotates the gradients back. Elsewhere its XLA form,
-  ``attention_reference.attention``.
+  ``attention_xla.attention``.
   """
   if (sin is None) != (cos is None):
     raise ValueError("attention: give both sin and cos (rotary positions), or neither")
   if not attention_usable(q, k, v, mask, sin, cos):
-    return attention_reference.attention(q, k, v, mask, sin, cos)
+    return attention_xla.attention(q, k, v, mask, sin, cos)
   rotate = sin is not None
   lq, lk = q.shape[1], k.shape[1]
   mask = jnp.broadcast_to(mask, (mask.shape[0], 1, lq, lk))[:, 0]

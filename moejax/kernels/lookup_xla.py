@@ -1,4 +1,8 @@
-"""The PEER / PKM expert lookup in plain JAX: the reference the Pallas kernels must equal.
+"""The PEER / PKM expert lookup in XLA ops, tuned: the ``reference`` kernel choice.
+
+Tuned, not an oracle (that is :func:`moejax.kernels.reference.lookup`): it runs over chunks
+of tokens sized to a core's cache where the platform's backend chunks, and its row gathers
+and contractions are the backend's (``row_ops``; the CPU's native kernels).
 
 PEER: ``y = Σ_{h,k} score · σ(x · down[i]) · up[i]``; PKM: ``y = Σ_{h,k} score · up[i]``
 (the same lookup without ``down``), with ``i = indices[..., h, k]``.
