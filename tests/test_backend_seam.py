@@ -140,3 +140,18 @@ def test_layers_training_and_model_ask_no_platform():
       if name in banned:
         offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
   assert not offenders, offenders
+
+
+def test_registry_finds_the_platform_then_any_and_declines_to_none(monkeypatch):
+  from moejax import kernels
+  from moejax.kernels import registry
+  monkeypatch.setattr(registry, "_IMPLEMENTATIONS", dict(registry._IMPLEMENTATIONS))
+  with pytest.raises(KeyError, match="no registry operation 'no.such.op'"):
+    registry.find("no.such.op")
+  registry.register("cache_chunk", lambda *a: 7, platform="tpu")
+  registry.register("cache_chunk", lambda *a: None, platform=registry.ANY)
+  with kernels.target_platform("tpu"):
+    assert registry.call("cache_chunk", 100, 1, 1) == 7
+  with kernels.target_platform("gpu"):   # no gpu entry: the ANY one, which declines
+    assert registry.call("cache_chunk", 100, 1, 1) is None
+    assert kernels.cache_chunk(100, 1, 1) == 100   # declined: one chunk

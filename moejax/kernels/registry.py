@@ -133,8 +133,9 @@ OPS: dict[str, str] = {
                           "combine mask einsums (portable: the einsums)",
     "moe.dropless_default": "the dropless grouped matmul that dropless_impl='auto' names "
                             "(portable: 'ragged_dot')",
-    "moe.grouped_ffn.blocked": "a moejax.layers.moe.dispatch.GroupedFFN: the blocked "
-                               "grouped matmul (dropless_impl='blocked')",
+    "moe.grouped_ffn.blocked": "a namespace with the combine and grouped functions of "
+                               "moejax.layers.moe.dispatch.GroupedFFN: the blocked grouped "
+                               "matmul (dropless_impl='blocked')",
     "row_sparse.factored": "(tables) -> bool: the row gradients of these tables stay as "
                            "the lookup's factors (portable: False)",
     "row_sparse.slot_runs": "(slots [T, H], num_slots) -> (order [T·H], starts [U + 1]) "
