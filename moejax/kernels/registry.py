@@ -111,9 +111,6 @@ def get(impl: str) -> Ops:
 # implementation (or when it returns None) the caller runs its own portable program.
 
 OPS: dict[str, str] = {
-    "process.prepare": "() -> bool: the entry points' first call, before JAX's first "
-                       "computation (e.g. the host's malloc settings); True if it changed "
-                       "anything",
     "cache_chunk": "(total, item_bytes, budget_bytes) -> items per chunk of a plain-JAX "
                    "loop, in [1, total] (portable: total, no loop)",
     "row_ops": "a namespace like moejax.kernels.row_ops (top_k, take_rows, gather_dot, "

@@ -5,19 +5,24 @@
   rotary positions.
 * the CPU-tuned XLA programs the layers get from the registry instead of their portable
   ones (each module says why it is faster on CPU).
-* ``host_memory``: the entry points' malloc setting (registry operation ``process.prepare``).
+* ``host_memory``: the entry points' malloc setting (:func:`prepare_process`).
 
 :func:`register` hands them to :mod:`moejax.kernels.registry` (``moejax.backends.load``
-calls it); :data:`moejax.kernels.registry.OPS` says what each operation must do.
+calls it); :data:`moejax.kernels.registry.OPS` says what each operation must do. Importing
+this package imports no JAX (the entry points call :func:`prepare_process` before that).
 """
 
 from __future__ import annotations
 
 import types
 
-from moejax.kernels import registry
-
 CPU = "cpu"
+
+
+def prepare_process() -> bool:
+  """glibc keeps freed blocks mapped (``host_memory``); True if it did."""
+  from moejax.backends.cpu import host_memory
+  return host_memory.keep_freed_memory()
 
 
 def _cache_chunk(total: int, item_bytes: int, budget_bytes: int) -> int:
@@ -26,10 +31,9 @@ def _cache_chunk(total: int, item_bytes: int, budget_bytes: int) -> int:
 
 
 def register() -> None:
-  from moejax.backends.cpu import (attention, host_memory, moe_dispatch, native, projection,
-                                   row_sparse)
+  from moejax.backends.cpu import attention, moe_dispatch, native, projection, row_sparse
+  from moejax.kernels import registry
 
-  registry.register("process.prepare", host_memory.keep_freed_memory, platform=registry.ANY)
   registry.register("cache_chunk", _cache_chunk, platform=CPU)
   registry.register("row_ops", types.SimpleNamespace(
       top_k=native.top_k, take_rows=native.take_rows, gather_dot=native.gather_dot,
