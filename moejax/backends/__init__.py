@@ -3,8 +3,8 @@
 A backend is a package ``moejax.backends.<name>`` with a ``register()`` that hands its
 implementations to :mod:`moejax.kernels.registry` (the product-key ``row_ops``, the MoE
 dispatch's grouped matmuls, ...) and a ``prepare_process()`` the entry points run first
-(:func:`prepare_process`, before JAX's first computation; it imports no JAX). The registry calls :func:`load` the first time a layer
-asks it for an operation; nothing under ``moejax.layers``, ``moejax.training`` or
+(:func:`prepare_process`, before JAX's first computation; it imports no JAX). The registry
+calls :func:`load` the first time a layer asks it for an operation; nothing under ``moejax.layers``, ``moejax.training`` or
 ``moejax.model`` imports a backend. Without any backend every layer runs its portable XLA
 program (what TPU and GPU run), on every platform.
 
@@ -50,8 +50,8 @@ def load() -> None:
 
 
 def prepare_process() -> bool:
-  """The entry points' first call, before JAX's first computation: each enabled backend's process
-  setting (the CPU's keeps freed host memory mapped, see
+  """The entry points' first call, before JAX's first computation: each enabled backend's
+  process setting (the CPU's keeps freed host memory mapped, see
   ``moejax.backends.cpu.host_memory``). True if one changed anything."""
   changed = False
   for backend in _enabled_backends():
