@@ -4,8 +4,8 @@ A backend is a package ``moejax.backends.<name>`` with a ``register()`` that han
 implementations to :mod:`moejax.kernels.registry` (the product-key ``row_ops``, the MoE
 dispatch's grouped matmuls, ...) and a ``prepare_process()`` the entry points run first
 (:func:`prepare_process`, before JAX's first computation; it imports no JAX). The registry
-calls :func:`load` the first time a layer asks it for an operation; nothing under ``moejax.layers``, ``moejax.training`` or
-``moejax.model`` imports a backend. Without any backend every layer runs its portable XLA
+calls :func:`load` the first time a layer asks it for an operation; nothing under
+``moejax.layers``, ``moejax.training`` or ``moejax.model`` imports a backend. Without any backend every layer runs its portable XLA
 program (what TPU and GPU run), on every platform.
 
 * ``cpu``: the CPU speed work: native kernels (XLA FFI, C++ built on first use), the
