@@ -5,8 +5,8 @@ implementations to :mod:`moejax.kernels.registry` (the product-key ``row_ops``, 
 dispatch's grouped matmuls, ...) and a ``prepare_process()`` the entry points run first
 (:func:`prepare_process`, before JAX's first computation; it imports no JAX). The registry
 calls :func:`load` the first time a layer asks it for an operation; nothing under
-``moejax.layers``, ``moejax.training`` or ``moejax.model`` imports a backend. Without any backend every layer runs its portable XLA
-program (what TPU and GPU run), on every platform.
+``moejax.layers``, ``moejax.training`` or ``moejax.model`` imports a backend. Without any
+backend every layer runs its portable XLA program (what TPU and GPU run), on every platform.
 
 * ``cpu``: the CPU speed work: native kernels (XLA FFI, C++ built on first use), the
   CPU-tuned XLA layouts (flattened projections, row-moving MoE dispatch, blocked grouped
