@@ -2,8 +2,8 @@
 
 * Without it (``MOEJAX_CPU_BACKEND=0``: nothing registered, every layer runs its portable
   XLA program, what TPU and GPU run) tiny dense, MoE (dropless and capacity), PEER and PKM
-  language models compute the same loss and gradients as with it (and the same training
-  losses where the optimizer has a backend path: row-sparse lazy Adam).
+  language models compute the same loss and gradients as with it, and (slow test) the
+  same training losses, row-sparse lazy Adam included.
 * No module under ``moejax/layers``, ``moejax/training`` or ``moejax/model.py`` imports a
   backend or asks which platform it runs on: the registry does.
 """
@@ -38,8 +38,10 @@ VARIANTS = {
             {"pkm": {"num_keys_sqrt": 8, "heads": 2, "top_k": 4, "d_key": 8}}),
 }
 
-# Variants also trained for 3 steps (the others: one forward and gradient).
+# Variants trained for 3 steps by the slow test (the optimizer's backend path: row-sparse
+# lazy Adam), and those the default test takes one forward and gradient of.
 TRAIN = ["peer_row_sparse", "moe_dropless"]
+GRADS = ["dense", "moe_dropless", "moe_capacity", "peer", "pkm"]
 
 # Runs in a fresh process: the registry loads the backends once per process.
 _SCRIPT = r"""
@@ -52,13 +54,16 @@ import lm_utils
 from moejax import config as config_lib, model as model_lib
 from moejax.kernels import registry
 
-variants, TRAIN = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+variants, train = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 out = {"registered": registry.registered("cpu")}
 for name, (model_over, sections) in variants.items():
   c = lm_utils.tiny_config(**model_over)
   for section, fields in sections.items():
     c[section].update(fields)
   config_lib.validate(c)
+  if train:
+    out[name] = {"train": lm_utils.train_losses(c, steps=3)}
+    continue
   batch = next(lm_utils.synthetic_batches(c))
   model = model_lib.Transformer(c, rngs=nnx.Rngs(0))
   model.eval()   # batch statistics off: one forward, comparable across programs
@@ -71,29 +76,28 @@ for name, (model_over, sections) in variants.items():
   loss, grads = nnx.value_and_grad(loss_fn)(model)
   leaves = {jax.tree_util.keystr(p): np.asarray(v).tolist()
             for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param))}
-  # the train step only where the optimizer has a backend path (row-sparse lazy Adam)
-  out[name] = {"loss": float(loss), "grads": leaves,
-               "train": lm_utils.train_losses(c, steps=3) if name in TRAIN else []}
+  out[name] = {"loss": float(loss), "grads": leaves}
 print("RESULT " + json.dumps(out))
 """
 
 
-def _run(backend: bool) -> dict:
+def _run(backend: bool, names: list[str], train: bool) -> dict:
   env = dict(os.environ, MOEJAX_CPU_BACKEND="1" if backend else "0", JAX_PLATFORMS="cpu")
-  done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(VARIANTS), json.dumps(TRAIN)],
-                        cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=900)
+  variants = {name: VARIANTS[name] for name in names}
+  done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(variants), json.dumps(train)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
   return json.loads(line[len("RESULT "):])
 
 
 def test_layers_without_the_cpu_backend_equal_with_it():
-  with_backend, without = _run(True), _run(False)
+  """Loss and every parameter's gradient of each model, backend on and off."""
+  with_backend, without = _run(True, GRADS, False), _run(False, GRADS, False)
   assert {"attention.rotary", "projection", "row_ops", "moe.capacity_moves"} <= set(
       with_backend["registered"])
   assert without["registered"] == []
-  for name in VARIANTS:
+  for name in GRADS:
     on, off = with_backend[name], without[name]
     chex.assert_trees_all_close(off["loss"], on["loss"], rtol=1e-5, atol=1e-6)
     assert set(off["grads"]) == set(on["grads"]), name
@@ -101,9 +105,17 @@ def test_layers_without_the_cpu_backend_equal_with_it():
     for path in on["grads"]:
       chex.assert_trees_all_close(np.asarray(off["grads"][path]), np.asarray(on["grads"][path]),
                                   rtol=1e-4, atol=1e-6, custom_message=f"{name} {path}")
-    assert len(on["train"]) == (3 if name in TRAIN else 0)
-    chex.assert_trees_all_close(np.asarray(off["train"]), np.asarray(on["train"]), rtol=1e-4,
-                                atol=1e-5, custom_message=name)
+
+
+@pytest.mark.slow
+def test_training_without_the_cpu_backend_equals_with_it():
+  """Three training steps (row-sparse lazy Adam for PEER, whose update the backend takes
+  over), backend on and off."""
+  with_backend, without = _run(True, TRAIN, True), _run(False, TRAIN, True)
+  for name in TRAIN:
+    on, off = np.asarray(with_backend[name]["train"]), np.asarray(without[name]["train"])
+    assert on.shape == (3,) and on[-1] < on[0], name
+    chex.assert_trees_all_close(off, on, rtol=1e-4, atol=1e-5, custom_message=name)
 
 
 def _imports(path: Path) -> list[str]:
