@@ -29,8 +29,8 @@ SPARSE = {
 
 
 def main():
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  backends.prepare_process()   # before JAX's first computation
   ap = argparse.ArgumentParser()
   ap.add_argument("--ffn", default="dense", choices=list(SPARSE))
   ap.add_argument("--new", type=int, default=512)

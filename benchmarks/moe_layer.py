@@ -121,8 +121,8 @@ def _prod(dims: str) -> int:
 
 def main():
   args = parse_args()
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  backends.prepare_process()   # before JAX's first computation
   _setup_devices()
   import jax
   import jax.numpy as jnp

@@ -66,13 +66,14 @@ def _time(fn, *args, iters):
 def bench_retrieval(a):
   import jax
   import jax.numpy as jnp
+  from moejax.kernels import reference
   from moejax.kernels import retrieval_reference as pk
   n, h, k, d = a.retrieval_n, a.heads, a.top_k, a.d_key
   kq, k1, k2 = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(kq, (a.retrieval_tokens, h, d))
   keys1 = jax.random.normal(k1, (1, n, d // 2))
   keys2 = jax.random.normal(k2, (1, n, d // 2))
-  full = jax.block_until_ready(pk.full_product_keys(keys1, keys2))  # [1, N, d], stored
+  full = jax.block_until_ready(reference.full_product_keys(keys1, keys2))  # [1, N, d], stored
 
   fast = jax.jit(lambda q, a_, b: pk.product_key_topk(q, a_, b, k))
 
@@ -207,8 +208,8 @@ def bench_train_step(a):
 
 def main():
   a = parse_args()
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  backends.prepare_process()   # before JAX's first computation
   import jax
   print(f"device: {jax.devices()[0].device_kind} × {jax.device_count()}, jax {jax.__version__}")
   bench_retrieval(a)

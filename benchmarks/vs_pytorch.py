@@ -30,7 +30,7 @@ Ends with the issue's goals, measured value, met / not met.
   python benchmarks/vs_pytorch.py --only peer,moe   # a subset: peer (a, b, c), moe (d), dense (e), flops (f)
 
 Memory: the PyTorch / moejax pairs run on glibc's default malloc, as in a notebook (with
---keep_freed_memory both on train.py's setting, moejax.host_memory). The moejax-only parts
+--keep_freed_memory both on train.py's setting, moejax.backends.cpu.host_memory). The moejax-only parts
 c and f measure train.py's step, so they run in a child process set up as train.py sets
 itself up (freed memory kept), the big dense step alone, the rest round-robin.
 
@@ -100,7 +100,7 @@ def parse_args(argv=None):
   p.add_argument("--moe_top_k", type=int, default=2)
   p.add_argument("--capacity_factor", type=float, default=1.25)
   p.add_argument("--keep_freed_memory", action="store_true",
-                 help="both sides on moejax.host_memory's malloc setting (train.py's)")
+                 help="both sides on moejax.backends.cpu.host_memory's malloc setting (train.py's)")
   p.add_argument("--mixtral_impl", default="grouped_mm", help="eager | grouped_mm | batched_mm")
   p.add_argument("--child", default="", choices=("", *CHILD_PARTS), help=argparse.SUPPRESS)
   a = p.parse_args(argv)
@@ -401,10 +401,10 @@ def lm_step_times(a) -> dict[str, float]:
 
 def in_child(part: str, argv: list[str]):
   """``part`` (one of :data:`CHILD_PARTS`) run by this script in a child process, which
-  keeps freed memory as train.py does (``moejax.host_memory``): these parts have no
+  keeps freed memory as train.py does (``moejax.backends.cpu.host_memory``): these parts have no
   PyTorch side to share the process's malloc setting with, and what they measure is
   train.py's step. Returns the child's JSON result and whether the setting took (False off
-  glibc, or where moejax.host_memory steps aside)."""
+  glibc, or where moejax.backends.cpu.host_memory steps aside)."""
   cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", part]
   done = subprocess.run(cmd, capture_output=True, text=True)
   if done.returncode:
@@ -414,8 +414,8 @@ def in_child(part: str, argv: list[str]):
 
 
 def child_main(a) -> None:
-  from moejax import host_memory
-  kept = host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  kept = backends.prepare_process()   # before JAX's first computation
   result = lm_step_times(a) if a.child == "lm" else flops_fraction(a.iters)
   print(json.dumps({"result": result, "kept_freed_memory": kept}))
 
@@ -537,7 +537,7 @@ def flops_fraction(iters: int) -> tuple[float, float, float]:
 
 def machine_line(torch) -> str:
   import jax
-  from moejax.kernels import cpu_kernels
+  from moejax.backends.cpu import native as cpu_kernels
   cpu = platform.processor() or "?"
   try:
     with open("/proc/cpuinfo") as f:
@@ -571,11 +571,11 @@ def main(argv=None):
   if a.child:
     return child_main(a)
   # By default both sides run on glibc's default malloc, as in a notebook: the setting
-  # train.py makes (moejax.host_memory) is process-wide, and torch gains from it too (HF
+  # train.py makes (moejax.backends.cpu.host_memory) is process-wide, and torch gains from it too (HF
   # Mixtral's block 1.19x, moejax's dropless MoE 1.06x, on the 2-core Xeon).
   if a.keep_freed_memory:
-    from moejax import host_memory
-    host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+    from moejax import backends
+    backends.prepare_process()   # before JAX's first computation
   torch, _, _ = require_torch_peers()
   torch.set_num_threads(os.cpu_count())
   print(machine_line(torch))

@@ -125,10 +125,11 @@ def test_layer_matches_per_token_loop(router, k, cf):
 @pytest.mark.parametrize("router,k,cf", [("top_k", 2, 0.5), ("top_k", 3, 1.0),
                                          ("expert_choice", 1, 1.5)])
 def test_einsum_dispatch_by_rows_equals_mask_einsums(router, k, cf):
-  """On CPU the einsum path moves rows (gather / scatter-add, routing.*Plan.slots); the
-  GShard mask einsums (what TPU / GPU run) give the same outputs and gradients."""
+  """On CPU the einsum path moves rows (the CPU backend's moe.capacity_moves: gather /
+  scatter-add, routing.*Plan.slots); the GShard mask einsums (what TPU / GPU run) give the
+  same outputs and gradients."""
   from moejax import kernels
-  from moejax.layers.moe import dispatch
+  from moejax.kernels import registry
   m = _layer(router=router, top_k=k, capacity_factor_train=cf, train=True, gated=True)
   x, mask = _inputs()
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
@@ -138,10 +139,10 @@ def test_einsum_dispatch_by_rows_equals_mask_einsums(router, k, cf):
     return jnp.sum(jnp.sin(y)), y
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-  assert dispatch._by_rows()
+  assert registry.find("moe.capacity_moves") is not None
   (_, y_rows), g_rows = grad(params, x)
   with kernels.target_platform("tpu"):                    # the mask einsums
-    assert not dispatch._by_rows()
+    assert registry.find("moe.capacity_moves") is None
     (_, y_mask), g_mask = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
         params, x)
   assert float(jnp.abs(y_rows).max()) > 0

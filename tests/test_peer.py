@@ -13,7 +13,7 @@ from moejax import config as config_lib
 from moejax import sharding
 from moejax.errors import ConfigError
 from moejax.layers import peer
-from moejax.kernels import retrieval_reference as pk
+from moejax.kernels import reference
 from moejax.layers import query as pkq
 from moejax.layers.base import FFN_REGISTRY, TableParam, build_ffn
 
@@ -39,7 +39,7 @@ def paper_peer_forward(x, params, *, top_k, activation, query_norm, eps=1e-5):
     var = q.var(axis=(0, 1))
     q = (q - mean) / jnp.sqrt(var + eps) * params["bn_scale"] + params["bn_bias"]
   # indices, scores = get_indices(query, sub_keys, top_k): exhaustive over N = n² keys
-  keys = pk.full_product_keys(params["keys1"], params["keys2"])       # [h|1, N, d_key]
+  keys = reference.full_product_keys(params["keys1"], params["keys2"])       # [h|1, N, d_key]
   if keys.shape[0] == 1:
     all_scores = jnp.einsum("bthk,nk->bthn", q, keys[0])
   else:
@@ -99,7 +99,7 @@ def test_sigmoid_and_per_head_experts():
   x = _x()
   y, aux = m(x)
   q = jnp.einsum("btd,dhk->bthk", x, m.retrieval.query[...])
-  s, i = pk.brute_force_topk(q, m.retrieval.keys1[...], m.retrieval.keys2[...], 3)
+  s, i = reference.product_key_topk(q, m.retrieval.keys1[...], m.retrieval.keys2[...], 3)
   i = i + 64 * jnp.arange(3)[:, None]
   a = jax.nn.gelu(jnp.einsum("btd,bthkd->bthk", x, m.u[...][i])) * jax.nn.sigmoid(s)
   ref = jnp.einsum("bthk,bthkd->btd", a, m.v[...][i])
@@ -174,7 +174,7 @@ def test_batchnorm_train_eval_and_padding():
   chex.assert_trees_all_close(ye[:1, :2], ye_alone, atol=1e-5)
   chex.assert_trees_all_close(bn.mean[...], mean1)
   qe = (jnp.einsum("bld,dhk->blhk", x, m.retrieval.query[...]) - mean1) / jnp.sqrt(var1 + 1e-5)
-  s, i = pk.brute_force_topk(qe, m.retrieval.keys1[...], m.retrieval.keys2[...], 3)
+  s, i = reference.product_key_topk(qe, m.retrieval.keys1[...], m.retrieval.keys2[...], 3)
   a = jax.nn.gelu(jnp.einsum("btd,bthkd->bthk", x, m.u[...][i])) * jax.nn.softmax(s)
   chex.assert_trees_all_close(ye, jnp.einsum("bthk,bthkd->btd", a, m.v[...][i]), atol=1e-5)
   m.train()

@@ -12,7 +12,7 @@ from moejax import config as config_lib
 from moejax import sharding
 from moejax.errors import ConfigError
 from moejax.layers import pkm
-from moejax.kernels import retrieval_reference as pk
+from moejax.kernels import reference
 from moejax.layers.base import TableParam, build_ffn
 
 D = 16
@@ -33,7 +33,7 @@ def pkm_reference(x, m, *, layer_norm=False):
   q = jnp.einsum("btd,dhk->bthk", x, m.retrieval.query[...])
   if layer_norm:
     q = (q - q.mean(-1, keepdims=True)) / jnp.sqrt(q.var(-1, keepdims=True) + 1e-5)
-  keys = pk.full_product_keys(m.retrieval.keys1[...], m.retrieval.keys2[...])  # [h, N, dk]
+  keys = reference.full_product_keys(m.retrieval.keys1[...], m.retrieval.keys2[...])  # [h, N, dk]
   scores, idx = jax.lax.top_k(jnp.einsum("bthk,hnk->bthn", q, keys), m.retrieval.top_k)
   return jnp.einsum("bthk,bthkd->btd", jax.nn.softmax(scores, -1), m.values[...][idx])
 
