@@ -163,6 +163,7 @@ def test_layers_training_and_model_ask_no_platform():
 def test_registry_finds_the_platform_then_any_and_declines_to_none(monkeypatch):
   from moejax import kernels
   from moejax.kernels import registry
+  registry.registered("cpu")   # load the backends first: the copy below is restored after
   monkeypatch.setattr(registry, "_IMPLEMENTATIONS", dict(registry._IMPLEMENTATIONS))
   with pytest.raises(KeyError, match="no registry operation 'no.such.op'"):
     registry.find("no.such.op")
