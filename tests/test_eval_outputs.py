@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from cli_env import cli_env
 from moejax import config as config_lib
 from moejax.data import local_text
 from moejax.evaluation import plots
@@ -172,7 +173,7 @@ def test_two_datasets_give_one_row_each_with_own_numbers(tmp_path, moe_export, t
 
 def test_eval_cli_dataset_list(tmp_path, moe_export, other_text_dir, data_dir):
   other = _prepared_name(other_text_dir, data_dir)
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+  env = cli_env(2)
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "eval.py"), f"--checkpoint={moe_export}",
        f"--dataset=local_text,{other}", "--max_batches=2", f"--data_dir={data_dir}",

@@ -54,7 +54,7 @@ def test_defaults_add_no_variables():
 
 
 def _copy(src: Transformer, dst: Transformer, fix=lambda path, x: x):
-  pure = nnx.state(src).to_pure_dict()
+  pure = nnx.to_pure_dict(nnx.state(src))
   pure = jax.tree_util.tree_map_with_path(fix, pure)
   graphdef, state = nnx.split(dst)
   nnx.replace_by_pure_dict(state, pure)

@@ -91,7 +91,7 @@ def import_checkpoint(hf_dir: str, workdir: str, *, scan_layers: bool = False
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=0, router=1)))
     _, state = nnx.split(abstract)
-    shardings = nnx.get_named_sharding(state, mesh).to_pure_dict()
+    shardings = nnx.to_pure_dict(nnx.get_named_sharding(state, mesh))
   arrays = jax.tree.map(lambda x, s: jax.device_put(x, s), pure, shardings)
   nnx.replace_by_pure_dict(state, arrays)
   tokenizer = os.path.join(hf_dir, "tokenizer.model")    # SentencePiece, as moejax reads
