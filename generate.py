@@ -18,7 +18,7 @@ platform_env.skip_absent_tpu()   # before JAX is imported: no libtpu start-up li
 from absl import app, flags
 from absl import logging as absl_logging
 
-from moejax import cli, host_memory
+from moejax import backends, cli
 from moejax.errors import CheckpointError, ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -76,7 +76,7 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.ERROR)
   texts = _check_flags()
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  backends.prepare_process()   # before JAX's first computation
   from moejax import data
   from moejax.evaluation import run
   from moejax.generation import Generator

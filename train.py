@@ -23,7 +23,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from moejax import cli, host_memory
+from moejax import backends, cli
 from moejax.errors import (EXIT_NONFINITE, CheckpointError, ConfigError, DataError,
                            NonFiniteError)
 
@@ -60,7 +60,7 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/TFDS log every file op
   _check_flags()
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  backends.prepare_process()   # before JAX's first computation
   from moejax.distributed import maybe_initialize
   maybe_initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   cli.check_cpu_kernels()

@@ -67,8 +67,8 @@ def main():
 
   import torch
   torch.set_num_threads(args.threads)
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  backends.prepare_process()   # before JAX's first computation
   import jax
   from flax import nnx
   from moejax.evaluation import run as eval_run

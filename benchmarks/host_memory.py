@@ -1,4 +1,4 @@
-"""Train-step time and page faults with and without ``moejax.host_memory.keep_freed_memory``.
+"""Train-step time and page faults with and without ``moejax.backends.cpu.host_memory.keep_freed_memory``.
 
     python benchmarks/host_memory.py [--config configs/dense_small.py] [--rounds 2] [--steps 20]
 
@@ -22,8 +22,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, "benchmarks")
-from moejax import host_memory
-kept = host_memory.keep_freed_memory()
+from moejax import backends
+kept = backends.prepare_process()
 import jax
 import train_throughput as tt
 config = tt.load_config(sys.argv[1])

@@ -12,7 +12,7 @@ token) and N = n² table rows for each n of --ns (skipped when the estimate does
 1. copy bandwidth: ``a * 2`` on a 1 GiB array (read + write bytes / time), the yardstick.
 2. per N: the PEER lookup forward, fwd+bwd with dense table gradients, fwd+bwd with
    row-sparse taps, and the PKM lookup (no down table), kernel (``lookup_gpu``) vs
-   ``lookup_reference``; the forward's achieved bandwidth (rows read T·H·d·itemsize, twice
+   ``lookup_xla``; the forward's achieved bandwidth (rows read T·H·d·itemsize, twice
    for PEER, plus x, y, indices, scores) as a fraction of the copy; the kernel pieces one
    by one (row plan, forward, token pass, row pass).
 3. a small sweep of ``lookup_gpu.GpuConfig`` s (fwd and fwd+bwd) at the first N.
@@ -178,7 +178,7 @@ def _estimate_bytes(a, n_rows, itemsize):
 
 
 def bench_lookup(a, table, n_rows, copy_bw, sweep):
-  from moejax.kernels import lookup_gpu, lookup_reference, lookup_vjp
+  from moejax.kernels import lookup_gpu, lookup_xla, lookup_vjp
   from moejax.kernels.row_plan import num_unique_slots, row_plan
 
   dtype = jnp.dtype(a.dtype)
@@ -187,7 +187,7 @@ def bench_lookup(a, table, n_rows, copy_bw, sweep):
   u = num_unique_slots(idx.size, n_rows)
   taps = (jnp.zeros((u, d), dtype), jnp.zeros((u, d), dtype))
   kern = _lookup_fns(lookup_gpu.lookup, lookup_gpu.lookup_sparse, a.activation)
-  ref = _lookup_fns(lookup_reference.lookup, lookup_reference.lookup_sparse, a.activation)
+  ref = _lookup_fns(lookup_xla.lookup, lookup_xla.lookup_sparse, a.activation)
   it = dict(iters=a.iters, warmup=a.warmup)
   res = {}
 
@@ -270,7 +270,7 @@ def bench_retrieval(a, table, n):
   except Exception as e:  # noqa: BLE001
     print(f"retrieval_gpu not available ({type(e).__name__}: {e}): retrieval rows skipped")
     return
-  from moejax.kernels import lookup_gpu, lookup_reference, retrieval_reference
+  from moejax.kernels import lookup_gpu, lookup_xla, retrieval_reference
 
   dtype = jnp.dtype(a.dtype)
   t, h, k, d, dk = a.tokens, a.heads, a.top_k, a.d, a.d_key
@@ -316,7 +316,7 @@ def bench_retrieval(a, table, n):
     down = (jax.random.normal(ks[6], (n_rows, d), jnp.float32) / np.sqrt(d)).astype(dtype)
     dy = jax.random.normal(ks[7], (t, d), dtype)
     kl = layer(retrieval_gpu.product_key_topk, lookup_gpu.lookup)
-    rl = layer(retrieval_reference.product_key_topk, lookup_reference.lookup)
+    rl = layer(retrieval_reference.product_key_topk, lookup_xla.lookup)
     table.add("PEER layer core fwd+bwd (retrieval + lookup)", n_rows,
               time_ms(kl, q, k1, k2, x, up, down, dy, **it),
               time_ms(rl, q, k1, k2, x, up, down, dy, **it), "dense table grads")
@@ -376,7 +376,8 @@ def tpu_section(a):
   Shape: --tokens, --d, --heads, --top_k, --d_key and the first n of --ns; f32 tables and
   activations (moejax keeps tables in f32). The last line is the memory ratio on v5p.
   """
-  from moejax.kernels import aot, lookup_reference, lookup_tpu, retrieval_reference
+  from moejax.aot import targets as aot
+  from moejax.kernels import lookup_tpu, lookup_xla, retrieval_reference
   from moejax.kernels import retrieval_tpu
   print("\n# TPU section: compiled memory per device (libtpu AOT, no TPU needed)")
   if not aot.libtpu_available():
@@ -386,7 +387,7 @@ def tpu_section(a):
   f32 = jnp.float32
   sds = jax.ShapeDtypeStruct
   impls = {"pallas": (retrieval_tpu.product_key_topk, lookup_tpu.lookup),
-           "reference": (retrieval_reference.product_key_topk, lookup_reference.lookup)}
+           "reference": (retrieval_reference.product_key_topk, lookup_xla.lookup)}
   print(f"PEER layer core fwd+bwd, T={t}, d={d}, h={h}, k={k}, d_key={dk}, f32")
   print("| topology | N | kernels | compile | temp GiB | args GiB | compile s |")
   print("|---|---|---|---|---|---|---|")
@@ -417,8 +418,8 @@ def tpu_section(a):
 
 def main(argv=None):
   a = parse_args(argv)
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  backends.prepare_process()   # before JAX's first computation
   if a.section in ("gpu", "all"):
     gpu_section(a)
   if a.section in ("tpu", "all"):

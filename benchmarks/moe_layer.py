@@ -121,8 +121,8 @@ def _prod(dims: str) -> int:
 
 def main():
   args = parse_args()
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  backends.prepare_process()   # before JAX's first computation
   _setup_devices()
   import jax
   import jax.numpy as jnp
@@ -130,7 +130,7 @@ def main():
 
   import moejax.layers.moe as moe
   from moejax import sharding
-  from moejax.layers.dense import DenseFFN
+  from moejax.layers.dense import DenseFFN, DenseSettings
   from moejax.layers.moe import routing
 
   b, l, d = args.batch, args.length, args.d_model
@@ -143,11 +143,13 @@ def main():
     cfg.update(dict(num_experts=args.experts, top_k=args.top_k, dispatch=dispatch,
                     dropless_impl=impl, capacity_factor_train=cf, gated=args.gated,
                     group_size=group_size))
-    return moe.MoE(cfg, d_model=d, d_ff=args.d_ff, rngs=nnx.Rngs(params=0, router=1))
+    return moe.MoE(moe.MoESettings.from_config(cfg), d_model=d, d_ff=args.d_ff,
+                   rngs=nnx.Rngs(params=0, router=1))
 
   cap = routing.capacity(l, args.experts, args.top_k, args.capacity_factor, 4)
   cases = [(f"dense FFN d_ff={args.top_k * args.d_ff} (same active params)",
-            DenseFFN(d, args.top_k * args.d_ff, gated=args.gated, rngs=nnx.Rngs(0))),
+            DenseFFN(d, args.top_k * args.d_ff, DenseSettings(gated=args.gated),
+                     rngs=nnx.Rngs(0))),
            (f"moe einsum cf={args.capacity_factor} (C={cap})",
             make("einsum", "auto", args.capacity_factor)),
            ("moe einsum cf=0 (C=S, no drops)", make("einsum", "auto", 0.0)),

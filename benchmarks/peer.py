@@ -66,13 +66,14 @@ def _time(fn, *args, iters):
 def bench_retrieval(a):
   import jax
   import jax.numpy as jnp
+  from moejax.kernels import reference
   from moejax.kernels import retrieval_reference as pk
   n, h, k, d = a.retrieval_n, a.heads, a.top_k, a.d_key
   kq, k1, k2 = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(kq, (a.retrieval_tokens, h, d))
   keys1 = jax.random.normal(k1, (1, n, d // 2))
   keys2 = jax.random.normal(k2, (1, n, d // 2))
-  full = jax.block_until_ready(pk.full_product_keys(keys1, keys2))  # [1, N, d], stored
+  full = jax.block_until_ready(reference.full_product_keys(keys1, keys2))  # [1, N, d], stored
 
   fast = jax.jit(lambda q, a_, b: pk.product_key_topk(q, a_, b, k))
 
@@ -130,13 +131,15 @@ def bench_layers(a):
   t_dense = t_dense[-1]
   del m
   for n in [int(s) for s in a.ns.split(",")]:
-    m = peer.PEER(a.d_model, num_experts_sqrt=n, heads=a.heads, top_k=a.top_k, d_key=a.d_key,
-                  query_norm=a.query_norm, dtype=dtype, rngs=nnx.Rngs(0))
+    m = peer.PEER(a.d_model, peer.PEERSettings(num_experts_sqrt=n, heads=a.heads, top_k=a.top_k,
+                                               d_key=a.d_key, query_norm=a.query_norm),
+                  dtype=dtype, rngs=nnx.Rngs(0))
     rows.append((f"PEER N = {n}²", f"{2 * n * n * a.d_model / 1e6:.1f}M", measure(m)))
     del m
     if a.pkm:
-      m = pkm.PKM(a.d_model, num_keys_sqrt=n, heads=a.heads, top_k=2 * a.top_k, d_key=a.d_key,
-                  query_norm=a.query_norm, dtype=dtype, rngs=nnx.Rngs(0))
+      m = pkm.PKM(a.d_model, pkm.PKMSettings(num_keys_sqrt=n, heads=a.heads, top_k=2 * a.top_k,
+                                             d_key=a.d_key, query_norm=a.query_norm),
+                  dtype=dtype, rngs=nnx.Rngs(0))
       rows.append((f"PKM N = {n}² (k = {2 * a.top_k})", f"{n * n * a.d_model / 1e6:.1f}M",
                    measure(m)))
       del m
@@ -205,8 +208,8 @@ def bench_train_step(a):
 
 def main():
   a = parse_args()
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  backends.prepare_process()   # before JAX's first computation
   import jax
   print(f"device: {jax.devices()[0].device_kind} × {jax.device_count()}, jax {jax.__version__}")
   bench_retrieval(a)

@@ -21,7 +21,7 @@ from flax import nnx  # noqa: E402
 
 from moejax import config as config_lib  # noqa: E402
 from moejax import sharding  # noqa: E402
-from moejax.kernels import aot  # noqa: E402
+from moejax.aot import targets as aot  # noqa: E402
 from moejax.training import state as state_lib  # noqa: E402
 
 VARIANTS = {

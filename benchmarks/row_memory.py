@@ -27,7 +27,7 @@ import argparse
 import os
 import sys
 
-from moejax import host_memory
+from moejax import backends
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:   # the sibling scripts, when this file is loaded by path (tests)
@@ -42,7 +42,8 @@ def row_kernel_fns(n: int, tokens: int, retrievals: int, seed: int = 0):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from moejax.kernels import cpu_kernels, row_plan
+  from moejax.backends.cpu import native as cpu_kernels
+  from moejax.kernels import row_plan
   if not cpu_kernels.available():
     raise SystemExit("row_memory: the CPU kernels did not build (see the warning above)")
   rows_n = n * n
@@ -99,7 +100,7 @@ def main(argv=None):
   p.add_argument("--top_k", type=int, default=16)
   p.add_argument("--stream_mib", type=int, default=1024, help="the streaming pass's array")
   a = p.parse_args(argv)
-  kept = host_memory.keep_freed_memory()   # as train.py, before JAX's first computation
+  kept = backends.prepare_process()   # as train.py, before JAX's first computation
   import jax
   import peer
   import vs_pytorch as vs

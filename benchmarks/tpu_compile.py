@@ -4,7 +4,7 @@
         [--variants shipped,remat] [--topology v5p:2x2x2] [--eval_step] [--json out.json]
 
 Needs libtpu (``pip install -e '.[tpu]'``); nothing runs, XLA's TPU compiler only compiles
-(``moejax.compile``). Rows: config x slice x variant, where the variants switch the memory
+(``moejax.aot.compile``). Rows: config x slice x variant, where the variants switch the memory
 knobs that exist in this moejax's ``default_config()`` (``model.remat``, ``model.scan_layers``,
 ``model.loss_chunk``):
 
@@ -50,7 +50,9 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from moejax import compile as compile_lib  # noqa: E402
+from moejax.aot import chips  # noqa: E402
+from moejax.aot.compile import compile_config  # noqa: E402
+from moejax.aot.report import OutOfMemory  # noqa: E402
 from moejax.errors import ConfigError  # noqa: E402
 
 CONFIGS = ("peer_c4_tpu", "pkm_c4_tpu", "switch_base_c4_tpu")
@@ -106,8 +108,8 @@ def run_row(name, config, topology, variant, eval_step):
   t0 = time.perf_counter()
   row = {"config": name, "topology": topology, "variant": variant}
   try:
-    r = compile_lib.compile_config(config, topology, config_name=name, eval_step=eval_step)
-  except compile_lib.OutOfMemory as e:
+    r = compile_config(config, topology, config_name=name, eval_step=eval_step)
+  except OutOfMemory as e:
     m = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", e.xla_line)
     row.update(fits=False, need_gib=float(m.group(1)) if m else None, step=e.step,
                error=e.xla_line.strip()[:300], seconds=time.perf_counter() - t0)
@@ -143,7 +145,7 @@ def fmt(row) -> str:
   if row.get("total_gib") is None:
     need = f"{row['need_gib']:.1f} GiB" if row.get("need_gib") else "?"
     return (f"{lead} **does not fit** ({row['step']} step: HLO temporaries need {need} of "
-            f"{compile_lib.CHIPS[row['topology'].split(':')[0]].hbm_usable / 2**30:.2f}) | < 0 "
+            f"{chips.CHIPS[row['topology'].split(':')[0]].hbm_usable / 2**30:.2f}) | < 0 "
             f"| | | | {row['seconds']:.0f} s |")
   lb = ">= " if row.get("while_loops") else ""   # loop bodies counted once: lower bounds
   ev = (f"{row['eval_total_gib']:.2f}, {100 * row['eval_headroom']:.1f} %"
@@ -162,7 +164,7 @@ def main():
   p.add_argument("--eval_step", action="store_true", help="Also compile the eval steps.")
   p.add_argument("--json", default="", help="Write the rows here.")
   args = p.parse_args()
-  from moejax.kernels.aot import libtpu_available
+  from moejax.aot.targets import libtpu_available
   if not libtpu_available():
     sys.exit("error: needs libtpu (pip install -e '.[tpu]')")
 

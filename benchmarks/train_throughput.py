@@ -100,8 +100,8 @@ def measure(config, *, steps: int = 20, rounds: int = 5) -> dict:
 
 
 def main():
-  from moejax import host_memory
-  host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  backends.prepare_process()   # before JAX's first computation
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "dense_small.py"))
   p.add_argument("--steps", type=int, default=20)

@@ -30,7 +30,7 @@ Ends with the issue's goals, measured value, met / not met.
   python benchmarks/vs_pytorch.py --only peer,moe   # a subset: peer (a, b, c), moe (d), dense (e), flops (f)
 
 Memory: the PyTorch / moejax pairs run on glibc's default malloc, as in a notebook (with
---keep_freed_memory both on train.py's setting, moejax.host_memory). The moejax-only parts
+--keep_freed_memory both on train.py's setting, moejax.backends.cpu.host_memory). The moejax-only parts
 c and f measure train.py's step, so they run in a child process set up as train.py sets
 itself up (freed memory kept), the big dense step alone, the rest round-robin.
 
@@ -100,7 +100,7 @@ def parse_args(argv=None):
   p.add_argument("--moe_top_k", type=int, default=2)
   p.add_argument("--capacity_factor", type=float, default=1.25)
   p.add_argument("--keep_freed_memory", action="store_true",
-                 help="both sides on moejax.host_memory's malloc setting (train.py's)")
+                 help="both sides on moejax.backends.cpu.host_memory's malloc setting (train.py's)")
   p.add_argument("--mixtral_impl", default="grouped_mm", help="eager | grouped_mm | batched_mm")
   p.add_argument("--child", default="", choices=("", *CHILD_PARTS), help=argparse.SUPPRESS)
   a = p.parse_args(argv)
@@ -246,21 +246,8 @@ def torch_peer(a, n):
 
 def moejax_peer_like(a, n, tp):
   """moejax PEER computing the same function as PEER-pytorch ``tp`` (weights copied)."""
-  import jax.numpy as jnp
-  from flax import nnx
-  from moejax.layers.peer import PEER
-  m = PEER(a.peer_d, num_experts_sqrt=n, heads=a.heads, top_k=a.top_k, d_key=a.d_key,
-           activation="gelu", score="softmax", query_norm="none", per_head_keys=True,
-           kernel="reference", rngs=nnx.Rngs(0))
-  h, dk, d = a.heads, a.d_key // 2, a.peer_d
-  w = _np(tp.to_queries[0].weight).reshape(2, h, dk, d)       # '(p h d)' rows
-  m.retrieval.query[...] = jnp.asarray(w.transpose(3, 1, 0, 2).reshape(d, h, 2 * dk))
-  keys = _np(tp.keys)                                           # [h, n, 2, dk]
-  m.retrieval.keys1[...] = jnp.asarray(keys[:, :, 0])
-  m.retrieval.keys2[...] = jnp.asarray(keys[:, :, 1])
-  m.u[...] = jnp.asarray(_np(tp.weight_down_embed.weight))
-  m.v[...] = jnp.asarray(_np(tp.weight_up_embed.weight))
-  return m
+  from moejax.interop.torch_modules import peer_from_pytorch
+  return peer_from_pytorch(tp)
 
 
 def peer_fwd_case(a) -> Case:
@@ -414,10 +401,10 @@ def lm_step_times(a) -> dict[str, float]:
 
 def in_child(part: str, argv: list[str]):
   """``part`` (one of :data:`CHILD_PARTS`) run by this script in a child process, which
-  keeps freed memory as train.py does (``moejax.host_memory``): these parts have no
+  keeps freed memory as train.py does (``moejax.backends.cpu.host_memory``): these parts have no
   PyTorch side to share the process's malloc setting with, and what they measure is
   train.py's step. Returns the child's JSON result and whether the setting took (False off
-  glibc, or where moejax.host_memory steps aside)."""
+  glibc, or where moejax.backends.cpu.host_memory steps aside)."""
   cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", part]
   done = subprocess.run(cmd, capture_output=True, text=True)
   if done.returncode:
@@ -427,8 +414,8 @@ def in_child(part: str, argv: list[str]):
 
 
 def child_main(a) -> None:
-  from moejax import host_memory
-  kept = host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+  from moejax import backends
+  kept = backends.prepare_process()   # before JAX's first computation
   result = lm_step_times(a) if a.child == "lm" else flops_fraction(a.iters)
   print(json.dumps({"result": result, "kept_freed_memory": kept}))
 
@@ -454,21 +441,9 @@ def torch_mixtral(a):
 
 def moejax_moe_like(a, tm, dispatch: str):
   """moejax MoE with Mixtral's weights (dropless computes Mixtral's function)."""
-  import jax.numpy as jnp
-  from flax import nnx
-  from moejax.layers.moe.config import default_config
-  from moejax.layers.moe.layer import MoE
-  cfg = default_config()
-  cfg.update(dict(num_experts=a.experts, top_k=a.moe_top_k, gated=True, activation="silu",
-                  d_ff=a.moe_ff, dispatch=dispatch, capacity_factor_train=a.capacity_factor))
-  m = MoE(cfg, d_model=a.moe_d, d_ff=a.moe_ff, rngs=nnx.Rngs(params=0, router=1))
+  from moejax.interop.torch_modules import moe_from_mixtral
+  m = moe_from_mixtral(tm, dispatch=dispatch, capacity_factor=a.capacity_factor)
   m.train()
-  f = a.moe_ff
-  gate_up = _np(tm.experts.gate_up_proj)                     # [E, 2F, D]: act(gate) * up
-  m.experts.wi[...] = jnp.asarray(gate_up[:, :f].transpose(0, 2, 1))
-  m.experts.wg[...] = jnp.asarray(gate_up[:, f:].transpose(0, 2, 1))
-  m.experts.wo[...] = jnp.asarray(_np(tm.experts.down_proj).transpose(0, 2, 1))
-  m.router.w[...] = jnp.asarray(_np(tm.gate.weight).T)
   return m
 
 
@@ -492,14 +467,8 @@ def torch_swiglu(a):
 
 
 def moejax_dense_like(a, tm):
-  import jax.numpy as jnp
-  from flax import nnx
-  from moejax.layers.dense import DenseFFN
-  m = DenseFFN(a.moe_d, a.moe_top_k * a.moe_ff, activation="silu", gated=True, rngs=nnx.Rngs(0))
-  m.wi[...] = jnp.asarray(_np(tm.w1.weight).T)
-  m.wg[...] = jnp.asarray(_np(tm.w3.weight).T)
-  m.wo[...] = jnp.asarray(_np(tm.w2.weight).T)
-  return m
+  from moejax.interop.torch_modules import dense_from_swiglu
+  return dense_from_swiglu(tm.w1, tm.w3, tm.w2)
 
 
 def _torch_fwd_bwd(tm, xt):
@@ -568,7 +537,7 @@ def flops_fraction(iters: int) -> tuple[float, float, float]:
 
 def machine_line(torch) -> str:
   import jax
-  from moejax.kernels import cpu_kernels
+  from moejax.backends.cpu import native as cpu_kernels
   cpu = platform.processor() or "?"
   try:
     with open("/proc/cpuinfo") as f:
@@ -602,11 +571,11 @@ def main(argv=None):
   if a.child:
     return child_main(a)
   # By default both sides run on glibc's default malloc, as in a notebook: the setting
-  # train.py makes (moejax.host_memory) is process-wide, and torch gains from it too (HF
+  # train.py makes (moejax.backends.cpu.host_memory) is process-wide, and torch gains from it too (HF
   # Mixtral's block 1.19x, moejax's dropless MoE 1.06x, on the 2-core Xeon).
   if a.keep_freed_memory:
-    from moejax import host_memory
-    host_memory.keep_freed_memory()   # before JAX's first computation (CPU only)
+    from moejax import backends
+    backends.prepare_process()   # before JAX's first computation
   torch, _, _ = require_torch_peers()
   torch.set_num_threads(os.cpu_count())
   print(machine_line(torch))

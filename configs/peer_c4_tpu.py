@@ -16,8 +16,10 @@ lookup (peer.kernel=reference, which holds [tokens, h, k, d] tensors) 110.0 GiB;
 He 2024 ("Mixture of A Million Experts"): batch 128 × 2048 tokens, PEER replaces only the
 FFW of the middle block (block 6 of 12), N = 1024² experts, h = 8 heads, k = 16, query
 BatchNorm. The paper does not give widths (they vary along isoFLOP curves), d_key, init or
-optimizer; here a ~GPT-2-small trunk (12 × 768) and d_key = 128. Steps: ≈ a 6e18-FLOP budget
-for this trunk (6 · ~1.1e8 active params · 128 · 2048 tokens/step · 35k steps ≈ 6e18).
+optimizer; here a ~GPT-2-small trunk (12 × 768) and d_key = 128. Steps: the isoFLOP budget
+(``get_config(budget)``, default 6e18; ``--config=configs/peer_c4_tpu.py:2e19`` for the 2e19 set)
+over the model FLOPs of one step (``moejax.flops``, vocab 32,000), as for the dense, MoE and PKM
+arms of the same table (configs/dense_c4_tpu.py).
 
 Data: TFDS 'c4/en:3.1.0' prepared as array_record, e.g.
   --config.data.data_dir=gs://YOUR_BUCKET/tensorflow_datasets
@@ -31,13 +33,14 @@ shard them by feature instead: --config.mesh.rules=table_rows=,table_embed=model
   python train.py --config=configs/peer_c4_tpu.py --workdir=gs://YOUR_BUCKET/runs/peer_c4
 """
 
-from moejax.config import c4_tpu_base
+from moejax import flops
+from moejax.config import C4_VOCAB, c4_tpu_base
 
 TOPOLOGY = "v5p:2x2x1"                      # target slice: 4 v5p chips (v5p-8)
 
 
-def get_config():
-  c = c4_tpu_base(seq_len=2048, batch_size=128, steps=35000, warmup_steps=2000)
+def get_config(budget: str = "6e18"):
+  c = c4_tpu_base(seq_len=2048, batch_size=128, steps=1, warmup_steps=2000)
   c.model.sparse_ffn = "peer"
   c.model.sparse_layers = "middle"          # block 6 of 12
 
@@ -61,4 +64,5 @@ def get_config():
   c.mesh.data = -1
   c.mesh.expert = 4                         # table rows over 4 devices (see docstring)
   c.mesh.model = 1
+  c.train.steps = flops.steps_for_budget(c, float(budget), vocab_size=C4_VOCAB)
   return c

@@ -13,7 +13,8 @@ lookup (pkm.kernel=reference) 202.7 GiB; with neither (as this config first ship
 
 He 2024: the PKM baseline has 1024² memories, h = 8 heads, k = 32, query BatchNorm, in the
 middle block only (block 6 of 12); batch 128 × 2048 tokens. Trunk, steps, data and mesh as
-in configs/peer_c4_tpu.py (see there for the data_dir / tokenizer placeholders).
+in configs/peer_c4_tpu.py (see there for the data_dir / tokenizer placeholders and the
+isoFLOP steps: ``get_config(budget)``, 6e18 by default).
 
 Values: 1024² × 768 float32 = 3.2 GB (+ Adam), rows sharded over the 'expert' axis by
 default, or by feature with --config.mesh.rules=table_rows=,table_embed=model.
@@ -21,13 +22,14 @@ default, or by feature with --config.mesh.rules=table_rows=,table_embed=model.
   python train.py --config=configs/pkm_c4_tpu.py --workdir=gs://YOUR_BUCKET/runs/pkm_c4
 """
 
-from moejax.config import c4_tpu_base
+from moejax import flops
+from moejax.config import C4_VOCAB, c4_tpu_base
 
 TOPOLOGY = "v5p:2x2x1"                      # target slice: 4 v5p chips (v5p-8)
 
 
-def get_config():
-  c = c4_tpu_base(seq_len=2048, batch_size=128, steps=35000, warmup_steps=2000)
+def get_config(budget: str = "6e18"):
+  c = c4_tpu_base(seq_len=2048, batch_size=128, steps=1, warmup_steps=2000)
   c.model.sparse_ffn = "pkm"
   c.model.sparse_layers = "middle"
 
@@ -49,4 +51,5 @@ def get_config():
   c.mesh.data = -1
   c.mesh.expert = 4                         # value rows over 4 devices
   c.mesh.model = 1
+  c.train.steps = flops.steps_for_budget(c, float(budget), vocab_size=C4_VOCAB)
   return c

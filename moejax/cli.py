@@ -83,7 +83,7 @@ def check_cpu_kernels() -> None:
   import jax
   if jax.default_backend() != "cpu":
     return
-  from moejax.kernels import cpu_kernels
+  from moejax.backends.cpu import native as cpu_kernels
   try:
     cpu_kernels.available()
   except Exception as e:  # whatever stopped the build: the message names it and the fix

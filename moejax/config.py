@@ -26,6 +26,12 @@ import ml_collections
 from moejax.errors import ConfigError, config_error
 
 
+# model.remat: how a block is rematerialised (moejax.model.remat_policy builds the policy).
+REMAT_POLICIES = ("none", "full", "save_dots", "save_named")
+# Activations a block names for remat=save_named (saved; everything else is recomputed).
+REMAT_NAMES = ("attn_out", "ffn_in", "ffn_out")
+
+
 def default_config() -> ml_collections.ConfigDict:
   # Imported here so that every registered kind (and the data section) is known.
   from moejax import layers  # noqa: F401
@@ -56,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
       # matmul outputs without batch dims: projections, not attention scores) | save_named
       # (save only the activations named in model.remat_names).
       "remat": "none",
-      "remat_names": "attn_out,ffn_in",  # names for remat=save_named (see moejax.model.REMAT_NAMES)
+      "remat_names": "attn_out,ffn_in",  # names for remat=save_named (of REMAT_NAMES)
       # Run repeating blocks under nnx.scan (params stacked on a leading 'layers' axis);
       # blocks that break the repetition run unscanned. Changes the checkpoint layout.
       "scan_layers": False,
@@ -121,6 +127,9 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+C4_VOCAB = 32000   # the SentencePiece vocabulary the C4 TPU configs are sized and budgeted for
+
+
 def c4_tpu_base(*, seq_len: int, batch_size: int, steps: int, warmup_steps: int
                 ) -> ml_collections.ConfigDict:
   """The shared trunk of the TPU configs: a 12 x 768 bf16 LM on c4/en (TFDS, array_record).
@@ -141,7 +150,7 @@ def c4_tpu_base(*, seq_len: int, batch_size: int, steps: int, warmup_steps: int
                      worker_count=8))
   c.optim.update(dict(lr=1e-3, warmup_steps=warmup_steps, schedule="cosine"))
   c.train.update(dict(steps=steps, log_every=100, eval_every=2000, checkpoint_every=2000))
-  c.eval.datasets = "c4/en:3.1.0"
+  c.eval.datasets = "c4/en:3.1.0,lambada"   # the PEER paper's eval sets that TFDS has (data/eval_sets.py)
   return c
 
 
@@ -240,6 +249,22 @@ def _check_schema(cfg, ref, prefix: str = "", root=None) -> None:
                   f"set --config.{field}=<{type(want).__name__}>, default {want!r}")
 
 
+def check_mesh_shape(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
+  """The checks that need the mesh resolved against the devices (an axis of -1 is only known
+  then): the key/value heads and each feed-forward kind's ``check_mesh``.
+
+  ``mesh_shape``: mesh axis -> size, e.g. ``{'data': 4, 'expert': 2, 'model': 1}``.
+  Raises ConfigError naming the field.
+  """
+  from moejax import layers  # noqa: F401  (registers every kind)
+  from moejax.layers.base import FFN_REGISTRY
+  check_kv_heads(cfg, mesh_shape["model"])
+  m = cfg.model
+  for name in {m.ffn, m.sparse_ffn}:
+    if FFN_REGISTRY[name].check_mesh is not None:
+      FFN_REGISTRY[name].check_mesh(cfg[name], cfg, mesh_shape)
+
+
 def check_kv_heads(cfg: ml_collections.ConfigDict, model_axis: int) -> None:
   """k, v and the KV cache are sharded by head over the 'model' mesh axis of size ``model_axis``.
 
@@ -289,7 +314,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise _fail("model.sparse_layers", m.sparse_layers,
                 f"not none|all|middle|every:K[:OFFSET]|indices below num_layers={m.num_layers}",
                 "e.g. --config.model.sparse_layers=middle") from None
-  from moejax.model import REMAT_NAMES, REMAT_POLICIES
   if m.remat not in REMAT_POLICIES:
     raise _fail("model.remat", m.remat, f"must be one of {'|'.join(REMAT_POLICIES)}",
                 "set --config.model.remat=full (least memory) or none")
@@ -359,12 +383,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
-def to_dict(cfg: ml_collections.ConfigDict) -> dict:
-  return cfg.to_dict()
-
-
 def from_dict(d: dict) -> ml_collections.ConfigDict:
-  """A config saved by ``to_dict`` (e.g. ``config.json`` of an export), on top of defaults.
+  """A config saved by ``ConfigDict.to_dict()`` (e.g. ``config.json`` of an export), on top of defaults.
 
   Unknown fields (from a newer or older moejax) raise ConfigError.
   """

@@ -61,7 +61,7 @@ def _dense(cfg, config, *, train: bool) -> dict[str, float]:
 
 def _moe(cfg, config, *, train: bool) -> dict[str, float]:
   # Imported here: the MoE package pulls in its dispatchers, which the dense count never needs.
-  from moejax.layers.moe import layer as moe_layer
+  from moejax.layers.moe import config as moe_config
   from moejax.layers.moe import routing
   m = config.model
   d_ff = cfg.d_ff or m.d_ff
@@ -77,7 +77,7 @@ def _moe(cfg, config, *, train: bool) -> dict[str, float]:
     per_token = cfg.num_experts if cfg.router == "expert_choice" else cfg.top_k
   elif capacity:
     length = config.data.seq_len
-    s = moe_layer.routing_group_size(cfg.group_size, length, cfg.num_experts, k)
+    s = moe_config.routing_group_size(cfg.group_size, length, cfg.num_experts, k)
     c = routing.capacity(s, cfg.num_experts, k, factor, cfg.min_capacity)
     per_token = cfg.num_experts * c / s
   else:
@@ -149,3 +149,17 @@ def count(config: ml_collections.ConfigDict, *, train: bool = True) -> FlopCount
     for name, flops in FFN_FLOPS[kind](config[kind], config, train=train).items():
       parts[f"block_{i}/{kind}/{name}"] = flops
   return FlopCount(parts)
+
+
+def steps_for_budget(config: ml_collections.ConfigDict, budget: float, *,
+                     vocab_size: int | None = None) -> int:
+  """Training steps that spend ``budget`` model FLOPs at ``config``'s batch (isoFLOP arms).
+
+  Training FLOPs per step = :attr:`FlopCount.train` per token × ``batch_size × seq_len``.
+  ``vocab_size`` stands in for ``config.model.vocab_size`` (0 when the tokenizer sets it).
+  """
+  if vocab_size is not None:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.vocab_size = vocab_size
+  tokens = config.data.batch_size * config.data.seq_len
+  return max(1, round(budget / (count(config, train=True).train * tokens)))

@@ -6,8 +6,8 @@ in without this file knowing them.
 
 What makes big configs fit (all config, none changes the maths):
 
-* ``model.remat``: each block runs under ``nnx.remat`` with a policy (:data:`REMAT_POLICIES`);
-  ``save_named`` keeps only the activations named with ``checkpoint_name`` (:data:`REMAT_NAMES`).
+* ``model.remat``: each block runs under ``nnx.remat`` with a policy (``moejax.config.REMAT_POLICIES``);
+  ``save_named`` keeps only the activations named with ``checkpoint_name`` (``moejax.config.REMAT_NAMES``).
 * ``model.scan_layers``: repeating blocks run under ``nnx.scan`` (:func:`plan_layout`); their
   variables are stacked on a leading ``'layers'`` axis. The stack is built from the same
   per-block init as the unscanned model, so both layouts start from equal weights
@@ -31,10 +31,6 @@ from moejax.layers.attention import Attention, RMSNorm
 from moejax.layers.projection import project
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# Activations a block names for remat=save_named (saved; everything else is recomputed).
-REMAT_NAMES = ("attn_out", "ffn_in", "ffn_out")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_named")
 
 
 def remat_policy(name: str, names: str | tuple[str, ...] = ("attn_out", "ffn_in")):
@@ -356,9 +352,8 @@ def to_layout(pure: dict, config: ml_collections.ConfigDict, *, scanned: bool) -
   or fine-tune a checkpoint in the other layout.
   """
   import copy
-  from moejax.config import parse_sparse_layers as _psl
   m = config.model
-  sparse = set(_psl(m.sparse_layers, m.num_layers))
+  sparse = set(parse_sparse_layers(m.sparse_layers, m.num_layers))
   kinds = [m.sparse_ffn if i in sparse else m.ffn for i in range(m.num_layers)]
   if config.optim.get("table_update", "dense") == "row_sparse":
     # which kinds hold row tables needs the modules: build them abstractly

@@ -150,3 +150,35 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+# --------------------------------------------------------------- inside and outside shard_map
+
+
+def mesh_is_local() -> bool:
+  """No axis of several devices of the current (abstract) mesh is left to XLA's
+  partitioner: no mesh, or every such axis is manual here (inside ``shard_map``)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or all(size == 1 or name in mesh.manual_axes
+                           for name, size in zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def varying(a) -> set:
+  """Mesh axes over which ``a`` varies inside ``shard_map`` (empty outside)."""
+  aval = jax.typeof(a)    # jax 0.10: aval.mat.varying (older: aval.vma)
+  mat = getattr(aval, "mat", None)
+  return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
+
+
+def match_vma(ct, like):
+  """Inside ``shard_map``: a cotangent with the device-variance type of its primal.
+
+  A table replicated over (say) 'data' gets row-gradients that differ per data shard: its
+  cotangent is their sum (psum). Outside shard_map this is the identity.
+  """
+  have, want = varying(ct), varying(like)
+  if have - want:
+    ct = jax.lax.psum(ct, tuple(sorted(have - want)))
+  if want - have:
+    ct = jax.lax.pcast(ct, tuple(sorted(want - have)), to="varying")
+  return ct

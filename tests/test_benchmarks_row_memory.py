@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from moejax.kernels import cpu_kernels
+from moejax.backends.cpu import native as cpu_kernels
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "row_memory.py")
 _spec = importlib.util.spec_from_file_location("row_memory", _PATH)

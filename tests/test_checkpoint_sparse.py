@@ -10,7 +10,8 @@ from moejax.training import state as state_lib
 
 
 def _config(kind):
-  c = tiny_config(sparse_ffn=kind, sparse_layers="all")
+  # One block: resharding is per array, a second block would only add to each compile.
+  c = tiny_config(num_layers=1, sparse_ffn=kind, sparse_layers="all")
   if kind == "moe":
     c.moe.update(dict(num_experts=4, top_k=2, dispatch="dropless"))
   else:

@@ -1,4 +1,4 @@
-"""moejax.compile: compile small configs for TPU slices with libtpu (nothing runs).
+"""moejax.aot and python -m moejax.compile: compile small configs for TPU slices with libtpu (nothing runs).
 
 Each compile takes seconds (tiny models); whole TPU configs are in benchmarks/tpu_compile.py.
 """
@@ -12,7 +12,10 @@ import sys
 
 import pytest
 
-from moejax.kernels.aot import libtpu_available
+from moejax.aot import chips
+from moejax.aot.compile import compile_config
+from moejax.aot.report import OutOfMemory
+from moejax.aot.targets import libtpu_available
 
 pytestmark = pytest.mark.skipif(not libtpu_available(), reason="needs libtpu (pip install -e '.[tpu]')")
 
@@ -58,21 +61,15 @@ EXPECTED_MESH = {"dense": {"data": 4, "expert": 1, "model": 1},
                  "peer": {"data": 4, "expert": 1, "model": 1}}
 
 
-@pytest.fixture(scope="module")
-def compile_mod():
-  from moejax import compile as compile_lib
-  return compile_lib
-
-
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
 @pytest.mark.parametrize("kind", ["dense", "moe", "peer"])
-def test_compile_config(compile_mod, kind, topology):
-  report = compile_mod.compile_config(CONFIGS[kind](), topology, config_name=kind)
+def test_compile_config(kind, topology):
+  report = compile_config(CONFIGS[kind](), topology, config_name=kind)
   assert report.topology == topology
   assert report.num_devices == 4 and report.mesh_devices == 4
   assert report.mesh == EXPECTED_MESH[kind]
   assert report.vocab_size == 258      # byte tokenizer
-  chip = compile_mod.CHIPS[topology.split(":")[0]]
+  chip = chips.CHIPS[topology.split(":")[0]]
   assert report.hbm_bytes == chip.hbm_usable
   for step in report.steps:
     assert step.argument_bytes > 0 and step.temp_bytes >= 0   # tiny temps may all live in VMEM
@@ -94,16 +91,16 @@ def test_compile_config(compile_mod, kind, topology):
 
 
 @pytest.mark.skipif(not tpu_lookup_kernels_ready(), reason="TPU lookup kernels not wired yet")
-def test_peer_tpu_kernels(compile_mod):
+def test_peer_tpu_kernels():
   """kernel=auto under the TPU target picks the Pallas (Mosaic) kernels, and they compile."""
   c = CONFIGS["peer"]()
   c.peer.kernel = "auto"
   c.model.d_model = 128      # the TPU lookup works on whole 128-lane rows
-  report = compile_mod.compile_config(c, "v5p:2x2x1")
+  report = compile_config(c, "v5p:2x2x1")
   assert report.fits
 
 
-def test_kernels_target_tpu_while_tracing(compile_mod, monkeypatch):
+def test_kernels_target_tpu_while_tracing(monkeypatch):
   """Layers trace under kernels.target_platform('tpu'), whatever the default backend."""
   from moejax import kernels
   from moejax.layers import peer
@@ -111,31 +108,48 @@ def test_kernels_target_tpu_while_tracing(compile_mod, monkeypatch):
   real = kernels.resolve
   monkeypatch.setattr(kernels, "resolve", lambda choice, platform=None, **kw: (
       seen.append(kernels.current_platform()), real("reference"))[1])
-  compile_mod.compile_config(CONFIGS["peer"](), "v5e:2x2", eval_step=False)
+  compile_config(CONFIGS["peer"](), "v5e:2x2", eval_step=False)
   assert seen and set(seen) == {"tpu"}
   del peer
 
 
-def test_topology_names(compile_mod):
-  assert compile_mod.resolve_topology("v5p-8") == "v5p:2x2x1"
-  assert compile_mod.resolve_topology("v5litepod-4") == "v5e:2x2"
-  assert compile_mod.resolve_topology("v4-8") == "v4:2x2x1"
-  assert compile_mod.larger_slices("v5p:2x2x1")[0] == "v5p:2x2x2"
-  with pytest.raises(compile_mod.TopologyError, match="v5p:2x2x1"):
-    compile_mod.resolve_topology("v5x:2x2")
+def test_topology_names():
+  assert chips.resolve_topology("v5p-8") == "v5p:2x2x1"
+  assert chips.resolve_topology("v5litepod-4") == "v5e:2x2"
+  assert chips.resolve_topology("v4-8") == "v4:2x2x1"
+  assert chips.larger_slices("v5p:2x2x1")[0] == "v5p:2x2x2"
+  with pytest.raises(chips.TopologyError, match="v5p:2x2x1"):
+    chips.resolve_topology("v5x:2x2")
 
 
-def test_mesh_must_divide_topology(compile_mod):
+def test_batch_layout_on_a_multi_host_topology():
+  """The training loop's batch-layout check reads the topology's processes (v5e:4x8: 8 hosts):
+  data parallelism over every device fits; a model axis across hosts is refused."""
+  from moejax import sharding
+  from moejax.aot import targets
+  from moejax.errors import ConfigError
+  from moejax.training.loop import check_batch_layout
+  devices = targets.topology_devices("v5e:4x8")
+  c = load_config("dense_small", **{"data.batch_size": 64})
+  check_batch_layout(c, sharding.make_mesh(-1, 1, 1, devices=devices))
+  with pytest.raises(ConfigError, match="spans several processes"):
+    check_batch_layout(c, sharding.make_mesh(1, 1, -1, devices=devices))
+  with pytest.raises(ConfigError, match="multiple of mesh data x expert = 32"):
+    check_batch_layout(load_config("dense_small", **{"data.batch_size": 48}),
+                       sharding.make_mesh(-1, 1, 1, devices=devices))
+
+
+def test_mesh_must_divide_topology():
   from moejax.errors import ConfigError
   c = load_config("default", **{"mesh.data": 3})
   with pytest.raises(ConfigError, match=r"config\.mesh.*does not divide the 4 devices"):
-    compile_mod.compile_config(c, "v5e:2x2")
+    compile_config(c, "v5e:2x2")
 
 
-def test_oom_is_raised(compile_mod):
+def test_oom_is_raised():
   c = load_config("default", **{"data.batch_size": 4096, "data.seq_len": 1024, "model.vocab_size": 32000})
-  with pytest.raises(compile_mod.OutOfMemory) as e:
-    compile_mod.compile_config(c, "v5e:2x2", eval_step=False)
+  with pytest.raises(OutOfMemory) as e:
+    compile_config(c, "v5e:2x2", eval_step=False)
   line = e.value.one_line()
   assert "\n" not in line and "v5e:2x2" in line and "--config.data.batch_size=2048" in line
 
@@ -205,12 +219,12 @@ def test_cli_out_of_memory():
     assert "--config.model.remat=full" in line
 
 
-def test_scanned_layers_flagged_as_lower_bound(compile_mod):
+def test_scanned_layers_flagged_as_lower_bound():
   """XLA's cost analysis counts a while-loop body once: scanned models say so."""
   from moejax.config import default_config
   if "scan_layers" not in default_config().model:
     pytest.skip("no model.scan_layers in this moejax")
-  report = compile_mod.compile_config(load_config("dense_small", **{"model.scan_layers": True}), "v5e:2x2",
+  report = compile_config(load_config("dense_small", **{"model.scan_layers": True}), "v5e:2x2",
                                       eval_step=False)
   assert report.train.while_loops >= 1
   assert ">= " in report.table() and "lower bounds" in report.table()

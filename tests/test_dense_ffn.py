@@ -36,7 +36,8 @@ def test_dense_ffn_equals_formula(activation, gated, platform):
 
 
 def _check_dense_ffn(activation, gated):
-  m = dense.DenseFFN(6, 10, activation=activation, gated=gated, rngs=nnx.Rngs(0))
+  m = dense.DenseFFN(6, 10, dense.DenseSettings(activation=activation, gated=gated),
+                     rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 3, 6))
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
 

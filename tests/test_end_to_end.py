@@ -12,12 +12,12 @@ import pytest
 from cli_env import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
+TINY = ["--config.model.d_model=32", "--config.model.num_layers=1", "--config.model.num_heads=2",
         "--config.model.head_dim=16", "--config.model.d_ff=64", "--config.data.seq_len=32",
         "--config.data.batch_size=8", "--config.train.log_every=5", "--config.train.eval_batches=2",
         "--config.train.progress_bar=false",
-        # These tests are about the command line and the loop: the dense model of the default's
-        # shape (the sparse default's PEER block would add to every run's compile;
+        # These tests are about the command line and the loop: one dense block (a second
+        # block, or the sparse default's PEER block, would only add to every run's compile;
         # tests/test_eval_outputs.py and test_checkpoint_sparse.py train sparse ones).
         "--config.model.sparse_layers=none"]
 

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from cli_env import cli_env
 from moejax import config as config_lib
 from moejax.data import local_text
 from moejax.evaluation import plots
@@ -172,7 +173,7 @@ def test_two_datasets_give_one_row_each_with_own_numbers(tmp_path, moe_export, t
 
 def test_eval_cli_dataset_list(tmp_path, moe_export, other_text_dir, data_dir):
   other = _prepared_name(other_text_dir, data_dir)
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+  env = cli_env(2)
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "eval.py"), f"--checkpoint={moe_export}",
        f"--dataset=local_text,{other}", "--max_batches=2", f"--data_dir={data_dir}",
@@ -183,6 +184,30 @@ def test_eval_cli_dataset_list(tmp_path, moe_export, other_text_dir, data_dir):
   rows = report["datasets"]
   assert list(rows) == ["local_text", other]
   assert abs(rows["local_text"]["loss"] - rows[other]["loss"]) > 1e-3
+
+
+def test_named_eval_sets_read_their_own_split_and_text_feature():
+  from moejax.data import eval_sets
+  data = config_lib.default_config().data
+  lam = eval_sets.data_config_for(data, "lambada:1.0.0", None, "validation")
+  assert (lam.dataset, lam.eval_split, lam.text_key) == ("lambada:1.0.0", "test", "passage")
+  c4 = eval_sets.data_config_for(data, "c4/en:3.1.0", None, "validation")
+  assert (c4.eval_split, c4.text_key) == ("validation", "text")
+  assert eval_sets.data_config_for(data, "lambada", "train", "validation").eval_split == "train"
+  assert data.text_key == "text" and data.dataset == "local_text"   # a copy, not the config
+
+
+def test_eval_reads_a_registered_sets_split(tmp_path, moe_export, other_text_dir, data_dir,
+                                            monkeypatch):
+  from moejax.data import eval_sets
+  other = _prepared_name(other_text_dir, data_dir)
+  plain = eval_run.evaluate(moe_export, datasets=[other], max_batches=2, data_dir=data_dir,
+                            out_dir=str(tmp_path / "plain"))
+  monkeypatch.setitem(eval_sets.EVAL_SETS, "local_text", eval_sets.EvalSet("train", "text"))
+  named = eval_run.evaluate(moe_export, datasets=[other], max_batches=2, data_dir=data_dir,
+                            out_dir=str(tmp_path / "named"))
+  assert plain["splits"] == {other: "validation"} and named["splits"] == {other: "train"}
+  assert named["datasets"][other]["loss"] != pytest.approx(plain["datasets"][other]["loss"], rel=1e-6)
 
 
 # ------------------------------------------------------------------ plots from eval

@@ -1,4 +1,4 @@
-"""moejax.host_memory: with freed blocks kept, a jitted step's large temporaries stop
+"""moejax.backends.cpu.host_memory: with freed blocks kept, a jitted step's large temporaries stop
 page-faulting once the heap has settled; without, every call faults them all in again."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import platform
 import subprocess
 import sys
 
-from moejax import host_memory
+from moejax.backends.cpu import host_memory
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +16,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # until the heap has settled, then minor page faults per call.
 _STEP = """
 import resource
-from moejax import host_memory
+from moejax.backends.cpu import host_memory
 print("kept", host_memory.keep_freed_memory())
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.cumsum(x, axis=0)[::64].sum())

@@ -1,4 +1,4 @@
-"""The CPU dropless path: block layout, the fused grouped FFN (custom VJP) against a plain
+"""The CPU backend's dropless path (moejax.backends.cpu): block layout, the fused grouped FFN (custom VJP) against a plain
 per-expert reference, values and gradients; the routing group size rule."""
 
 import chex
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.layers.moe import dispatch
-from moejax.layers.moe import grouped_mlp as gml
+from moejax.backends.cpu import grouped_mlp as gml
+from moejax.backends.cpu import moe_dispatch
 from moejax.layers.moe.layer import routing_group_size
 
 E, D, F = 4, 6, 10
@@ -90,7 +90,7 @@ def test_grouped_mlp_equals_per_expert_reference(counts, sizes, gated, activatio
 
 
 def test_blocked_dispatch_rows_equal_dense_loop():
-  """``_blocked_grouped_mlp``: rows gathered from tokens (each token twice), unrouted rows,
+  """``blocked_grouped_mlp``: rows gathered from tokens (each token twice), unrouted rows,
   an idle expert; values and gradients w.r.t. the tokens and every weight."""
   t, k = 24, 2
   x = jax.random.normal(jax.random.key(4), (t, D))
@@ -110,7 +110,7 @@ def test_blocked_dispatch_rows_equal_dense_loop():
     y = fn(x, *w)
     return jnp.sum(jnp.sin(y)), y
 
-  blocked = lambda x, *w: dispatch._blocked_grouped_mlp(x, source, expert, w, "silu", 8)
+  blocked = lambda x, *w: moe_dispatch.blocked_grouped_mlp(x, source, expert, w, "silu", 8)
   got = jax.grad(loss, argnums=(1, 2), has_aux=True)(blocked, x, w)
   want = jax.grad(loss, argnums=(1, 2), has_aux=True)(dense, x, w)
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
@@ -123,8 +123,8 @@ def test_block_sizes():
   assert gml.block_sizes(2) == (2,)
   with pytest.raises(ValueError, match="power of two"):
     gml.block_sizes(384)
-  assert dispatch.default_block(8192, 8) == 1024 and dispatch.default_block(32, 4) == 8
-  assert dispatch.default_block(4096, 8) == 512 and dispatch.default_block(1 << 20, 8) == 1024
+  assert moe_dispatch.default_block(8192, 8) == 1024 and moe_dispatch.default_block(32, 4) == 8
+  assert moe_dispatch.default_block(4096, 8) == 512 and moe_dispatch.default_block(1 << 20, 8) == 1024
 
 
 @pytest.mark.parametrize("group_size,length,experts,k,want", [

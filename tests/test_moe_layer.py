@@ -16,6 +16,11 @@ from moejax.layers.base import FFN_REGISTRY, Aux
 D, F, E, B, L = 8, 16, 4, 2, 8
 
 
+def _moe(cfg, **kw):
+  """The MoE layer of a ``config.moe`` section."""
+  return moe.MoE(moe.MoESettings.from_config(cfg), **kw)
+
+
 def _cfg(**kw):
   cfg = moe.default_config()
   cfg.num_experts = E
@@ -26,7 +31,7 @@ def _cfg(**kw):
 
 
 def _layer(seed=0, train=False, **kw):
-  m = moe.MoE(_cfg(**kw), d_model=D, d_ff=F, rngs=nnx.Rngs(seed))
+  m = _moe(_cfg(**kw), d_model=D, d_ff=F, rngs=nnx.Rngs(seed))
   if train:
     m.train()
   else:
@@ -61,12 +66,12 @@ def reference(m, x, mask, train=False):
   x, mask = np.asarray(x), np.asarray(mask)
   y = np.zeros_like(x)
   logits = np.asarray(m.router(jnp.asarray(x), train=False, rng=None), np.float64)
-  k = m.top_k
+  k = m.settings.top_k
   for g in range(x.shape[0]):
     p = np.exp(logits[g] - logits[g].max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     real = [s for s in range(x.shape[1]) if mask[g, s]]
-    if m.router_kind == "expert_choice":
+    if m.settings.router == "expert_choice":
       cap = m._capacity(x.shape[1], train=train)
       for e in range(E):
         chosen = sorted(real, key=lambda s: (-p[s, e], s))[:cap]
@@ -120,10 +125,11 @@ def test_layer_matches_per_token_loop(router, k, cf):
 @pytest.mark.parametrize("router,k,cf", [("top_k", 2, 0.5), ("top_k", 3, 1.0),
                                          ("expert_choice", 1, 1.5)])
 def test_einsum_dispatch_by_rows_equals_mask_einsums(router, k, cf):
-  """On CPU the einsum path moves rows (gather / scatter-add, routing.*Plan.slots); the
-  GShard mask einsums (what TPU / GPU run) give the same outputs and gradients."""
+  """On CPU the einsum path moves rows (the CPU backend's moe.capacity_moves: gather /
+  scatter-add, routing.*Plan.slots); the GShard mask einsums (what TPU / GPU run) give the
+  same outputs and gradients."""
   from moejax import kernels
-  from moejax.layers.moe import dispatch
+  from moejax.kernels import registry
   m = _layer(router=router, top_k=k, capacity_factor_train=cf, train=True, gated=True)
   x, mask = _inputs()
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
@@ -133,10 +139,10 @@ def test_einsum_dispatch_by_rows_equals_mask_einsums(router, k, cf):
     return jnp.sum(jnp.sin(y)), y
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-  assert dispatch._by_rows()
+  assert registry.find("moe.capacity_moves") is not None
   (_, y_rows), g_rows = grad(params, x)
   with kernels.target_platform("tpu"):                    # the mask einsums
-    assert not dispatch._by_rows()
+    assert registry.find("moe.capacity_moves") is None
     (_, y_mask), g_mask = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
         params, x)
   assert float(jnp.abs(y_rows).max()) > 0
@@ -170,7 +176,7 @@ def test_gradients_finite_in_training(kw):
   # (with top_k=1 and renormalize=True a renormalised weight g/g = 1 would give ~1e-8).
   cfg = _cfg(balance_loss_weight=0.0, z_loss_weight=0.0, **kw)
   assert cfg.renormalize
-  m = moe.MoE(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(params=0, router=1))
+  m = _moe(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(params=0, router=1))
   m.train()
   x, mask = _inputs()
 
@@ -223,14 +229,14 @@ def test_expert_parallel_equals_single_device():
     return jnp.sum(y ** 2) + aux.total_loss(), (y, aux)
 
   grad_fn = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
-  ref = moe.MoE(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(0))
+  ref = _moe(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(0))
   (_, (y0, aux0)), g0 = grad_fn(ref, x)
   assert float(aux0.metrics["dropped_fraction"]) > 0      # capacity matters in this check
 
   mesh = sharding.make_mesh(data=2, expert=4)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules()):
     cfg.dispatch = "expert_parallel"
-    m = moe.MoE(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(0))
+    m = _moe(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(0))
     assert m.experts.wi[...].sharding.spec[0] == "expert"
     xs = jax.device_put(x, sharding.batch_sharding(mesh, 3))
     (_, (y1, aux1)), g1 = grad_fn(m, xs)
@@ -250,26 +256,44 @@ def test_expert_parallel_equals_single_device():
     ((2, 4), dict(group_size=16), 8, r"config\.moe\.group_size=16: .* 4 routing groups .*"
                                      r"\(set --config\.moe\.group_size=8\)"),
 ])
-def test_expert_parallel_uneven_split_is_config_error(mesh_shape, kw, batch, match):
+def test_expert_parallel_uneven_split(mesh_shape, kw, batch, match):
+  """The layer refuses in plain words while jit traces; the config check, once the mesh is
+  resolved, names the field to change."""
+  from moejax import config as config_lib
   cfg = _cfg(top_k=1, dispatch="expert_parallel", **kw)
   x = jnp.ones((batch, L, D))
   mesh = sharding.make_mesh(data=mesh_shape[0], expert=mesh_shape[1])
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules()):
-    m = moe.MoE(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(0))
-    with pytest.raises(ConfigError, match=match) as e:   # raised while jit traces
+    m = _moe(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="data x expert shards, which must divide") as e:
       nnx.jit(lambda m, x: m(x)[0])(m, x)
+  assert "--config" not in str(e.value) and not isinstance(e.value, ConfigError)
+  c = config_lib.default_config()
+  c.moe.update(cfg.to_dict())
+  c.data.update(batch_size=batch, seq_len=L)
+  c.model.sparse_ffn = "moe"
+  c.model.sparse_layers = "all"
+  with pytest.raises(ConfigError, match=match) as e:
+    config_lib.check_mesh_shape(c, dict(zip(sharding.MESH_AXES, (*mesh_shape, 1))))
   assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("dispatch", ["einsum", "expert_parallel"])
-def test_experts_not_divisible_by_expert_shards_is_config_error(dispatch):
+def test_experts_not_divisible_by_expert_shards(dispatch):
   # mesh.expert=-1 (8 expert shards): validate cannot see that 4 experts do not divide.
+  from moejax import config as config_lib
   cfg = _cfg(dispatch=dispatch)
   with jax.set_mesh(sharding.make_mesh(data=1, expert=-1)), \
        nnx.logical_axis_rules(sharding.logical_rules()):
-    with pytest.raises(ConfigError, match=r"^config\.moe\.num_experts=4: must be a multiple of the "
-                                          r"8 expert shards .*num_experts=8"):
-      nnx.eval_shape(lambda: moe.MoE(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"^4 experts do not split evenly over the 8 expert shards"):
+      nnx.eval_shape(lambda: _moe(cfg, d_model=D, d_ff=F, rngs=nnx.Rngs(0)))
+  c = config_lib.default_config()
+  c.moe.update(cfg.to_dict())
+  c.model.sparse_ffn = "moe"
+  c.mesh.expert = -1
+  with pytest.raises(ConfigError, match=r"^config\.moe\.num_experts=4: must be a multiple of the "
+                                        r"8 expert shards .*num_experts=8"):
+    config_lib.check_mesh_shape(c, {"data": 1, "expert": 8, "model": 1})
 
 
 def test_registered_and_config_section():
@@ -345,7 +369,7 @@ def test_groups_bf16_and_shared_experts():
   # group_size 4: the B*L = 16 tokens form 4 routing groups of 4.
   m32 = _layer(top_k=2, group_size=4, num_shared_experts=1, capacity_factor_eval=0.0)
   y32, _ = m32(x, mask=mask)
-  m16 = moe.MoE(_cfg(top_k=2, group_size=4, num_shared_experts=1, capacity_factor_eval=0.0),
+  m16 = _moe(_cfg(top_k=2, group_size=4, num_shared_experts=1, capacity_factor_eval=0.0),
                 d_model=D, d_ff=F, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   m16.eval()
   y16, aux16 = m16(x, mask=mask)

@@ -164,6 +164,11 @@ def test_buffer_factor_drops_overflow_by_the_documented_rule():
   chex.assert_trees_all_close(plan.load(), dense_plan.load())
 
 
+def _moe(cfg, **kw):
+  """The MoE layer of a ``config.moe`` section."""
+  return moe.MoE(moe.MoESettings.from_config(cfg), **kw)
+
+
 def _cfg(**kw):
   cfg = moe.default_config()
   cfg.update(dict(num_experts=E, top_k=K, gated=True, min_capacity=1), **kw)
@@ -181,14 +186,14 @@ def test_layer_dropless_ep_equals_single_device_dropless(monkeypatch):
     return jnp.sum(y ** 2) + aux.total_loss(), (y, aux)
 
   grad_fn = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
-  ref = moe.MoE(_cfg(dispatch="dropless", dropless_impl="blocked"), d_model=D, d_ff=F,
+  ref = _moe(_cfg(dispatch="dropless", dropless_impl="blocked"), d_model=D, d_ff=F,
                 rngs=nnx.Rngs(0))
   (l0, (y0, aux0)), g0 = grad_fn(ref, x)
 
   monkeypatch.setattr(jax.lax, "ragged_all_to_all", reference_exchange)
   mesh = sharding.make_mesh(data=2, expert=4)
   with jax.set_mesh(mesh), _rules(), kernels.target_platform("tpu"):
-    m = moe.MoE(_cfg(dispatch="dropless_ep"), d_model=D, d_ff=F, rngs=nnx.Rngs(0))
+    m = _moe(_cfg(dispatch="dropless_ep"), d_model=D, d_ff=F, rngs=nnx.Rngs(0))
     assert m._capacity(L, train=True) is None
     (l1, (y1, aux1)), g1 = grad_fn(m, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
   chex.assert_trees_all_close(y1, y0, atol=1e-5, rtol=1e-5)
@@ -206,7 +211,7 @@ def test_cpu_runs_the_capacity_all_to_all_with_a_note(caplog):
   with jax.set_mesh(mesh), _rules():
     for d in ("expert_parallel", "dropless_ep"):
       # top-1 with position priority: causal, so evaluation keeps its capacity
-      m = moe.MoE(_cfg(dispatch=d, capacity_factor_eval=1.0, top_k=1), d_model=D, d_ff=F,
+      m = _moe(_cfg(dispatch=d, capacity_factor_eval=1.0, top_k=1), d_model=D, d_ff=F,
                   rngs=nnx.Rngs(0))
       m.eval()
       assert m._capacity(L, train=False) is not None     # capacity applies on CPU
@@ -246,12 +251,12 @@ TD, TF, TB, TL = 128, 256, 8, 64
 def _compile_train_step(topology, **kw):
   """Value and gradients (state, x) of a small MoE layer (the layer path, abstract state), compiled
   for ``topology`` on a (data=1, expert=4) mesh."""
-  from moejax.kernels import aot
+  from moejax.aot import targets as aot
   mesh = sharding.make_mesh(data=1, expert=4, model=1, devices=aot.topology_devices(topology))
   cfg = _cfg(**kw)
   with jax.set_mesh(mesh), _rules(), kernels.target_platform("tpu"):
     gdef, state = nnx.split(nnx.eval_shape(
-        lambda: moe.MoE(cfg, d_model=TD, d_ff=TF, rngs=nnx.Rngs(0))))
+        lambda: _moe(cfg, d_model=TD, d_ff=TF, rngs=nnx.Rngs(0))))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          state, nnx.get_named_sharding(state, mesh))
     x = jax.ShapeDtypeStruct((TB, TL, TD), jnp.float32, sharding=sharding.batch_sharding(mesh, 3))
@@ -266,7 +271,7 @@ def _compile_train_step(topology, **kw):
 
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", "v5e:2x2"])
 def test_compiles_for_tpu(topology):
-  from moejax.kernels import aot
+  from moejax.aot import targets as aot
   if not aot.libtpu_available():
     pytest.skip("needs libtpu (pip install 'jax[tpu]')")
   c = _compile_train_step(topology, dispatch="dropless_ep")

@@ -11,7 +11,7 @@ from flax import nnx
 from lm_utils import tiny_config
 from moejax import config as config_lib
 from moejax.errors import ConfigError
-from moejax.layers.moe import MoE, routing
+from moejax.layers.moe import MoE, MoESettings, routing
 from moejax.model import Transformer
 
 SEG = np.array([[1] * 6 + [2] * 5 + [3] * 5, [1] * 9 + [2] * 4 + [0] * 3], np.int32)
@@ -197,7 +197,7 @@ def test_lm_passes_token_ids_to_hash_routing(monkeypatch):
 def test_hash_by_token_id_ignores_the_hidden_state():
   """Same token id, different hidden states -> same experts (and different ids can differ)."""
   c = _moe_cfg(router="hash", top_k=2)
-  layer = MoE(c.moe, d_model=32, d_ff=64, rngs=nnx.Rngs(0))
+  layer = MoE(MoESettings.from_config(c.moe), d_model=32, d_ff=64, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (1, 64, 32))
   ids = jnp.tile(jnp.array([5, 9]), 32)[None]
   plan, _ = layer.route(x, jnp.ones((1, 64), bool), ids)

@@ -13,17 +13,17 @@ from moejax import config as config_lib
 from moejax import sharding
 from moejax.errors import ConfigError
 from moejax.layers import peer
-from moejax.kernels import retrieval_reference as pk
+from moejax.kernels import reference
 from moejax.layers import query as pkq
 from moejax.layers.base import FFN_REGISTRY, TableParam, build_ffn
 
 D = 16
 
 
-def _peer(seed=0, **kw):
+def _peer(seed=0, dtype=jnp.float32, **kw):
   args = dict(num_experts_sqrt=8, heads=2, top_k=3, d_key=8, query_norm="none")
   args.update(kw)
-  return peer.PEER(D, rngs=nnx.Rngs(seed), **args)
+  return peer.PEER(D, peer.PEERSettings(**args), dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 def _x(seed=1, b=2, l=5, dtype=jnp.float32):
@@ -39,7 +39,7 @@ def paper_peer_forward(x, params, *, top_k, activation, query_norm, eps=1e-5):
     var = q.var(axis=(0, 1))
     q = (q - mean) / jnp.sqrt(var + eps) * params["bn_scale"] + params["bn_bias"]
   # indices, scores = get_indices(query, sub_keys, top_k): exhaustive over N = n² keys
-  keys = pk.full_product_keys(params["keys1"], params["keys2"])       # [h|1, N, d_key]
+  keys = reference.full_product_keys(params["keys1"], params["keys2"])       # [h|1, N, d_key]
   if keys.shape[0] == 1:
     all_scores = jnp.einsum("bthk,nk->bthn", q, keys[0])
   else:
@@ -99,7 +99,7 @@ def test_sigmoid_and_per_head_experts():
   x = _x()
   y, aux = m(x)
   q = jnp.einsum("btd,dhk->bthk", x, m.retrieval.query[...])
-  s, i = pk.brute_force_topk(q, m.retrieval.keys1[...], m.retrieval.keys2[...], 3)
+  s, i = reference.product_key_topk(q, m.retrieval.keys1[...], m.retrieval.keys2[...], 3)
   i = i + 64 * jnp.arange(3)[:, None]
   a = jax.nn.gelu(jnp.einsum("btd,bthkd->bthk", x, m.u[...][i])) * jax.nn.sigmoid(s)
   ref = jnp.einsum("bthk,bthkd->btd", a, m.v[...][i])
@@ -122,8 +122,8 @@ def test_initial_output_variance_comparable_to_dense():
   d = 64
   x = jax.random.normal(jax.random.key(0), (4, 64, d))
   for score in ("softmax", "sigmoid"):
-    m = peer.PEER(d, num_experts_sqrt=32, heads=4, top_k=8, d_key=32, score=score,
-                  rngs=nnx.Rngs(0))
+    m = peer.PEER(d, peer.PEERSettings(num_experts_sqrt=32, heads=4, top_k=8, d_key=32,
+                                       score=score), rngs=nnx.Rngs(0))
     var = float(jnp.var(nnx.jit(lambda m, x: m(x)[0])(m, x)))
     assert 0.1 < var < 2.0, (score, var)
 
@@ -174,7 +174,7 @@ def test_batchnorm_train_eval_and_padding():
   chex.assert_trees_all_close(ye[:1, :2], ye_alone, atol=1e-5)
   chex.assert_trees_all_close(bn.mean[...], mean1)
   qe = (jnp.einsum("bld,dhk->blhk", x, m.retrieval.query[...]) - mean1) / jnp.sqrt(var1 + 1e-5)
-  s, i = pk.brute_force_topk(qe, m.retrieval.keys1[...], m.retrieval.keys2[...], 3)
+  s, i = reference.product_key_topk(qe, m.retrieval.keys1[...], m.retrieval.keys2[...], 3)
   a = jax.nn.gelu(jnp.einsum("btd,bthkd->bthk", x, m.u[...][i])) * jax.nn.softmax(s)
   chex.assert_trees_all_close(ye, jnp.einsum("bthk,bthkd->btd", a, m.v[...][i]), atol=1e-5)
   m.train()

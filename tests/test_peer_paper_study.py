@@ -36,11 +36,33 @@ def test_plan_runs_shared_arms_once_main_first_seed_first():
   assert ("peer_n128_h8k16_bn", 0) in keys    # main, usage and ablation share it
 
 
-def test_tiny_study_end_to_end_and_resume(tmp_path, capsys):
-  runs, results = tmp_path / "runs", tmp_path / "results"
-  base = ["--scale", "tiny", f"--runs={runs}", f"--results={results}"]
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+  """Every study at --scale tiny, trained and evaluated in this process: (tmp, runs, base flags)."""
+  tmp = tmp_path_factory.mktemp("study")
+  runs = tmp / "runs"
+  base = ["--scale", "tiny", f"--runs={runs}", f"--results={tmp / 'results'}"]
   assert study.main(base + ["--in_process"]) == 0
-  out = results / "tiny"
+  return tmp, runs, base
+
+
+def _reevaluate_dense(runs, base, capsys, *flags):
+  """Deletes the dense run's evaluation and runs the main study again: only it runs (train
+  finds it finished and does nothing, eval runs again), one attempt more."""
+  dense = study.workdir(runs, "tiny", arms.dense(), 0)
+  times = json.loads((dense / study.TIMES).read_text())
+  (dense / "eval" / "eval.json").unlink()
+  capsys.readouterr()
+  assert study.main(base + ["--study=main", *flags]) == 0
+  log = capsys.readouterr().out
+  assert log.count("done") == len(arms.study("main", "tiny")) - 1 and log.count(" ran") == 1
+  assert json.loads((dense / study.TIMES).read_text())["attempts"] == times["attempts"] + 1
+  assert (dense / "eval" / "eval.json").exists()
+
+
+def test_tiny_study_end_to_end_and_resume(tiny_study, capsys):
+  tmp_path, runs, base = tiny_study
+  out = tmp_path / "results" / "tiny"
   res = json.loads((out / "results.json").read_text())
   todo = study.plan(list(arms.STUDIES), "tiny")
   assert res["missing"] == [] and len(res["runs"]) == len(todo)
@@ -69,24 +91,26 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, capsys):
   again = json.loads((tmp_path / "again" / "tiny" / "results.json").read_text())
   assert [r["eval_loss"] for r in again["runs"]] == [r["eval_loss"] for r in res["runs"]]
 
-  # Finished runs are skipped; a run missing its evaluation is evaluated again, through
-  # the train.py / eval.py processes (train.py finds the run finished and does nothing).
-  dense = study.workdir(runs, "tiny", arms.dense(), 0)
-  times = json.loads((dense / study.TIMES).read_text())
-  (dense / "eval" / "eval.json").unlink()
-  capsys.readouterr()
-  assert study.main(base + ["--study=main"]) == 0
-  log = capsys.readouterr().out
-  assert log.count("done") == len(arms.study("main", "tiny")) - 1 and log.count(" ran") == 1
-  assert json.loads((dense / study.TIMES).read_text())["attempts"] == times["attempts"] + 1
-  assert (dense / "eval" / "eval.json").exists()
+  # Finished runs are skipped; a run missing its evaluation is evaluated again (here in this
+  # process; through the train.py / eval.py processes in the slow test below).
+  _reevaluate_dense(runs, base, capsys, "--in_process")
 
   # A workdir trained with other flags is refused, never mixed.
+  dense = study.workdir(fresh, "tiny", arms.dense(), 0)
   spec = json.loads((dense / study.SPEC).read_text())
   spec["flags"] = spec["flags"][:-1] + ["--config.model.sparse_ffn=peer"]
   (dense / study.SPEC).write_text(json.dumps(spec))
   with pytest.raises(SystemExit, match="trained with other flags"):
-    study.main(base + ["--study=main"])
+    study.main(["--scale", "tiny", f"--runs={fresh}", "--study=main",
+                f"--results={tmp_path / 'again'}"])
+
+
+@pytest.mark.slow
+def test_tiny_study_reevaluates_through_train_and_eval_processes(tiny_study, capsys):
+  """The study's own train.py / eval.py command lines (the default suite runs the same
+  re-evaluation in process above; train.py and eval.py's flags in test_end_to_end.py)."""
+  _, runs, base = tiny_study
+  _reevaluate_dense(runs, base, capsys)
 
 
 def test_bad_study_name_is_one_line(capsys):

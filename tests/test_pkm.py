@@ -12,16 +12,16 @@ from moejax import config as config_lib
 from moejax import sharding
 from moejax.errors import ConfigError
 from moejax.layers import pkm
-from moejax.kernels import retrieval_reference as pk
+from moejax.kernels import reference
 from moejax.layers.base import TableParam, build_ffn
 
 D = 16
 
 
-def _pkm(seed=0, **kw):
+def _pkm(seed=0, dtype=jnp.float32, **kw):
   args = dict(num_keys_sqrt=8, heads=2, top_k=4, d_key=8, query_norm="none")
   args.update(kw)
-  return pkm.PKM(D, rngs=nnx.Rngs(seed), **args)
+  return pkm.PKM(D, pkm.PKMSettings(**args), dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 def _x(seed=1, b=2, l=5):
@@ -33,7 +33,7 @@ def pkm_reference(x, m, *, layer_norm=False):
   q = jnp.einsum("btd,dhk->bthk", x, m.retrieval.query[...])
   if layer_norm:
     q = (q - q.mean(-1, keepdims=True)) / jnp.sqrt(q.var(-1, keepdims=True) + 1e-5)
-  keys = pk.full_product_keys(m.retrieval.keys1[...], m.retrieval.keys2[...])  # [h, N, dk]
+  keys = reference.full_product_keys(m.retrieval.keys1[...], m.retrieval.keys2[...])  # [h, N, dk]
   scores, idx = jax.lax.top_k(jnp.einsum("bthk,hnk->bthn", q, keys), m.retrieval.top_k)
   return jnp.einsum("bthk,bthkd->btd", jax.nn.softmax(scores, -1), m.values[...][idx])
 

@@ -1,5 +1,6 @@
 """model.remat and model.scan_layers change memory and compile time, never the maths."""
 
+import functools
 import json
 
 import chex
@@ -57,14 +58,22 @@ def _loss_and_grads(config):
   return loss, grads, stats, metrics
 
 
+@functools.cache
+def _plain(kind: str):
+  """_loss_and_grads of the plain (unscanned, no remat) model: the reference of both tests below."""
+  return _loss_and_grads(_config(kind))
+
+
 def _close(a, b, rtol, atol):
   chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "peer"])
-def test_remat_equals_none(kind):
-  ref = _loss_and_grads(_config(kind))
-  for policy in ("full", "save_dots", "save_named"):
+POLICIES = ("full", "save_dots", "save_named")
+
+
+def _check_remat_equals_none(kind, policies):
+  ref = _plain(kind)
+  for policy in policies:
     got = _loss_and_grads(_config(kind, remat=policy))
     _close(got[0], ref[0], 1e-6, 1e-6)
     _close(got[1], ref[1], 1e-5, 1e-6)           # gradients
@@ -72,10 +81,24 @@ def test_remat_equals_none(kind):
     _close(got[3], ref[3], 1e-5, 1e-6)           # aux metrics
 
 
+# Every policy on the dense trunk; one policy each on the sparse blocks here, the others
+# scanned in test_scanned_equals_unscanned (moe full, peer save_named). All of them: -m slow.
+@pytest.mark.parametrize("kind,policies", [("dense", POLICIES), ("moe", ("save_dots",)),
+                                           ("peer", ("full",))])
+def test_remat_equals_none(kind, policies):
+  _check_remat_equals_none(kind, policies)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["moe", "peer"])
+def test_every_remat_policy_equals_none(kind):
+  _check_remat_equals_none(kind, POLICIES)
+
+
 @pytest.mark.parametrize("kind,remat", [("dense", "none"), ("moe", "full"), ("peer", "save_named"),
                                         ("pkm", "none")])
 def test_scanned_equals_unscanned(kind, remat):
-  ref = _loss_and_grads(_config(kind))
+  ref = _plain(kind)
   got = _loss_and_grads(_config(kind, scan_layers=True, remat=remat))
   assert list(got[3]) == list(ref[3])             # aux records keep per-block names, in order
   _close(got[0], ref[0], 1e-5, 1e-6)

@@ -6,9 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moejax.training.row_sparse import dedupe_rows, lazy_adam_rows
+from moejax.training.row_sparse import adam_on_unique_rows, dedupe_rows
 
 B1, B2, EPS, LR = 0.9, 0.98, 1e-8, 0.1
+
+
+def lazy_adam_rows(table, mu, nu, indices, row_grads, *, count, lr, b1, b2, eps):
+  """One lazy-Adam step on the rows ``indices [...]`` with gradients ``row_grads [..., d]``
+  (repeats summed), as the training step composes it: dedupe, then update those rows."""
+  d = table.shape[-1]
+  unique, g = dedupe_rows(indices.reshape(-1), row_grads.reshape(-1, d).astype(jnp.float32),
+                          table.shape[0])
+  return adam_on_unique_rows(table, mu, nu, unique, g, count=count, lr=lr, b1=b1, b2=b2, eps=eps)
 
 
 def test_dedupe_sums_repeats():

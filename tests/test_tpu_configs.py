@@ -2,7 +2,7 @@
 
 Each TPU config module has ``TOPOLOGY = "vX:AxB..."`` (its target slice), named in its
 docstring too. The fast tests check that declaration without compiling. The slow test compiles
-the config's train and eval steps there with libtpu (``moejax.compile.compile_config``, vocab
+the config's train and eval steps there with libtpu (``moejax.aot.compile.compile_config``, vocab
 32,000 as the configs' SentencePiece model) and asserts at least 25 % HBM headroom per device
 for both steps; each config takes minutes on 2 CPU cores:
 
@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from moejax.kernels.aot import libtpu_available
+from moejax.aot.targets import libtpu_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Several test processes on one machine may load libtpu at once (compile-only use).
@@ -34,24 +34,24 @@ def load(name):
 
 
 def test_the_tpu_configs_are_found():
-  assert {"peer_c4_tpu", "pkm_c4_tpu", "switch_base_c4_tpu"} <= set(TPU_CONFIGS)
+  assert {*TABLE1, "switch_base_c4_tpu"} <= set(TPU_CONFIGS)
 
 
 @pytest.mark.parametrize("name", TPU_CONFIGS)
 def test_tpu_config_names_its_slice(name):
   """TOPOLOGY is an accepted topology, the docstring names it, and the mesh and batch fit it."""
-  from moejax import compile as compile_lib
   from moejax import config as config_lib
+  from moejax.aot import chips
   from moejax.sharding import resolve_mesh_shape
   mod = load(name)
   topology = getattr(mod, "TOPOLOGY", None)
   assert topology, f"configs/{name}.py: no TOPOLOGY constant"
-  assert compile_lib.resolve_topology(topology) == topology
+  assert chips.resolve_topology(topology) == topology
   assert topology in mod.__doc__, f"configs/{name}.py: the docstring does not name {topology}"
   c = mod.get_config()
   config_lib.validate(c)
-  chip = compile_lib.chip_of(topology)
-  devices = compile_lib.num_chips(topology) * chip.devices_per_chip
+  chip = chips.chip_of(topology)
+  devices = chips.num_chips(topology) * chip.devices_per_chip
   data, expert, model = resolve_mesh_shape((c.mesh.data, c.mesh.expert, c.mesh.model), devices)
   assert data * expert * model == devices, "the mesh leaves devices of the slice unused"
   assert c.data.batch_size % (data * expert) == 0
@@ -59,14 +59,33 @@ def test_tpu_config_names_its_slice(name):
   assert c.data.tokenizer != "byte" and c.model.vocab_size in (0, VOCAB)
 
 
+TABLE1 = ("dense_c4_tpu", "moe_ec_c4_tpu", "pkm_c4_tpu", "peer_c4_tpu")   # the PEER paper's Table 1
+
+
+@pytest.mark.parametrize("budget", ["6e18", "2e19"])
+def test_table1_arms_spend_one_flop_budget_on_one_trunk(budget):
+  """Each arm's steps x model FLOPs per step is the budget (to one step), on the same trunk."""
+  from moejax import flops
+  trunks = set()
+  for name in TABLE1:
+    c = load(name).get_config(budget)
+    c.model.vocab_size = VOCAB
+    per_step = flops.count(c).train * c.data.batch_size * c.data.seq_len
+    assert abs(c.train.steps * per_step - float(budget)) <= per_step, name
+    m = c.model
+    trunks.add((m.d_model, m.num_layers, m.num_heads, m.d_ff, c.data.batch_size, c.data.seq_len))
+  assert len(trunks) == 1
+  assert load("dense_c4_tpu").get_config("2e19").train.steps > 3 * load("dense_c4_tpu").get_config().train.steps
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not libtpu_available(), reason="needs libtpu (pip install -e '.[tpu]')")
 @pytest.mark.parametrize("name", TPU_CONFIGS)
 def test_tpu_config_fits_its_slice(name):
-  from moejax import compile as compile_lib
+  from moejax.aot.compile import compile_config
   mod = load(name)
-  report = compile_lib.compile_config(mod.get_config(), mod.TOPOLOGY, vocab_size=VOCAB,
-                                      config_name=f"configs/{name}.py")
+  report = compile_config(mod.get_config(), mod.TOPOLOGY, vocab_size=VOCAB,
+                          config_name=f"configs/{name}.py")
   print("\n" + report.table())
   assert report.topology == mod.TOPOLOGY and report.mesh_devices == report.num_devices
   assert report.vocab_size == VOCAB        # the SentencePiece placeholder, not the byte tokenizer

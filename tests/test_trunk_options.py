@@ -12,7 +12,7 @@ from lm_utils import tiny_config
 from moejax import config as config_lib
 from moejax.errors import ConfigError
 from moejax.generation import prepare
-from moejax.layers.moe import MoE
+from moejax.layers.moe import MoE, MoESettings
 from moejax.model import Transformer
 
 # Logits [0, :3, :4] and sum |logits| of the default tiny models, computed by moejax before
@@ -54,7 +54,7 @@ def test_defaults_add_no_variables():
 
 
 def _copy(src: Transformer, dst: Transformer, fix=lambda path, x: x):
-  pure = nnx.state(src).to_pure_dict()
+  pure = nnx.to_pure_dict(nnx.state(src))
   pure = jax.tree_util.tree_map_with_path(fix, pure)
   graphdef, state = nnx.split(dst)
   nnx.replace_by_pure_dict(state, pure)
@@ -129,7 +129,7 @@ def test_shared_expert_behind_a_sigmoid_gate():
   c.moe.update(num_shared_experts=1, shared_d_ff=24, shared_gate=True, gated=True,
                activation="silu", renormalize=False)
   config_lib.validate(c)
-  layer = MoE(c.moe, d_model=32, d_ff=64, rngs=nnx.Rngs(0))
+  layer = MoE(MoESettings.from_config(c.moe), d_model=32, d_ff=64, rngs=nnx.Rngs(0))
   layer.eval()
   assert layer.shared.wi.shape == (32, 24) and layer.shared_gate.shape == (32, 1)
   x = jax.random.normal(jax.random.key(2), (2, 8, 32))

@@ -3,6 +3,7 @@
   tokenizers.py  Tokenizer protocol, ByteTokenizer (default), SentencePieceTokenizer
   local_text.py  the ``local_text`` TFDS builder over a directory of text files
   pipeline.py    make_source, make_train_iterator, make_eval_iterator
+  eval_sets.py   the split and text feature of named evaluation sets (LAMBADA: test, passage)
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from flax import nnx
 
 from moejax import data, paths
 from moejax.errors import CheckpointError
+from moejax.data import eval_sets
 from moejax.evaluation import perplexity, plots
 from moejax.evaluation.locate import locate
 from moejax.training import checkpoint as ckpt_lib
@@ -65,7 +66,7 @@ def evaluate(path: str, *, datasets: list[str] | None = None, split: str | None 
     config.data.data_dir = data_dir
   tokenizer = data.load_tokenizer(config.data.tokenizer)
   names = datasets or [n for n in config.eval.datasets.split(",") if n] or [config.data.dataset]
-  split = split or config.eval.split
+  data_cfgs = {n: eval_sets.data_config_for(config.data, n, split, config.eval.split) for n in names}
   max_batches = config.eval.max_batches if max_batches is None else max_batches
   eval_step = state_lib.make_eval_step(ms.graphdef, ms.shardings, ms.mesh, ms.rules)
   workdir = workdir_of(path)
@@ -75,15 +76,18 @@ def evaluate(path: str, *, datasets: list[str] | None = None, split: str | None 
   results = {}
   with jax.set_mesh(ms.mesh), nnx.logical_axis_rules(ms.rules):
     for name in names:
-      batches = data.make_eval_iterator(config.data, tokenizer, dataset=name, split=split,
-                                        max_batches=max_batches, process_index=jax.process_index(),
+      batches = data.make_eval_iterator(data_cfgs[name], tokenizer, max_batches=max_batches,
+                                        process_index=jax.process_index(),
                                         process_count=jax.process_count())
       results[name] = perplexity.evaluate(eval_step, ms.state, batches, ms.mesh)
 
   files = _plots(results, workdir, out_dir) if jax.process_index() == 0 else []
   if jax.process_index() == 0:
     _write_counts(results, out_dir)
-  report = {"checkpoint": paths.absolute(path), "step": step, "split": split,
+  splits = {d.eval_split for d in data_cfgs.values()}
+  report = {"checkpoint": paths.absolute(path), "step": step,
+            "split": splits.pop() if len(splits) == 1 else None,
+            "splits": {n: d.eval_split for n, d in data_cfgs.items()},
             "datasets": {n: _jsonable(r) for n, r in results.items()}, "plots": files}
   if jax.process_index() == 0:
     paths.write_json(paths.join(out_dir, "eval.json"), report)

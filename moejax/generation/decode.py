@@ -47,7 +47,7 @@ def prepare(model: Transformer) -> Transformer:
   for _, m in nnx.iter_modules(model):
     if isinstance(m, MoE):
       m.no_drop = True
-      m.second_policy_eval = "all"
+      m.settings = m.settings.replace(second_policy_eval="all")
   return model
 
 

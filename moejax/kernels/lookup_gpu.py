@@ -1,7 +1,7 @@
 """The PEER / PKM lookup as Pallas kernels for GPUs (Triton backend).
 
 The three :class:`~moejax.kernels.lookup_vjp.LookupKernels` pieces (token-flattened, see
-:mod:`~moejax.kernels.lookup_vjp` for the contract, :data:`~lookup_vjp.JAX_PIECES` for the
+:mod:`~moejax.kernels.lookup_vjp` for the contract, :data:`~moejax.kernels.reference.LOOKUP_PIECES` for the
 exact semantics) as ``pallas_call`` s lowered by Triton (``compiler_params`` =
 ``jax.experimental.pallas.triton.CompilerParams``, so a GPU never picks Mosaic GPU):
 

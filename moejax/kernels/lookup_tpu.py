@@ -1,7 +1,7 @@
 """PEER / PKM lookup as TPU TensorCore Pallas (Mosaic) kernels.
 
 The three :class:`~moejax.kernels.lookup_vjp.LookupKernels` pieces, equal to
-:data:`~moejax.kernels.lookup_vjp.JAX_PIECES`, glued by :func:`make_lookup` into
+:data:`~moejax.kernels.reference.LOOKUP_PIECES`, glued by :func:`make_lookup` into
 :func:`lookup` (dense table gradients) and :func:`lookup_sparse` (row taps):
 
 * ``forward`` / ``token_backward`` (token-major). The tables stay in HBM
@@ -453,12 +453,12 @@ def _ops(interpret):
 
 
 def lookup(x, indices, scores, up, down=None, *, activation="gelu_tanh", interpret=False):
-  """:func:`moejax.kernels.lookup_reference.lookup` with TPU kernels (dense table grads)."""
+  """:func:`moejax.kernels.lookup_xla.lookup` with TPU kernels (dense table grads)."""
   return _ops(interpret)[0](x, indices, scores, up, down, activation=activation)
 
 
 def lookup_sparse(x, indices, scores, up, down, taps, *, activation="gelu_tanh", rows=None,
                   interpret=False):
-  """:func:`moejax.kernels.lookup_reference.lookup_sparse` with TPU kernels (tap grads)."""
+  """:func:`moejax.kernels.lookup_xla.lookup_sparse` with TPU kernels (tap grads)."""
   return _ops(interpret)[1](x, indices, scores, up, down, taps, activation=activation,
                             rows=rows)

@@ -20,8 +20,9 @@ A backend supplies three pieces (:class:`LookupKernels`) on token-flattened arra
 
 so nothing of size ``[T, H, d]`` exists in forward or backward. :func:`make_lookup` turns
 the pieces into ``lookup`` / ``lookup_sparse`` with the signatures of
-:mod:`~moejax.kernels.lookup_reference`. :data:`JAX_PIECES` are the pieces in plain JAX
-(they do build ``[M, d]`` temporaries): a check of this structure and a model for kernels.
+:mod:`~moejax.kernels.lookup_xla`. :data:`moejax.kernels.reference.LOOKUP_PIECES` are the
+pieces in plain JAX (they do build ``[M, d]`` temporaries): the oracle of this structure
+and a model for kernels.
 """
 
 from __future__ import annotations
@@ -33,54 +34,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels import activations, match_vma
-from moejax.kernels.row_plan import RowFactors, RowPlan, row_plan, run_sums
+from moejax.kernels import match_vma
+from moejax.kernels.row_plan import RowFactors, row_plan
 
 
 class LookupKernels(NamedTuple):
   forward: Callable
   token_backward: Callable
   row_backward: Callable
-
-
-# ------------------------------------------------------------------ plain-JAX pieces
-
-
-def _jax_forward(x, idx, scores, up, down, activation):
-  dt = jnp.float32
-  w = scores.astype(dt)
-  if down is not None:
-    act, _ = activations.get(activation)
-    a = jnp.einsum("td,tjd->tj", x.astype(dt), down[idx].astype(dt))
-    w = act(a) * w
-  return jnp.einsum("tj,tjd->td", w, up[idx].astype(dt)).astype(scores.dtype)
-
-
-def _jax_token_backward(x, idx, scores, up, down, dy, activation):
-  dt = jnp.float32
-  g, dy = scores.astype(dt), dy.astype(dt)
-  dw = jnp.einsum("td,tjd->tj", dy, up[idx].astype(dt))
-  if down is None:
-    return None, dw.astype(scores.dtype), None, g
-  act, dact = activations.get(activation)
-  rows = down[idx].astype(dt)
-  a = jnp.einsum("td,tjd->tj", x.astype(dt), rows)
-  s = act(a)
-  da = dw * g * dact(a)
-  dx = jnp.einsum("tj,tjd->td", da, rows)
-  return dx.astype(x.dtype), (dw * s).astype(scores.dtype), da, g * s
-
-
-def _jax_row_backward(plan: RowPlan, vectors, coefs, num_rows, dense, out_dtype=jnp.float32):
-  del out_dtype   # f32; the glue casts
-  compact = run_sums(plan.order, plan.starts, coefs, vectors)
-  if not dense:
-    return compact
-  return jnp.zeros((num_rows, vectors.shape[-1]), jnp.float32).at[plan.unique].set(
-      compact, mode="drop")
-
-
-JAX_PIECES = LookupKernels(_jax_forward, _jax_token_backward, _jax_row_backward)
 
 
 # --------------------------------------------------------------------------- the glue
@@ -97,7 +58,7 @@ def _flatten(x, indices, scores):
 
 
 def make_lookup(kernels: LookupKernels):
-  """(lookup, lookup_sparse) built on ``kernels``; see lookup_reference for the contract."""
+  """(lookup, lookup_sparse) built on ``kernels``; see lookup_xla for the contract."""
 
   def forward(x, indices, scores, up, down, activation):
     lead, xf, idx, sc = _flatten(x, indices, scores)

@@ -16,7 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import kernels
-from moejax.kernels import cpu_kernels   # top_k = jax.lax.top_k; on CPU a C++ kernel
+from moejax.kernels import row_ops
+
+# top_k and the row contractions: XLA's, or the platform backend's (row_ops).
+_rows = row_ops.implementation
 
 
 def half_scores(q: jax.Array, keys: jax.Array) -> jax.Array:
@@ -67,12 +70,12 @@ def _select(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Array, jax.Array]
   """Top k of ``s1[..., i1] + s2[..., i2]`` over all ``(i1, i2)``, from half-scores
   ``s1, s2 [..., n]``: scores and indices ``i1·n + i2``, ``[..., k]``."""
   n = s1.shape[-1]
-  v1, i1 = cpu_kernels.top_k(s1, k)                         # [..., k], sorted descending
-  v2, i2 = cpu_kernels.top_k(s2, k)
+  v1, i1 = _rows().top_k(s1, k)                         # [..., k], sorted descending
+  v2, i2 = _rows().top_k(s2, k)
   pa, pb = candidate_pairs(k)
   cand = v1[..., pa] + v2[..., pb]                       # [..., C], C ~ k ln k
   cidx = i1[..., pa] * n + i2[..., pb]
-  scores, pos = cpu_kernels.top_k(cand, k)
+  scores, pos = _rows().top_k(cand, k)
   return scores, jnp.take_along_axis(cidx, pos, axis=-1).astype(jnp.int32)
 
 
@@ -161,22 +164,6 @@ def product_key_topk(queries: jax.Array, keys1: jax.Array, keys2: jax.Array,
   return _topk(queries, keys1, keys2, k)
 
 
-def full_product_keys(keys1: jax.Array, keys2: jax.Array) -> jax.Array:
-  """All n² product keys ``[h|1, n², d_key]``; row ``i1·n + i2`` = concat(keys1[i1], keys2[i2])."""
-  n = keys1.shape[1]
-  return jnp.concatenate([jnp.repeat(keys1, n, axis=1), jnp.tile(keys2, (1, n, 1))], axis=-1)
-
-
-def brute_force_topk(queries: jax.Array, keys1: jax.Array, keys2: jax.Array,
-                     k: int) -> tuple[jax.Array, jax.Array]:
-  """Exhaustive top-k over all N product keys; O(N·d_key) per query-head (tests, benchmarks)."""
-  keys = full_product_keys(keys1, keys2)
-  dt = jnp.promote_types(queries.dtype, jnp.float32)
-  scores = half_scores(queries.astype(dt), keys.astype(dt))   # [..., h, N]
-  s, i = jax.lax.top_k(scores, k)
-  return s, i.astype(jnp.int32)
-
-
 def rescore(queries: jax.Array, keys1: jax.Array, keys2: jax.Array,
             indices: jax.Array) -> jax.Array:
   """Scores ``[..., h, k]`` of given product-key ``indices [..., h, k]`` (differentiable).
@@ -220,7 +207,7 @@ def rescore_vjp(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, indices:
   q = queries.reshape(t, h, d)
   idx = indices.reshape(t, h, k)
   g = g_scores.reshape(t, h, k).astype(jnp.promote_types(queries.dtype, jnp.float32))
-  if row_kernels and cpu_kernels.usable(q, keys1, keys2, g):
+  if row_kernels and _rows().fused(q, keys1, keys2, g):
     dq, d1, d2 = _rescore_vjp_rows(q, keys1, keys2, idx, g)
     return dq.reshape(queries.shape), d1, d2
   c = max(1, min(chunk_tokens, t))
@@ -250,7 +237,7 @@ def _rescore_vjp_rows(q, keys1, keys2, idx, g):
   ``dq = Σ_j g · keys[i]`` (``gather_weighted_sum``) and ``dkeys[i] += g · q``
   (``scatter_outer_add``), each sub-key row read or written in place, so no
   ``[T, h, k, d_key/2]`` rows exist and no chunks are needed. ``q [t, h, d]``, ``idx, g
-  [t, h, k]``; float32 operands (:func:`cpu_kernels.usable`).
+  [t, h, k]``; float32 operands (where the backend's row ops are ``fused``).
 
   Why: the chunked scan gathered the rows, contracted, and scatter-added them back with
   XLA's ops, ~0.1 of the row-sparse PEER LM step at N = 1024², 4096 tokens on 2 cores.
@@ -263,8 +250,8 @@ def _rescore_vjp_rows(q, keys1, keys2, idx, g):
     flat = keys.reshape(-1, keys.shape[-1])                           # [h|1 · n, d/2]
     rows = (i if keys.shape[0] == 1 else i + (jnp.arange(h) * n)[:, None]).reshape(t * h, k)
     gh = g.reshape(t * h, k)
-    dq = cpu_kernels.gather_weighted_sum(flat, rows, gh)              # [t·h, d/2]
-    dk = cpu_kernels.scatter_outer_add(jax.ShapeDtypeStruct(flat.shape, jnp.float32), rows, gh,
+    dq = _rows().gather_weighted_sum(flat, rows, gh)              # [t·h, d/2]
+    dk = _rows().scatter_outer_add(jax.ShapeDtypeStruct(flat.shape, jnp.float32), rows, gh,
                                        qh.reshape(t * h, -1))
     return dq.reshape(t, h, -1), kernels.match_vma(dk.reshape(keys.shape), keys)
 

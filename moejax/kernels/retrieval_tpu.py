@@ -257,32 +257,3 @@ def product_key_topk(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, k: 
   ref.check_shapes(queries, keys1, keys2, k)
   forward = functools.partial(topk_forward, k=k, interpret=interpret, block_rows=block_rows)
   return with_rescore_vjp(forward)(queries, keys1, keys2)
-
-
-def _aot_report(topologies=("v5e:2x2", "v5p:2x2x1"), tokens: int = 8192, heads: int = 8,
-                n: int = 1024, d_key: int = 128, k: int = 16) -> None:
-  """Compiles the kernel for TPU topologies from this machine (libtpu): time and memory."""
-  import os
-  import time
-  from jax.sharding import Mesh, PartitionSpec as P
-  from moejax.kernels import aot
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # no machine-wide libtpu lock
-  half_bytes = tokens * heads * n * 4
-  for topo in topologies:
-    mesh = Mesh(np.array(aot.topology_devices(topo)), ("x",))
-    for hk in (1, heads):
-      args = (jax.ShapeDtypeStruct((tokens, heads, d_key), jnp.float32),
-              jax.ShapeDtypeStruct((hk, n, d_key // 2), jnp.float32),
-              jax.ShapeDtypeStruct((hk, n, d_key // 2), jnp.float32))
-      fn = jax.shard_map(lambda q, a, b: product_key_topk(q, a, b, k), mesh=mesh,
-                         in_specs=P(), out_specs=P(), check_vma=False)
-      t = time.perf_counter()
-      compiled = aot.compile_for_tpu(fn, *args, topology=topo)
-      mem = aot.memory(compiled)
-      print(f"{topo} T={tokens} h={heads} hk={hk} n={n} d_key={d_key} k={k}: compile "
-            f"{time.perf_counter() - t:.1f} s, memory {mem} (one f32 [T, h, n] half-score "
-            f"tensor: {half_bytes} bytes)", flush=True)
-
-
-if __name__ == "__main__":
-  _aot_report()

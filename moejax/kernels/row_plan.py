@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moejax import kernels
+from moejax.kernels import registry
 
 
 
@@ -42,15 +42,11 @@ def unique_rows(indices: jax.Array, num_rows: int) -> jax.Array:
       jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
 
 
-# Above this N / M, the O(N) passes of the sort-free paths cost more than a sort of M.
-_SORT_FREE_MAX_RATIO = 64
-
-
 def _sort_free(num_rows: int, num_entries: int) -> bool:
-  """Whether the O(N) mark-and-cumsum passes replace the sort: measured on CPU only (on
-  TPU / GPU the sort stays: their scatters into [N] are not known to be cheaper)."""
-  return (kernels.current_platform() == "cpu"
-          and num_rows <= _SORT_FREE_MAX_RATIO * num_entries)
+  """Whether O(N) mark-and-cumsum passes replace the sort: where the platform's backend
+  says so (``row_plan.sort_free``; the sort elsewhere)."""
+  sort_free = registry.find("row_plan.sort_free")
+  return sort_free is not None and sort_free(num_rows, num_entries)
 
 
 def row_slots(indices: jax.Array, rows: jax.Array, num_rows: int) -> jax.Array:
@@ -114,6 +110,16 @@ def run_sums(order: jax.Array, starts: jax.Array, coefs: jax.Array,
                              indices_are_sorted=True)
 
 
+def slot_runs(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
+  """The retrievals grouped by slot (a stable sort): ``slots [T, H]`` int32, each in
+  ``[0, num_slots)`` -> ``order [T·H]`` (retrieval ids, by slot, ascending within a slot)
+  and ``starts [num_slots + 1]``: slot ``s``'s retrievals are
+  ``order[starts[s]:starts[s+1]]``."""
+  flat = slots.astype(jnp.int32).reshape(-1)
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  return order, jnp.searchsorted(flat[order], jnp.arange(num_slots + 1)).astype(jnp.int32)
+
+
 class RowFactors(NamedTuple):
   """A table's row gradients as the lookup's factors, not written out as ``[U, d]`` rows.
 
@@ -123,8 +129,8 @@ class RowFactors(NamedTuple):
 
   The gradient of the row retrieved at ``(t, j)`` gets ``coefs[t, j] · vectors[t]``; a
   distinct row's gradient sums those of its retrievals. A row-sparse tap of this form
-  (zeros) receives these factors as its cotangent (``lookup_reference.lookup_sparse``),
-  and the CPU optimizer kernels rebuild each row gradient in cache from them.
+  (zeros) receives these factors as its cotangent (``lookup_xla.lookup_sparse``),
+  and a backend's optimizer kernels rebuild each row gradient in cache from them.
   """
 
   coefs: jax.Array

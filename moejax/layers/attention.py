@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import kernels, sharding
-from moejax.kernels import attention_reference, cpu_kernels
-from moejax.kernels.attention_reference import causal_mask
+from moejax import sharding
+from moejax.kernels import registry
+from moejax.kernels.rotary import rope_angles, rotate_heads
 from moejax.layers.projection import project
 
 
@@ -53,15 +53,6 @@ ATTENTION_BIASES = ("none", "qkv", "all")
 QK_NORMS = ("none", "full", "head")
 
 
-def rope_angles(positions: jax.Array, theta: float, head_dim: int) -> tuple[jax.Array, jax.Array]:
-  """``(sin, cos)`` of the rotary angles, ``[batch, length, head_dim / 2]`` float32, for int
-  ``positions [batch, length]``."""
-  half = head_dim // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)          # [half]
-  angle = positions[..., None].astype(jnp.float32) * freq               # [batch, length, half]
-  return jnp.sin(angle), jnp.cos(angle)
-
-
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (rotate-half form).
 
@@ -70,8 +61,7 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     positions: [batch, length] int.
   """
   sin, cos = rope_angles(positions, theta, x.shape[-1])
-  return attention_reference.rotate_heads(
-      x, sin, cos, fused_backward=kernels.current_platform() == "cpu")
+  return rotate_heads(x, sin, cos, fused_backward=False)
 
 
 class Attention(nnx.Module):
@@ -147,14 +137,10 @@ class Attention(nnx.Module):
                segment_ids: jax.Array | None = None) -> jax.Array:
     """``positions [batch, length]`` (RoPE); ``segment_ids [batch, length]`` or None (one
     document per row): attention is causal and stays inside each token's document."""
-    if kernels.current_platform() == "cpu":   # rotary and attention in one kernel
+    fused = registry.find("attention.rotary")   # the platform's rotary + attention, if any
+    if fused is not None:
       q, k, v = self._qkv(x, positions, rotate=False)
-      if self.num_kv_heads != self.num_heads:   # the kernel takes as many KV heads as queries
-        rep = self.num_heads // self.num_kv_heads
-        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-      sin, cos = rope_angles(positions, self.rope_theta, q.shape[-1])
-      mask = causal_mask(x.shape[1], segment_ids)
-      return self._out(cpu_kernels.attention(q, k, v, mask, sin, cos))
+      return self._out(fused(q, k, v, positions, self.rope_theta, segment_ids))
     q, k, v = self._qkv(x, positions)
     mask = None
     if segment_ids is not None:

@@ -122,21 +122,27 @@ class FFNKind:
   build: Callable[..., nnx.Module]
   default_config: Callable[[], ml_collections.ConfigDict]
   validate: Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], None] | None = None
+  check_mesh: Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict, dict[str, int]],
+                       None] | None = None
 
 
 FFN_REGISTRY: dict[str, FFNKind] = {}
 
 
 def register_ffn(name: str, *, default_config: Callable[[], ml_collections.ConfigDict],
-                 validate: Callable[[Any, Any], None] | None = None):
+                 validate: Callable[[Any, Any], None] | None = None,
+                 check_mesh: Callable[[Any, Any, dict[str, int]], None] | None = None):
   """Decorator registering ``build(cfg, *, d_model, d_ff, dtype, rngs) -> nnx.Module``.
 
   ``cfg`` is ``config.<name>`` (the section made by ``default_config``); ``validate(cfg,
-  config)`` gets that section and the whole config and raises ``ConfigError``.
+  config)`` gets that section and the whole config and raises ``ConfigError``;
+  ``check_mesh(cfg, config, mesh_shape)`` does the checks that need the resolved mesh
+  (``{'data': 4, 'expert': 2, 'model': 1}``) and raises ``ConfigError`` too. Layers themselves
+  raise ``ValueError`` in plain words; field advice is for these two.
   """
 
   def decorator(build):
-    FFN_REGISTRY[name] = FFNKind(name, build, default_config, validate)
+    FFN_REGISTRY[name] = FFNKind(name, build, default_config, validate, check_mesh)
     return build
 
   return decorator

@@ -41,59 +41,62 @@ pre-norm):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
-from moejax import sharding
-from moejax import kernels
+from moejax import kernels, sharding
+from moejax.errors import config_error
 from moejax.kernels import activations as act_lib
 from moejax.kernels.row_plan import num_unique_slots
 from moejax.layers import query as pkq
 from moejax.layers import table_mix as tm
-from moejax.layers.base import masked_mean
-from moejax.layers.base import Aux, TableParam, register_ffn, row_taps
+from moejax.layers.base import Aux, TableParam, masked_mean, register_ffn, row_taps
+from moejax.layers.settings import Settings
 
 # Names of moejax.kernels.activations (the one table: gelu = exact erf, gelu_tanh, ...).
 ACTIVATIONS = act_lib.NAMES
 SCORES = ("softmax", "sigmoid")
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The paper's PEER settings (N = 1024², h = 8, k = 16, query BN); set the size in configs."""
-  return ml_collections.ConfigDict({
-      "num_experts_sqrt": 1024,  # n; N = n² experts
-      "heads": 8,                # h retrieval heads (own query projections), outputs summed
-      "top_k": 16,               # k experts per head; active experts per token = h·k
-      "d_key": 128,              # query / product-key dim (even); not given by the paper
-      "activation": "gelu_tanh",  # gelu (exact erf, PEER-pytorch) | gelu_tanh | silu | relu
-      "kernel": "auto",          # auto (Pallas on TPU/GPU, reference on CPU) | reference | pallas | interpret
-      "score": "softmax",        # softmax (over the k retrieved, paper) | sigmoid
-      "query_norm": "batch",     # batch (paper) | whiten (decorrelated BN, experimental) | layer (causal-safe) | none
-      "per_head_keys": False,    # each head its own sub-keys (paper: shared)
-      "per_head_experts": False,  # each head its own N experts (paper: shared pool)
-      "bn_momentum": 0.99,       # running-stat momentum of query BatchNorm
-      "norm_epsilon": 1e-5,      # BatchNorm / LayerNorm epsilon
-      "query_init_scale": 1.0,   # query projection std × √d_model
-      "key_init_scale": 1.0,     # sub-key std × √(d_key/2)
-      "u_init_scale": 1.0,       # u std × √d_model
-      "v_init_scale": 1.0,       # multiplier of the variance-matching v std (see peer.py)
-  })
+@dataclasses.dataclass(frozen=True)
+class PEERSettings(Settings):
+  """``config.peer``: the paper's settings (N = 1024², h = 8, k = 16, query BN); configs set
+  the size."""
+
+  num_experts_sqrt: int = 1024   # n; N = n² experts
+  heads: int = 8                 # h retrieval heads (own query projections), outputs summed
+  top_k: int = 16                # k experts per head; active experts per token = h·k
+  d_key: int = 128               # query / product-key dim (even); not given by the paper
+  activation: str = "gelu_tanh"  # gelu (exact erf, PEER-pytorch) | gelu_tanh | silu | relu
+  kernel: str = "auto"           # auto (Pallas on TPU/GPU, reference on CPU) | reference | pallas | interpret
+  score: str = "softmax"         # softmax (over the k retrieved, paper) | sigmoid
+  query_norm: str = "batch"      # batch (paper) | whiten (decorrelated BN, experimental) | layer (causal-safe) | none
+  per_head_keys: bool = False    # each head its own sub-keys (paper: shared)
+  per_head_experts: bool = False  # each head its own N experts (paper: shared pool)
+  bn_momentum: float = 0.99      # running-stat momentum of query BatchNorm
+  norm_epsilon: float = 1e-5     # BatchNorm / LayerNorm epsilon
+  query_init_scale: float = 1.0  # query projection std × √d_model
+  key_init_scale: float = 1.0    # sub-key std × √(d_key/2)
+  u_init_scale: float = 1.0      # u std × √d_model
+  v_init_scale: float = 1.0      # multiplier of the variance-matching v std (see peer.py)
+
+
+default_config = PEERSettings.default_config
 
 
 def validate(cfg, config):
-  from moejax.errors import ConfigError
   pkq.validate_common("peer", cfg, n_field="num_experts_sqrt",
                       width=config.model.d_model)
   if cfg.activation not in ACTIVATIONS:
-    raise ConfigError(f"config.peer.activation={cfg.activation!r}: must be one of "
-                      f"{list(ACTIVATIONS)} (set --config.peer.activation=gelu)")
+    raise config_error("peer.activation", cfg.activation, f"must be one of {list(ACTIVATIONS)}",
+                       "set --config.peer.activation=gelu")
   if cfg.score not in SCORES:
-    raise ConfigError(f"config.peer.score={cfg.score!r}: must be one of {list(SCORES)} "
-                      "(set --config.peer.score=softmax)")
+    raise config_error("peer.score", cfg.score, f"must be one of {list(SCORES)}",
+                       "set --config.peer.score=softmax")
 
 
 def v_init_std(heads: int, top_k: int, score: str, scale: float = 1.0) -> float:
@@ -111,33 +114,31 @@ class PEER(nnx.Module):
   heads of the largest router score), ``score_entropy`` (mean entropy of softmax scores).
   """
 
-  def __init__(self, d_model: int, *, num_experts_sqrt: int, heads: int = 8, top_k: int = 16,
-               d_key: int = 128, activation: str = "gelu_tanh", score: str = "softmax",
-               query_norm: str = "batch", per_head_keys: bool = False,
-               per_head_experts: bool = False, bn_momentum: float = 0.99,
-               norm_epsilon: float = 1e-5, query_init_scale: float = 1.0,
-               key_init_scale: float = 1.0, u_init_scale: float = 1.0, v_init_scale: float = 1.0,
-               kernel: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
-    if activation not in ACTIVATIONS or score not in SCORES:
-      raise ValueError(f"activation={activation!r} / score={score!r}")
-    self.kernel = kernel
+  def __init__(self, d_model: int, settings: PEERSettings = PEERSettings(), *,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    s = settings
+    if s.activation not in ACTIVATIONS:
+      raise ValueError(f"unknown activation {s.activation!r}: use one of {list(ACTIVATIONS)}")
+    if s.score not in SCORES:
+      raise ValueError(f"unknown score {s.score!r}: use one of {list(SCORES)}")
+    self.kernel = s.kernel
     self.retrieval = pkq.ProductKeyQuery(
-        d_model, num_keys_sqrt=num_experts_sqrt, heads=heads, top_k=top_k, d_key=d_key,
-        per_head_keys=per_head_keys, query_norm=query_norm, bn_momentum=bn_momentum,
-        norm_epsilon=norm_epsilon, query_init_scale=query_init_scale,
-        key_init_scale=key_init_scale, dtype=dtype, rngs=rngs)
-    self.num_experts = num_experts_sqrt ** 2
-    self.heads, self.top_k = heads, top_k
-    self.per_head_experts = per_head_experts
-    rows = self.num_experts * (heads if per_head_experts else 1)
+        d_model, num_keys_sqrt=s.num_experts_sqrt, heads=s.heads, top_k=s.top_k, d_key=s.d_key,
+        per_head_keys=s.per_head_keys, query_norm=s.query_norm, bn_momentum=s.bn_momentum,
+        norm_epsilon=s.norm_epsilon, query_init_scale=s.query_init_scale,
+        key_init_scale=s.key_init_scale, dtype=dtype, rngs=rngs)
+    self.num_experts = s.num_experts_sqrt ** 2
+    self.heads, self.top_k = s.heads, s.top_k
+    self.per_head_experts = s.per_head_experts
+    rows = self.num_experts * (s.heads if s.per_head_experts else 1)
     names = ("table_rows", "table_embed")
-    u_std = u_init_scale / math.sqrt(d_model)
-    v_std = v_init_std(heads, top_k, score, v_init_scale)
+    u_std = s.u_init_scale / math.sqrt(d_model)
+    v_std = v_init_std(s.heads, s.top_k, s.score, s.v_init_scale)
     self.u = sharding.param(u_std * jax.random.normal(rngs.params(), (rows, d_model), jnp.float32),
                             names, kind=TableParam)
     self.v = sharding.param(v_std * jax.random.normal(rngs.params(), (rows, d_model), jnp.float32),
                             names, kind=TableParam)
-    self.activation, self.score = activation, score
+    self.activation, self.score = s.activation, s.score
     self.dtype = dtype
 
   row_tables = ("u", "v")
@@ -180,10 +181,4 @@ class PEER(nnx.Module):
 @register_ffn("peer", default_config=default_config, validate=validate)
 def build(cfg, *, d_model, d_ff, dtype, rngs):
   del d_ff  # PEER's width is h·k single-neuron experts, not d_ff
-  return PEER(d_model, num_experts_sqrt=cfg.num_experts_sqrt, heads=cfg.heads, top_k=cfg.top_k,
-              d_key=cfg.d_key, activation=cfg.activation, score=cfg.score,
-              query_norm=cfg.query_norm, per_head_keys=cfg.per_head_keys,
-              per_head_experts=cfg.per_head_experts, bn_momentum=cfg.bn_momentum,
-              norm_epsilon=cfg.norm_epsilon, query_init_scale=cfg.query_init_scale,
-              key_init_scale=cfg.key_init_scale, u_init_scale=cfg.u_init_scale,
-              v_init_scale=cfg.v_init_scale, kernel=cfg.kernel, dtype=dtype, rngs=rngs)
+  return PEER(d_model, PEERSettings.from_config(cfg), dtype=dtype, rngs=rngs)

@@ -23,38 +23,40 @@ N(0, 1/d), which starts the memory ~d·k/h times quieter.) Query projection and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
-from moejax import sharding
-from moejax import kernels
+from moejax import kernels, sharding
 from moejax.kernels.row_plan import num_unique_slots
 from moejax.layers import query as pkq
 from moejax.layers import table_mix as tm
-from moejax.layers.base import masked_mean
-from moejax.layers.base import Aux, TableParam, register_ffn, row_taps
+from moejax.layers.base import Aux, TableParam, masked_mean, register_ffn, row_taps
+from moejax.layers.settings import Settings
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The PEER paper's PKM baseline (1024² memories, h = 8, k = 32, query BN)."""
-  return ml_collections.ConfigDict({
-      "num_keys_sqrt": 1024,     # n; N = n² value slots of size d_model
-      "heads": 8,
-      "top_k": 32,
-      "d_key": 128,              # even
-      "kernel": "auto",          # auto (Pallas on TPU/GPU, reference on CPU) | reference | pallas | interpret
-      "query_norm": "batch",     # batch (paper) | whiten (decorrelated BN, experimental) | layer (causal-safe) | none
-      "per_head_keys": True,     # PKM: each head its own sub-keys
-      "bn_momentum": 0.99,
-      "norm_epsilon": 1e-5,
-      "query_init_scale": 1.0,
-      "key_init_scale": 1.0,
-      "value_init_scale": 1.0,   # value std = value_init_scale · √(k/h)
-  })
+@dataclasses.dataclass(frozen=True)
+class PKMSettings(Settings):
+  """``config.pkm``: the PEER paper's PKM baseline (1024² memories, h = 8, k = 32, query BN)."""
+
+  num_keys_sqrt: int = 1024      # n; N = n² value slots of size d_model
+  heads: int = 8
+  top_k: int = 32
+  d_key: int = 128               # even
+  kernel: str = "auto"           # auto (Pallas on TPU/GPU, reference on CPU) | reference | pallas | interpret
+  query_norm: str = "batch"      # batch (paper) | whiten (decorrelated BN, experimental) | layer (causal-safe) | none
+  per_head_keys: bool = True     # PKM: each head its own sub-keys
+  bn_momentum: float = 0.99
+  norm_epsilon: float = 1e-5
+  query_init_scale: float = 1.0
+  key_init_scale: float = 1.0
+  value_init_scale: float = 1.0  # value std = value_init_scale · √(k/h)
+
+
+default_config = PKMSettings.default_config
 
 
 def validate(cfg, config):
@@ -69,20 +71,17 @@ class PKM(nnx.Module):
   ``aux.metrics``: ``slots_hit_frac``, ``max_score``.
   """
 
-  def __init__(self, d_model: int, *, num_keys_sqrt: int, heads: int = 8, top_k: int = 32,
-               d_key: int = 128, query_norm: str = "batch", per_head_keys: bool = True,
-               bn_momentum: float = 0.99, norm_epsilon: float = 1e-5,
-               query_init_scale: float = 1.0, key_init_scale: float = 1.0,
-               value_init_scale: float = 1.0, kernel: str = "auto", dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    self.kernel = kernel
+  def __init__(self, d_model: int, settings: PKMSettings = PKMSettings(), *,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    s = settings
+    self.kernel = s.kernel
     self.retrieval = pkq.ProductKeyQuery(
-        d_model, num_keys_sqrt=num_keys_sqrt, heads=heads, top_k=top_k, d_key=d_key,
-        per_head_keys=per_head_keys, query_norm=query_norm, bn_momentum=bn_momentum,
-        norm_epsilon=norm_epsilon, query_init_scale=query_init_scale,
-        key_init_scale=key_init_scale, dtype=dtype, rngs=rngs)
-    self.num_slots = num_keys_sqrt ** 2
-    std = value_init_scale * math.sqrt(top_k / heads)
+        d_model, num_keys_sqrt=s.num_keys_sqrt, heads=s.heads, top_k=s.top_k, d_key=s.d_key,
+        per_head_keys=s.per_head_keys, query_norm=s.query_norm, bn_momentum=s.bn_momentum,
+        norm_epsilon=s.norm_epsilon, query_init_scale=s.query_init_scale,
+        key_init_scale=s.key_init_scale, dtype=dtype, rngs=rngs)
+    self.num_slots = s.num_keys_sqrt ** 2
+    std = s.value_init_scale * math.sqrt(s.top_k / s.heads)
     self.values = sharding.param(
         std * jax.random.normal(rngs.params(), (self.num_slots, d_model), jnp.float32),
         ("table_rows", "table_embed"), kind=TableParam)
@@ -119,9 +118,5 @@ class PKM(nnx.Module):
 
 @register_ffn("pkm", default_config=default_config, validate=validate)
 def build(cfg, *, d_model, d_ff, dtype, rngs):
-  del d_ff
-  return PKM(d_model, num_keys_sqrt=cfg.num_keys_sqrt, heads=cfg.heads, top_k=cfg.top_k,
-             d_key=cfg.d_key, query_norm=cfg.query_norm, per_head_keys=cfg.per_head_keys,
-             bn_momentum=cfg.bn_momentum, norm_epsilon=cfg.norm_epsilon,
-             query_init_scale=cfg.query_init_scale, key_init_scale=cfg.key_init_scale,
-             value_init_scale=cfg.value_init_scale, kernel=cfg.kernel, dtype=dtype, rngs=rngs)
+  del d_ff  # PKM's width is its value slots, not d_ff
+  return PKM(d_model, PKMSettings.from_config(cfg), dtype=dtype, rngs=rngs)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax import kernels, sharding
-from moejax.kernels import lookup_reference
+from moejax.kernels import lookup_xla
 
 
 def _divides(size: int, axes: tuple[str, ...]) -> bool:
@@ -28,8 +28,8 @@ def _reference_split_mix(x, indices, scores, down, up, activation, feat_ax):
   """Feature-sharded PEER: the pre-activation is a sum over feature shards (a psum between
   the two contractions), so the fused lookup does not apply; the reference contractions do."""
   act, _ = kernels.activations.get(activation)
-  a = jax.lax.psum(lookup_reference.gather_dot(down, indices, x), feat_ax)
-  return lookup_reference.gather_weighted_sum(up, indices, act(a) * scores)
+  a = jax.lax.psum(lookup_xla.gather_dot(down, indices, x), feat_ax)
+  return lookup_xla.gather_weighted_sum(up, indices, act(a) * scores)
 
 
 def table_mix(x: jax.Array | None, indices: jax.Array, scores: jax.Array, *, up: jax.Array,
@@ -62,7 +62,7 @@ def table_mix(x: jax.Array | None, indices: jax.Array, scores: jax.Array, *, up:
 
   ``taps`` (``(tap_down or None, tap_up)``, each ``[U, d]``) on table ``rows [U]`` (the
   distinct rows of ``indices``): row-sparse training, see
-  :func:`moejax.kernels.lookup_reference.lookup_sparse`; tables must then be unsharded.
+  :func:`moejax.kernels.lookup_xla.lookup_sparse`; tables must then be unsharded.
   """
   ops = ops or kernels.get("reference")
   mesh = jax.sharding.get_abstract_mesh()

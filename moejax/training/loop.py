@@ -9,6 +9,7 @@ applied) and stops the run or is skipped (``train.on_nonfinite``).
 
 from __future__ import annotations
 
+import collections
 import logging
 import signal
 import sys
@@ -58,7 +59,7 @@ def _check_mesh(config) -> None:
                        f"{known} devices{' (times the rest)' if -1 in shape else ''}, which does not "
                        f"divide the {n} devices here",
                        f"set --config.mesh.{axis} to a divisor of {n}, or -1 for the rest") from None
-  config_lib.check_kv_heads(config, resolved[2])
+  config_lib.check_mesh_shape(config, dict(zip(sharding.MESH_AXES, resolved)))
 
 
 def _check_workdir_path(workdir: str) -> bool:
@@ -129,17 +130,23 @@ class _Cleanup:
       shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
 
 
-def _check_batch_layout(config, mesh) -> None:
-  """The global batch must split evenly over the batch shards, and each process must own
-  whole shards (its rows are read from its own part of the data)."""
-  sh = sharding.batch_sharding(mesh)
+def check_batch_layout(config, mesh) -> None:
+  """The global batch must split evenly over the batch shards (mesh data x expert), and each
+  process must own whole shards, as many as every other process (its rows are read from its
+  own part of the data).
+
+  Reads the processes of the mesh's devices, so it checks the devices of a TPU topology
+  compiled for from another machine (``moejax.aot``) as it checks those of a real run.
+  """
   shards = mesh.shape["data"] * mesh.shape["expert"]
   b = config.data.batch_size
   if b % shards:
     raise config_error("data.batch_size", b, f"must be a multiple of mesh data x expert = {shards}",
                        f"set --config.data.batch_size={max(shards, b - b % shards)}")
-  local = {idx[0].start for idx in sh.addressable_devices_indices_map((b, 1)).values()}
-  if len(local) * jax.process_count() != shards:
+  devices = np.asarray(mesh.devices).transpose([mesh.axis_names.index(a) for a in sharding.MESH_AXES])
+  owners = [{d.process_index for d in row} for row in devices.reshape(shards, -1)]  # [data x expert]
+  per_process = collections.Counter(next(iter(o)) for o in owners)
+  if any(len(o) > 1 for o in owners) or len(set(per_process.values())) > 1:
     raise config_error("mesh", dict(mesh.shape), "a batch shard spans several processes",
                        "put the model axis within a host: mesh.model <= devices per host")
 
@@ -208,7 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, reevaluate: bool =
     raise CheckpointError(f"config.train.init_from={t.init_from!r}: not a moejax export "
                           "(config.json + model/); pass an export directory or \"\"")
   ts = state_lib.create_train_state(config)
-  _check_batch_layout(config, ts.mesh)
+  check_batch_layout(config, ts.mesh)
   for split in (config.data.train_split, config.data.eval_split):
     data.check_split(config.data, split)   # no usable text: refused before training
   train_iter = data.make_train_iterator(config.data, tokenizer, process_index=jax.process_index(),

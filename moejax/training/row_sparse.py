@@ -8,10 +8,11 @@ only the rows retrieved in the step:
 
 * gradients arrive as ``(unique rows [U], row_grads [U, d])``: each distinct row retrieved
   in the step once, its gradient summed over every retrieval (the layer's lookup computes
-  these directly, see ``moejax.kernels.lookup_reference.lookup_sparse``; the Pallas kernels
-  never build a per-retrieval ``[tokens, h, k, d]`` gradient). On CPU they stay as the
-  lookup's factors (:class:`FactoredRowGrads`): the clip norm and the update rebuild each
-  row in cache, and no ``[U, d]`` gradient is written or read;
+  these directly, see ``moejax.kernels.lookup_xla.lookup_sparse``; the Pallas kernels
+  never build a per-retrieval ``[tokens, h, k, d]`` gradient). Where the platform's backend
+  says so (``row_sparse.factored``, the CPU's) they stay as the lookup's factors
+  (:class:`FactoredRowGrads`): the clip norm and the update rebuild each row in cache, and
+  no ``[U, d]`` gradient is written or read;
 * for those rows only: ``m = b1·m + (1-b1)·g``, ``v = b2·v + (1-b2)·g²``,
   ``row -= lr · m̂ / (√v̂ + eps)`` with the bias correction of the global step;
 * every other row, and its moments, is left as it is.
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import kernels, sharding
-from moejax.kernels import cpu_kernels, row_plan
+from moejax.kernels import registry, row_plan
 from moejax.layers.base import RowDelta, RowIndex
 
 
@@ -55,34 +56,15 @@ def dedupe_rows(indices: jax.Array, row_grads: jax.Array, num_rows: int
   return unique, summed
 
 
-def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, indices: jax.Array,
-                   row_grads: jax.Array, *, count: jax.Array, lr: jax.Array, b1: float, b2: float,
-                   eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One lazy-Adam step on the rows named by ``indices``.
-
-  Args:
-    table, mu, nu: [N, d] parameter and first / second moments.
-    indices: [...] row ids retrieved this step; row_grads: [..., d] their gradients.
-    count: the 1-based global step (bias correction); lr: this step's learning rate.
-
-  Returns:
-    the new (table, mu, nu).
-  """
-  d = table.shape[-1]
-  unique, g = dedupe_rows(indices.reshape(-1), row_grads.reshape(-1, d).astype(jnp.float32),
-                          table.shape[0])
-  return adam_on_unique_rows(table, mu, nu, unique, g, count=count, lr=lr, b1=b1, b2=b2, eps=eps)
-
-
 # Rows per chunk of the lazy-Adam update: the chunk's rows of the table, both moments and
 # the gradient (4 × 2048 × d floats, 8 MB at d = 256) stay in cache.
 ADAM_CHUNK_ROWS = 2048
 
 
 class FactoredRowGrads(NamedTuple):
-  """Row gradients ``g [U, d]`` as the lookup's factors (CPU, see :func:`factored_taps`):
+  """Row gradients ``g [U, d]`` as the lookup's factors (see :func:`factored_taps`):
   ``g[s] = Σ coefs[e] · vectors[e // H]`` over the retrievals ``e`` of slot ``s``, which are
-  ``order[starts[s]:starts[s+1]]`` (``cpu_kernels.slot_runs``). ``coefs [T, H]``,
+  ``order[starts[s]:starts[s+1]]`` (``row_plan.slot_runs``). ``coefs [T, H]``,
   ``vectors [T, d]``."""
 
   order: jax.Array
@@ -91,12 +73,17 @@ class FactoredRowGrads(NamedTuple):
   vectors: jax.Array
 
   def squared_norm(self) -> jax.Array:
-    return cpu_kernels.factored_sum_squares(*self)
+    norm = registry.call("row_sparse.factored_sum_squares", *self)
+    if norm is None:
+      g = row_plan.run_sums(*self)
+      norm = jnp.sum(g * g)
+    return norm
 
 
 def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, scale=None):
   """Lazy Adam given deduplicated ``unique [M]`` row ids (N = padding) and gradients ``g [M, d]``
-  (or :class:`FactoredRowGrads`: on CPU each row's gradient is rebuilt in cache, none read).
+  (or :class:`FactoredRowGrads`: the backend's kernel rebuilds each row's gradient in
+  cache; without one they are summed into ``[U, d]`` rows first).
 
   Returns the new ``(table, mu, nu)`` ``[N, d]``. Over chunks of :data:`ADAM_CHUNK_ROWS`
   rows (``lax.scan``, the tables as its carry): each chunk is gathered, updated and
@@ -106,16 +93,16 @@ def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, sca
   """
   count = count.astype(jnp.float32)
   c1, c2 = 1 - b1 ** count, 1 - b2 ** count
+  hyper = dict(lr=lr, b1=b1, b2=b2, eps=eps, c1=c1, c2=c2, scale=1.0 if scale is None else scale)
   if isinstance(g, FactoredRowGrads):
-    if cpu_kernels.usable(table, mu, nu, g.coefs, g.vectors):
-      return cpu_kernels.factored_adam_rows(table, mu, nu, unique, *g, lr=lr, b1=b1, b2=b2,
-                                            eps=eps, c1=c1, c2=c2,
-                                            scale=1.0 if scale is None else scale)
+    new = registry.call("row_sparse.factored_adam_rows", table, mu, nu, unique, *g, **hyper)
+    if new is not None:
+      return new
     g = row_plan.run_sums(*g)
-  if cpu_kernels.usable(table, mu, nu, g):
-    # On CPU one pass in place, skipping padding slots (~20% of them at N = 1024²).
-    return cpu_kernels.adam_rows(table, mu, nu, unique, g, lr=lr, b1=b1, b2=b2, eps=eps, c1=c1,
-                                 c2=c2, scale=1.0 if scale is None else scale)
+  # The platform backend's update (the CPU's: one pass in place, skipping padding slots).
+  new = registry.call("row_sparse.adam_rows", table, mu, nu, unique, g, **hyper)
+  if new is not None:
+    return new
 
   def update(tables, args):
     table, mu, nu = tables
@@ -150,13 +137,24 @@ def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, sca
 #   1. attach(model, b, l): every layer with ``row_tables`` gets zero RowDeltas ("taps")
 #      [U, d] and a RowIndex [U]; its forward stores the distinct rows it retrieved in the
 #      RowIndex and hands the taps to its lookup, whose gradient w.r.t. a tap is the
-#      summed gradient of row RowIndex[s] of the table. On CPU (factored_taps) the taps are
-#      instead the lookup's factors, coefs [T, H] and vectors [T, d], plus the slot of each
-#      retrieval [T, H]: nothing [U, d] is written, the optimizer kernels rebuild each row;
+#      summed gradient of row RowIndex[s] of the table. Where the backend takes factors
+#      (factored_taps) the taps are instead the lookup's factors, coefs [T, H] and vectors
+#      [T, d], plus the slot of each retrieval [T, H]: nothing [U, d] is written, the
+#      backend's optimizer kernels rebuild each row;
 #   2. differentiate w.r.t. non-table Params and RowDeltas (tables get no gradient);
 #   3. TableAdam.row_grads pairs each table's rows with its tap gradients; the global norm
 #      for clipping covers them and the other gradients; TableAdam.apply does lazy Adam;
 #   4. detach(model), then the usual optax update of every other parameter.
+
+
+def _slot_runs(slots, num_slots):
+  runs = registry.call("row_sparse.slot_runs", slots, num_slots)
+  return row_plan.slot_runs(slots, num_slots) if runs is None else runs
+
+
+def _sum_squares_rows(rows, g, num_rows):
+  total = registry.call("row_sparse.sum_squares_rows", rows, g, num_rows)
+  return jnp.sum(g * g) if total is None else total
 
 
 class TableMoment(nnx.Variable):
@@ -174,16 +172,17 @@ def _key(path, name: str) -> str:
 
 def factored_taps(layer: nnx.Module) -> bool:
   """Whether ``layer``'s row gradients stay as the lookup's factors (:class:`RowFactors
-  <moejax.kernels.row_plan.RowFactors>`): where its lookup is the reference one and the CPU
-  kernels run for its float32 tables (a local mesh). Written out, the ``[U, d]`` row
-  gradients (1 GiB at N = 1024²) are written by the scatter and read by the clip norm and
-  again by Adam, a large share of the row-sparse PEER step's memory traffic. Elsewhere
-  (TPU / GPU kernels, a sharded batch) ``[U, d]`` taps."""
+  <moejax.kernels.row_plan.RowFactors>`): where its lookup is the reference one, its
+  compute dtype float32, and the platform's backend takes factors for its tables
+  (``row_sparse.factored``: the CPU's, on a local mesh; it saves writing and re-reading the
+  ``[U, d]`` row gradients). Elsewhere (TPU / GPU kernels, a sharded batch) ``[U, d]``
+  taps."""
   tables = [getattr(layer, name)[...] for name in layer.row_tables]
-  return (kernels.resolve(getattr(layer, "kernel", "reference"), width=tables[0].shape[-1])
+  if not (kernels.resolve(getattr(layer, "kernel", "reference"), width=tables[0].shape[-1])
           == "reference" and jnp.dtype(getattr(layer, "dtype", jnp.float32)) == jnp.float32
-          and not sharding.mesh_axes("batch")   # table_mix's batch-parallel lookup: [U, d]
-          and cpu_kernels.usable(*tables))
+          and not sharding.mesh_axes("batch")):   # table_mix's batch-parallel lookup: [U, d]
+    return False
+  return bool(registry.call("row_sparse.factored", tables))
 
 
 def attach(model: nnx.Module, batch: int, length: int) -> None:
@@ -238,7 +237,7 @@ class TableAdam(nnx.Object):
     for path, layer in row_layers(model):
       rows = layer.row_index[...]
       slots = getattr(layer, "row_slots", None)
-      runs = None if slots is None else cpu_kernels.slot_runs(slots[...], rows.shape[0])
+      runs = None if slots is None else _slot_runs(slots[...], rows.shape[0])
       for name in layer.row_tables:
         delta = layer.row_deltas[name]
         out[_key(path, name)] = (rows, delta[...].astype(jnp.float32) if runs is None else
@@ -248,14 +247,14 @@ class TableAdam(nnx.Object):
 
   def squared_norm(self, model: nnx.Module, rows: dict[str, tuple]) -> jax.Array:
     """Σ of every table's squared row gradients (from ``row_grads``): their share of the
-    global clip norm. On CPU a kernel that skips the padding slots
-    (``cpu_kernels.sum_squares_rows``), or rebuilds each row from its factors."""
+    global clip norm; the platform backend's (the CPU's skips the padding slots, or
+    rebuilds each row from its factors) where it has one."""
     total = jnp.zeros((), jnp.float32)
     for path, layer in row_layers(model):
       for name in layer.row_tables:
         unique, g = rows[_key(path, name)]
         total += (g.squared_norm() if isinstance(g, FactoredRowGrads) else
-                  cpu_kernels.sum_squares_rows(unique, g, getattr(layer, name).shape[0]))
+                  _sum_squares_rows(unique, g, getattr(layer, name).shape[0]))
     return total
 
   def apply(self, model: nnx.Module, rows: dict[str, tuple], count: jax.Array,

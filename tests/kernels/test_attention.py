@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 
 from moejax import kernels
-from moejax.kernels import attention_reference, cpu_kernels
+from moejax.backends.cpu import native as cpu_kernels
+from moejax.backends.cpu import attention_xla as attention_reference
+from moejax.kernels import reference, rotary
 from moejax.layers import attention
 
 
@@ -47,10 +49,10 @@ def test_cpu_rotary_backward_equals_autodiff():
   x = jax.random.normal(jax.random.key(3), (2, 5, 3, 8))
   pos = jnp.arange(5)[None].repeat(2, 0) + jnp.array([[0], [7]])
   ct = jax.random.normal(jax.random.key(4), x.shape)
-  with kernels.target_platform("cpu"):
-    got, got_vjp = jax.vjp(lambda x: attention.rotary(x, pos, 1e4), x)
-  with kernels.target_platform("tpu"):   # plain autodiff through split / concatenate
-    want, want_vjp = jax.vjp(lambda x: attention.rotary(x, pos, 1e4), x)
+  sin, cos = attention.rope_angles(pos, 1e4, x.shape[-1])
+  got, got_vjp = jax.vjp(lambda x: rotary.rotate_heads(x, sin, cos), x)
+  # plain autodiff through split / concatenate (the layer's portable rotary)
+  want, want_vjp = jax.vjp(lambda x: attention.rotary(x, pos, 1e4), x)
   chex.assert_trees_all_close(got, want, atol=1e-6)
   chex.assert_trees_all_close(got_vjp(ct), want_vjp(ct), atol=1e-5, rtol=1e-5)
 
@@ -154,3 +156,28 @@ def test_kernel_rotary_needs_both_angles():
   assert cpu_kernels.attention_usable(q, k, v, mask, sin, cos)
   assert not cpu_kernels.attention_usable(q, k, v, mask, sin, cos[:, :4])   # wrong shape
   assert not cpu_kernels.attention_usable(q, k, v, mask, sin, cos.astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cpu_attention_and_its_xla_form_equal_the_oracle(kv_heads):
+  """The CPU backend's rotary attention (the native kernel where it builds) and its XLA form
+  equal kernels.reference.attention: values and gradients, with documents and GQA."""
+  from moejax.backends.cpu import attention as cpu_attention
+  b, length, h, d = 2, 12, 4, 8
+  ks = jax.random.split(jax.random.key(11), 4)
+  q = jax.random.normal(ks[0], (b, length, h, d))
+  k = jax.random.normal(ks[1], (b, length, kv_heads, d))
+  v = jax.random.normal(ks[2], (b, length, kv_heads, d))
+  do = jax.random.normal(ks[3], q.shape)
+  pos = jnp.arange(length)[None].repeat(b, 0) + jnp.array([[0], [3]])
+  seg = jnp.array([[0] * 5 + [1] * 7, [0] * 12])
+  rep = h // kv_heads
+  sin, cos = attention.rope_angles(pos, 1e4, d)
+  xla = lambda q, k, v: attention_reference.attention(
+      q, jnp.repeat(k, rep, 2), jnp.repeat(v, rep, 2), attention_reference.causal_mask(length, seg),
+      sin, cos)
+  want, want_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, pos, 1e4, seg), q, k, v)
+  for fn in (lambda q, k, v: cpu_attention.rotary_attention(q, k, v, pos, 1e4, seg), xla):
+    got, got_vjp = jax.vjp(fn, q, k, v)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(got_vjp(do), want_vjp(do), atol=1e-4, rtol=1e-4)

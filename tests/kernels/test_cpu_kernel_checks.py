@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from moejax.kernels import cpu_kernels
+from moejax.backends.cpu import native as cpu_kernels
 
 F32, S32 = np.float32, np.int32
 

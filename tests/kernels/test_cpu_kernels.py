@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (moejax.kernels.cpu_kernels, XLA FFI calls to cpu_kernels.cc) equal
+"""The C++ CPU kernels (moejax.backends.cpu.native, XLA FFI calls to cpu_kernels.cc) equal
 the XLA ops they replace exactly: top_k = jax.lax.top_k (values, indices, order, ties,
 signed zeros, infinities and NaNs); take_rows = jnp.take(axis=0, mode="clip"). The lookup's
 row contractions (gather_dot, gather_weighted_sum, scatter_outer_add) equal their einsum /
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from moejax import kernels
-from moejax.kernels import retrieval_reference, cpu_kernels, row_plan
+from moejax.backends.cpu import native as cpu_kernels
+from moejax.kernels import retrieval_reference, row_plan
 
 
 def _lowered_text(f, *args) -> str:
@@ -308,7 +309,7 @@ def test_row_contractions_fall_back_and_run_in_shard_map():
 def test_lookup_same_with_and_without_the_kernels(monkeypatch, peer, sparse):
   """The reference lookup (forward and every gradient) with the C++ row contractions (one
   pass, no chunks) equals its XLA form (gathers + einsums over chunks of tokens)."""
-  from moejax.kernels import lookup_reference as lr
+  from moejax.kernels import lookup_xla as lr
   from moejax.kernels.row_plan import num_unique_slots
   n, d, t, h, k = 500, 32, 300, 4, 8
   ks = jax.random.split(jax.random.key(11), 5)
@@ -375,7 +376,7 @@ _CONCURRENT = """
 import sys
 sys.path.insert(0, "benchmarks")
 import jax, peer
-from moejax.kernels import cpu_kernels
+from moejax.backends.cpu import native as cpu_kernels
 assert cpu_kernels.available()
 run = peer.lm_train_step(128, "row_sparse", d_model=256, heads=8, top_k=16, d_key=128,
                          query_norm="batch", batch=8, length=512)

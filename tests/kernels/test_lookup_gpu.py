@@ -6,7 +6,7 @@ same kernels run in Pallas interpret mode and equal the plain-JAX pieces / refer
 
 ``@pytest.mark.gpu`` (run on a CUDA GPU: ``JAX_PLATFORMS=cuda pytest -m gpu``; the test
 conftest defaults JAX_PLATFORMS to cpu): forward and every gradient (x, scores, up, down,
-row-sparse taps) against ``lookup_reference`` and the plain-JAX pieces — PEER / PKM, each
+row-sparse taps) against ``lookup_xla`` and the plain-JAX pieces — PEER / PKM, each
 activation, non-power-of-two shapes, duplicate and hot rows, k = 1, bf16, determinism.
 """
 
@@ -21,14 +21,15 @@ import numpy as np
 import pytest
 
 from moejax.kernels import lookup_gpu as lg
-from moejax.kernels import lookup_reference as lr
+from moejax.kernels import lookup_xla as lr
 from moejax.kernels import lookup_vjp as lv
+from moejax.kernels import reference
 from moejax.kernels.row_plan import num_unique_slots, row_plan
 
 ACTS = ("gelu_tanh", "relu", "gelu")
 # Small blocks: several d chunks, unique-row blocks, entry chunks and column blocks.
 SMALL = lg.GpuConfig(token_tile=256, rows_block=16, entries_block=16, cols_block=16)
-JAX_LOOKUP, JAX_LOOKUP_SPARSE = lv.make_lookup(lv.JAX_PIECES)
+JAX_LOOKUP, JAX_LOOKUP_SPARSE = lv.make_lookup(reference.LOOKUP_PIECES)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -189,7 +190,7 @@ def test_kernel_erf_and_gelu():
 def test_interpret_pieces_equal_jax_pieces(n):
   t, h, d = 6, 6, 40
   p = lg.make_pieces(SMALL, interpret=True)
-  j = lv.JAX_PIECES
+  j = reference.LOOKUP_PIECES
   x, idx, sc, up, down, dy = _data(2, (t,), 2, 3, n, d)
   idx, sc = idx.reshape(t, h), sc.reshape(t, h)
   for act, dn in (("gelu", down), ("relu", down), ("gelu_tanh", None)):
@@ -294,7 +295,7 @@ def test_gpu_hot_row_and_determinism():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_gpu_pieces_equal_jax_pieces(config, dtype):
   t, h, n, d = 45, 12, 70, 136
-  p, j = lg.make_pieces(config), lv.JAX_PIECES
+  p, j = lg.make_pieces(config), reference.LOOKUP_PIECES
   x, idx, sc, up, down, dy = _data(14, (t,), 3, 4, n, d, dtype)
   idx, sc = idx.reshape(t, h), sc.reshape(t, h)
   tol = 1e-5 if dtype == jnp.float32 else 1e-2

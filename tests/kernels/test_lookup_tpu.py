@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
-from moejax.kernels import aot, lookup_reference, lookup_tpu, lookup_vjp  # noqa: E402
+from moejax.aot import targets as aot  # noqa: E402
+from moejax.kernels import lookup_tpu, lookup_vjp, lookup_xla, reference  # noqa: E402
 from moejax.kernels.row_plan import row_plan, unique_rows  # noqa: E402
 
 D = 128
@@ -72,14 +73,14 @@ def test_peer_dense_matches_reference(lead, h, k, table_dtype, activation):
     return y, vjp(dy)
 
   got = run(lambda *a, **kw: lookup_tpu.lookup(*a, interpret=PARAMS, **kw))
-  want = run(lookup_reference.lookup)
+  want = run(lookup_xla.lookup)
   _close(got[0], want[0], **_tol(table_dtype))
   for g, w in zip(got[1], want[1]):
     chex.assert_equal(g.dtype, w.dtype)
     # bf16 table grads: the reference scatter-adds in bf16, the kernels sum in f32
     _close(g, w, **(_tol(g.dtype) if g.dtype == jnp.float32 else dict(atol=0.1, rtol=0.05)))
   if table_dtype != jnp.float32:   # the exact semantics: f32 sums, one final rounding
-    exact = run(lookup_vjp.make_lookup(lookup_vjp.JAX_PIECES)[0])
+    exact = run(lookup_vjp.make_lookup(reference.LOOKUP_PIECES)[0])
     for g, w in zip(got[1][2:], exact[1][2:]):
       _close(g, w, atol=1e-2, rtol=1e-2)
 
@@ -94,8 +95,8 @@ def test_pkm_dense_bf16_matches_reference():
     return y, vjp(dy)
 
   got = run(lambda *a: lookup_tpu.lookup(*a, interpret=PARAMS))
-  want = run(lookup_reference.lookup)
-  exact = run(lookup_vjp.make_lookup(lookup_vjp.JAX_PIECES)[0])
+  want = run(lookup_xla.lookup)
+  exact = run(lookup_vjp.make_lookup(reference.LOOKUP_PIECES)[0])
   _close(got[0], want[0], **_tol(jnp.bfloat16))
   _close(got[1][0], want[1][0], **_tol(jnp.bfloat16))
   chex.assert_equal(got[1][1].dtype, jnp.bfloat16)
@@ -118,12 +119,12 @@ def test_sparse_taps_match_reference_and_dense(peer):
 
   got = jax.grad(lambda t, s: loss(lambda *a, **kw: lookup_tpu.lookup_sparse(
       *a, interpret=PARAMS, **kw), t, s), argnums=(0, 1))(taps, scores)
-  want = jax.grad(lambda t, s: loss(lookup_reference.lookup_sparse, t, s),
+  want = jax.grad(lambda t, s: loss(lookup_xla.lookup_sparse, t, s),
                   argnums=(0, 1))(taps, scores)
   chex.assert_trees_all_close(got, want, atol=2e-4, rtol=2e-4)
 
   # the tap gradients are the dense table gradients at the unique rows (0 at padding)
-  dense = jax.grad(lambda up, down: jnp.sum(jnp.sin(lookup_reference.lookup(
+  dense = jax.grad(lambda up, down: jnp.sum(jnp.sin(lookup_xla.lookup(
       x, idx, scores, up, down, activation=act))), argnums=(0, 1))(up, down)
   real = (u < n)[:, None]
   for tap_grad, table_grad in zip((got[0][1], got[0][0]), dense):
@@ -143,7 +144,7 @@ def test_row_backward_matches_jax_piece():
   pieces = lookup_tpu.kernels(PARAMS)
   for dense in (True, False):
     got = pieces.row_backward(plan, vectors, coefs, n, dense)
-    want = lookup_vjp.JAX_PIECES.row_backward(plan, vectors, coefs, n, dense)
+    want = reference.LOOKUP_PIECES.row_backward(plan, vectors, coefs, n, dense)
     chex.assert_shape(got, want.shape)
     _close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -196,7 +197,7 @@ def _report(topology="v5p:2x2x1", t=8192, h=8, k=16, n=1024 ** 2, d=1024):
   for dtype in (jnp.float32, jnp.bfloat16):
     args = (sds((t, d), jnp.float32), sds((t, h, k), jnp.int32), sds((t, h, k), jnp.float32),
             sds((n, d), dtype), sds((n, d), dtype))
-    for name, fn in (("lookup_tpu", lookup_tpu.lookup), ("reference", lookup_reference.lookup)):
+    for name, fn in (("lookup_tpu", lookup_tpu.lookup), ("reference", lookup_xla.lookup)):
       t0 = time.time()
       mem = aot.memory(aot.compile_for_tpu(_grad_fn(fn, mesh), *args, topology=topology))
       print(f"{topology} PEER T={t} H={h * k} d={d} N={n} {jnp.dtype(dtype).name} tables "

@@ -8,5 +8,5 @@ sorted dropless / all-to-all expert parallel), ``experts`` (stacked expert weigh
 """
 
 from moejax.layers.moe import layer  # noqa: F401  (registers 'moe')
-from moejax.layers.moe.config import default_config, validate  # noqa: F401
+from moejax.layers.moe.config import MoESettings, default_config, validate  # noqa: F401
 from moejax.layers.moe.layer import MoE  # noqa: F401

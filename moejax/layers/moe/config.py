@@ -1,13 +1,19 @@
-"""The ``config.moe`` section: defaults and validation."""
+"""The ``config.moe`` section: its settings (one frozen dataclass, the defaults) and validation."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import ml_collections
 
+from moejax import config as config_lib
+from moejax import sharding
 from moejax.errors import config_error
 from moejax.kernels.activations import NAMES as ACTIVATIONS
-
+from moejax.layers.moe import dispatch as _dispatch
 from moejax.layers.moe import routing as _routing
+from moejax.layers.settings import Settings
 
 ROUTERS = tuple(_routing.ROUTERS)              # registered routers
 ROUTER_SCORES = tuple(_routing.SCORE_FUNCTIONS)  # registered score functions
@@ -28,68 +34,136 @@ NOISES = ("none", "jitter", "gaussian")
 #   OLMoE:     renormalize=False (and model.qk_norm=full in the attention).
 
 
-def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "num_experts": 8,
-      "top_k": 2,                    # experts per token (token choice and hash)
-      "router": "top_k",             # top_k (token choice) | expert_choice | hash
-      "router_scores": "linear",     # linear | attention (Yuan 2.0-M32 attention router)
-      "router_noise": "none",        # none | jitter (Switch) | gaussian (noisy top-k); train only
-      "jitter_eps": 0.01,            # jitter: x *= U(1-eps, 1+eps) on the router input
-      "second_policy": "all",        # slots 2..k in training: all | sampling | random (GShard)
-      "second_policy_eval": "all",   # the same in evaluation (deterministic by default)
-      "second_threshold": 0.5,       # random: keep slot i with prob min(1, renormalised gate / threshold)
-      "renormalize": True,           # combine weights renormalised over the chosen experts; only
-                                     # for top_k > 1 (top_k=1 keeps the raw gate, as in Switch,
-                                     # else the weight is g/g = 1 and the router gets no LM gradient)
-      "capacity_factor_train": 1.25,  # C = ceil(k * group_size * factor / E); <= 0: no dropping (C = S)
-      "capacity_factor_eval": 2.0,    # expert_choice: factor = average experts per token
-      "min_capacity": 4,
-      # Tokens per routing group of the capacity dispatches (einsum, expert_parallel):
-      # capacity C = ceil(k * group * factor / E) is per group and expert, and the GShard
-      # masks [G, group, E, C] make dispatch + combine cost O(group) per token (top-2 of
-      # 8, d_model 512, CPU fwd+bwd: ~20% of the layer at 512 tokens, ~6% at 128). Smaller
-      # groups are cheaper but drop more: each group must absorb its own load imbalance
-      # (uniform top-2 routing, cf 1.25: 0.1% / 0.4% / 1.5% of slots dropped at 256 / 128 /
-      # 64 tokens; a globally skewed router drops alike at any size).
-      # Drops depend on each expert's expected load per group, S * k / E.
-      # -1 (auto): the smallest divisor of the sequence length with S * k / E >= 32
-      #   (AUTO_SLOTS_PER_EXPERT): 128 tokens for top-2 of 8, whole 512-token sequences
-      #   for top-1 of 128 (layer.routing_group_size). 0: one group per sequence. > 0:
-      #   exactly this many consecutive tokens of the batch (must divide batch_size *
-      #   seq_len; may span sequences). Dropless dispatches give the same result at any size.
-      "group_size": -1,
-      "priority": "position",        # capacity goes to: position (first tokens) | batch (BPR, top-1 prob)
-      "dispatch": "dropless",        # einsum (GShard masks) | dropless (sorted, grouped matmul) |
-                                     # expert_parallel (all_to_all in shard_map) |
-                                     # dropless_ep (ragged_all_to_all; TPU/GPU, on CPU it
-                                     # runs expert_parallel, with a note in the log)
-      "dropless_impl": "auto",       # auto | blocked (CPU) | ragged_dot | gmm (megablox, TPU)
-      "dropless_block": 0,           # largest block (rows, a power of two) of the blocked
-                                     # path; smaller blocks halve down from it; 0: auto
-      "ep_buffer_factor": 0.0,       # dropless_ep receive buffer: <= 0: worst case (never
-                                     # drops; grows with the expert shards); > 0: this times
-                                     # the balanced load, overflow rows dropped
-      "balance_loss_weight": 0.01,   # Switch load balancing loss weight
-      "z_loss_weight": 0.001,        # router z-loss weight
-      "d_ff": 0,                     # hidden size of each expert; 0: model.d_ff
-      "num_shared_experts": 0,       # DeepSeek-style experts every token uses (one FFN of n * d_ff)
-      "shared_d_ff": 0,              # hidden size of that shared FFN; 0: num_shared_experts * d_ff
-      "shared_gate": False,          # scale the shared FFN's output by sigmoid(x @ w) (Qwen2-MoE)
-      "gated": False,                # GLU experts (SwiGLU with activation='silu')
-      "activation": "gelu_tanh",     # gelu (exact erf) | gelu_tanh | silu | relu (kernels/activations.py)
-      "hash_seed": 0,                # seed of the fixed hash routing table / projection
-      # Routers that let later tokens change earlier tokens' outputs in a decoder (expert
-      # choice; top-k > 1 or priority=batch with a capacity) are refused unless this is
-      # set: their training loss can use the future. Evaluation and generation run such
-      # layers without dropping (dropless, or every expert for expert choice).
-      "allow_noncausal": False,
-      # Evaluation of such a layer: True drops nothing (token choice dropless, expert choice
-      # every token at every expert: a causal function, but not the one trained, and E times
-      # the expert compute); False evaluates with capacity_factor_eval, routing over the
-      # whole group as in training (what the expert-choice paper and PEER's MoE baseline do).
-      "eval_no_drop": True,
-  })
+@dataclasses.dataclass(frozen=True)
+class MoESettings(Settings):
+  """``config.moe``: every setting of the MoE layer and its router, with its default."""
+
+  num_experts: int = 8
+  top_k: int = 2                       # experts per token (token choice and hash)
+  router: str = "top_k"                # top_k (token choice) | expert_choice | hash
+  router_scores: str = "linear"        # linear | attention (Yuan 2.0-M32 attention router)
+  router_noise: str = "none"           # none | jitter (Switch) | gaussian (noisy top-k); train only
+  jitter_eps: float = 0.01             # jitter: x *= U(1-eps, 1+eps) on the router input
+  second_policy: str = "all"           # slots 2..k in training: all | sampling | random (GShard)
+  second_policy_eval: str = "all"      # the same in evaluation (deterministic by default)
+  second_threshold: float = 0.5        # random: keep slot i with prob min(1, renormalised gate / threshold)
+  # Combine weights renormalised over the chosen experts; only for top_k > 1 (top_k=1 keeps
+  # the raw gate, as in Switch, else the weight is g/g = 1 and the router gets no LM gradient).
+  renormalize: bool = True
+  capacity_factor_train: float = 1.25  # C = ceil(k * group_size * factor / E); <= 0: no dropping (C = S)
+  capacity_factor_eval: float = 2.0    # expert_choice: factor = average experts per token
+  min_capacity: int = 4
+  # Tokens per routing group of the capacity dispatches (einsum, expert_parallel):
+  # capacity C = ceil(k * group * factor / E) is per group and expert, and the GShard
+  # masks [G, group, E, C] make dispatch + combine cost O(group) per token. Smaller
+  # groups are cheaper but drop more: each group must absorb its own load imbalance
+  # (a globally skewed router drops alike at any size).
+  # Drops depend on each expert's expected load per group, S * k / E.
+  # -1 (auto): the smallest divisor of the sequence length with S * k / E >= 32
+  #   (AUTO_SLOTS_PER_EXPERT): 128 tokens for top-2 of 8, whole 512-token sequences
+  #   for top-1 of 128 (layer.routing_group_size). 0: one group per sequence. > 0:
+  #   exactly this many consecutive tokens of the batch (must divide batch_size *
+  #   seq_len; may span sequences). Dropless dispatches give the same result at any size.
+  group_size: int = -1
+  priority: str = "position"           # capacity goes to: position (first tokens) | batch (BPR, top-1 prob)
+  # einsum (GShard masks) | dropless (sorted, grouped matmul) | expert_parallel (all_to_all
+  # in shard_map) | dropless_ep (ragged_all_to_all; TPU/GPU, on CPU it runs expert_parallel,
+  # with a note in the log)
+  dispatch: str = "dropless"
+  dropless_impl: str = "auto"          # auto | blocked (CPU) | ragged_dot | gmm (megablox, TPU)
+  # Largest block (rows, a power of two) of the blocked path; smaller blocks halve down
+  # from it; 0: auto.
+  dropless_block: int = 0
+  # dropless_ep receive buffer: <= 0: worst case (never drops; grows with the expert
+  # shards); > 0: this times the balanced load, overflow rows dropped.
+  ep_buffer_factor: float = 0.0
+  balance_loss_weight: float = 0.01    # Switch load balancing loss weight
+  z_loss_weight: float = 0.001         # router z-loss weight
+  d_ff: int = 0                        # hidden size of each expert; 0: model.d_ff
+  num_shared_experts: int = 0          # DeepSeek-style experts every token uses (one FFN of n * d_ff)
+  shared_d_ff: int = 0                 # hidden size of that shared FFN; 0: num_shared_experts * d_ff
+  shared_gate: bool = False            # scale the shared FFN's output by sigmoid(x @ w) (Qwen2-MoE)
+  gated: bool = False                  # GLU experts (SwiGLU with activation='silu')
+  activation: str = "gelu_tanh"        # gelu (exact erf) | gelu_tanh | silu | relu (kernels/activations.py)
+  hash_seed: int = 0                   # seed of the fixed hash routing table / projection
+  # Routers that let later tokens change earlier tokens' outputs in a decoder (expert
+  # choice; top-k > 1 or priority=batch with a capacity) are refused unless this is
+  # set: their training loss can use the future. Evaluation and generation run such
+  # layers without dropping (dropless, or every expert for expert choice).
+  allow_noncausal: bool = False
+  # Evaluation of such a layer: True drops nothing (token choice dropless, expert choice
+  # every token at every expert: a causal function, but not the one trained, and E times
+  # the expert compute); False evaluates with capacity_factor_eval, routing over the
+  # whole group as in training (what the expert-choice paper and PEER's MoE baseline do).
+  eval_no_drop: bool = True
+
+
+default_config = MoESettings.default_config
+
+
+def routing_group_size(group_size: int, length: int, num_experts: int, experts_per_token: int
+                       ) -> int:
+  """Tokens per routing group for ``moe.group_size`` and sequences of ``length`` tokens.
+
+  ``-1`` (auto): the smallest divisor ``S`` of ``length`` at which every expert expects
+  ``S * k / E >= AUTO_SLOTS_PER_EXPERT`` (32) routed slots: the drop rate depends on that
+  expected load (uniform top-2 of 8 at factor 1.25, 128 tokens: 0.4% of slots), while
+  the masks cost O(S) per token. Top-2 of 8: 128 tokens; top-1 of 128: the whole
+  sequence (so is any length without such a divisor). ``0``: the whole sequence.
+  ``> 0``: as given.
+  """
+  if group_size > 0:
+    return group_size
+  if group_size == 0:
+    return length
+  want = -(-AUTO_SLOTS_PER_EXPERT * num_experts // max(experts_per_token, 1))
+  return min((s for s in range(want, length + 1) if length % s == 0), default=length)
+
+
+def check_mesh(cfg, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
+  """The MoE checks that need the resolved mesh (``validate`` cannot resolve ``mesh.expert=-1``):
+  the experts split evenly over the expert shards, and a dispatch that splits the routing
+  groups over the batch shards (expert_parallel, dropless_ep) gets a multiple of them from
+  a training batch. Raises ConfigError naming the field to change; the layer checks the
+  same at trace time with a plain ValueError."""
+  rules = dict(sharding.logical_rules(config_lib.parse_rules(config.mesh.rules)))
+
+  def shards(name):   # mesh axes (of size > 1) the logical axis name maps to, and their product
+    axes = [a for a in sharding.as_axes(rules.get(name)) if mesh_shape.get(a, 1) > 1]
+    return axes, math.prod(mesh_shape[a] for a in axes)
+
+  e_axes, n_e = shards("expert")
+  if not e_axes:
+    return  # experts not sharded (expert_parallel falls back to einsum)
+  if cfg.num_experts % n_e:
+    raise _err("num_experts", cfg.num_experts,
+               f"must be a multiple of the {n_e} expert shards (mesh axis {' x '.join(e_axes)})",
+               f"set --config.moe.num_experts={n_e * max(1, cfg.num_experts // n_e)} "
+               f"or --config.mesh.expert to a divisor of {cfg.num_experts}")
+  if not _dispatch.resolve_dispatch(cfg.dispatch)[1].splits_groups:
+    return
+  _, n_g = shards("groups")
+  b, l = config.data.batch_size, config.data.seq_len
+  k = _routing.ROUTERS[cfg.router].experts_per_token(cfg.top_k)
+  s = routing_group_size(cfg.group_size, l, cfg.num_experts, k)
+  if (b * l) % s or (b * l // s) % n_g == 0:
+    return  # a group size that does not divide the batch is validate's error
+  g = b * l // s
+  per_shard = b * l // n_g if (b * l) % n_g == 0 else 0
+  # a group size that gives a multiple of n_g groups (at most one sequence long)
+  size = max((d for d in range(1, l + 1) if per_shard % d == 0), default=0) if per_shard else 0
+  batch_fix = f"--config.data.batch_size to a multiple of {n_g}"
+  if cfg.group_size > 0:   # explicit: the size is at fault
+    field, value = "moe.group_size", cfg.group_size
+    fix = (f"set --config.moe.group_size={size}" if size else
+           f"set {batch_fix} and --config.moe.group_size=-1")
+  else:                    # auto / whole sequences: the batch is
+    field, value = "data.batch_size", b
+    fix = f"set {batch_fix}" + (f" or --config.moe.group_size={size}" if size else "")
+  raise config_error(
+      field, value,
+      f"dispatch={cfg.dispatch} splits the {g} routing groups of {s} "
+      f"tokens over {n_g} data x expert shards, which must divide {g}", fix)
 
 
 def _err(field, value, why, fix):

@@ -3,16 +3,12 @@
 * :func:`einsum_dispatch` -- GShard: dispatch / combine masks ``[groups, tokens, experts,
   capacity]``, capacity-padded expert buffers ``[experts, groups, capacity, embed]``.
   Under a mesh the buffer is constrained to ``expert`` on its first axis, so GSPMD
-  inserts the all-to-all (the "GSPMD einsum path"). On CPU with no axis left to the
-  partitioner the same values move as rows instead (gather into the buffers, weighted
-  scatter-add back; ``plan.slots()``): the mask einsums cost a fifth of the expert FLOPs
-  at 128-token groups, and the einsum MoE step ran 0.60-0.63 -> 0.67-0.68 of the dense
-  FFN's speed (4096 tokens, 8 experts, cf 1.25, 2-core Xeon).
+  inserts the all-to-all (the "GSPMD einsum path"). A platform backend may move the same
+  values as rows instead (registry operation ``moe.capacity_moves``, the CPU's).
 * :func:`dropless_dispatch` -- no capacity: sort the (token, choice) rows by expert and
-  run a grouped matmul: ``jax.lax.ragged_dot`` (TPU/GPU), megablox ``gmm`` (TPU); on CPU
-  ``blocked``: each expert's rows padded to blocks of a few power-of-two sizes, one fused
-  FFN per block in ``fori_loop`` s (:mod:`moejax.layers.moe.grouped_mlp`). XLA:CPU's
-  ragged_dot is a masked dense dot over all experts, about E times the FLOPs.
+  run a grouped matmul (:data:`GROUPED_FFNS`): ``jax.lax.ragged_dot``, megablox ``gmm``
+  (TPU), or one a backend registers (``blocked``, the CPU's). ``auto`` is the platform's
+  choice (``moe.dropless_default``; ``ragged_dot`` without one).
 * :func:`expert_parallel_dispatch` -- experts sharded over the ``expert`` mesh axis;
   capacity buffers travel by ``jax.lax.all_to_all`` inside ``jax.shard_map``.
 * :func:`dropless_ep_dispatch` -- the same sharding without capacity: each device sorts its
@@ -32,16 +28,16 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from moejax import kernels, sharding
+from moejax import sharding
 from moejax.kernels import activations as act_lib
-from moejax.kernels import cpu_kernels
-from moejax.layers.moe import grouped_mlp as gml
+from moejax.kernels import platform as platform_lib
+from moejax.kernels import registry
 from moejax.layers.moe.experts import expert_mlp
 from moejax.layers.moe.routing import TokenChoicePlan
 
@@ -70,8 +66,9 @@ def dispatch_experts_combine(x: jax.Array, plan, weights, activation: str, *,
   ident = lambda a: a
   to_experts, from_experts, reduce = (to_experts or ident, from_experts or ident,
                                       reduce or ident)
-  if _by_rows():
-    gather, scatter = _slot_rows(x, plan)
+  moves = registry.call("moe.capacity_moves", x, plan)   # a backend's row moves, or None
+  if moves is not None:
+    gather, scatter = moves
   else:
     dispatch, combine = plan.masks()                                   # [G,S,E,C]
     gather = lambda x: jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)
@@ -80,36 +77,6 @@ def dispatch_experts_combine(x: jax.Array, plan, weights, activation: str, *,
   e, g, c, d = xe.shape
   ye = reduce(expert_mlp(xe.reshape(e, g * c, d), *weights, activation))
   return scatter(from_experts(ye.reshape(e, g, c, -1)))
-
-
-def _by_rows() -> bool:
-  """Dispatch and combine by row gather / scatter-add instead of the mask einsums: on
-  CPU, where no mesh axis is left to XLA's partitioner (the einsums' sharding is what
-  GSPMD partitions; TPU / GPU keep them)."""
-  return kernels.current_platform() == "cpu" and kernels.mesh_is_local()
-
-
-def _slot_rows(x, plan):
-  """``(gather, scatter)``: the mask einsums of :func:`dispatch_experts_combine` as row
-  moves. ``gather(x [G, S, D]) -> [E, G, C, D]`` copies each slot's token (0 in empty
-  slots); ``scatter(ye [E, G, C, D]) -> [G, S, D]`` adds each slot's row times its
-  combine weight into its token. The same values as the einsums (a one-hot product is a
-  copy; a token's sum over its slots adds the same products), without their
-  ``O(S · E · C · D)`` multiply-adds per group: a fifth of the expert FLOPs at
-  S = 128, E = 8, C = 40."""
-  token, weight, valid = plan.slots()                                # [G, E, C]
-  g, s, d = x.shape
-  rows = jnp.arange(g, dtype=jnp.int32)[:, None, None] * s + token
-  rows = jnp.transpose(jnp.where(valid, rows, g * s), (1, 0, 2))     # [E, G, C]; empty: g·s
-  weight = jnp.transpose(weight, (1, 0, 2))[..., None]
-
-  def gather(x):
-    return jnp.take(x.reshape(g * s, d), rows, axis=0, mode="fill", fill_value=0)
-
-  def scatter(ye):
-    out = jnp.zeros((g * s, ye.shape[-1]), ye.dtype)
-    return out.at[rows].add(weight.astype(ye.dtype) * ye, mode="drop").reshape(g, s, -1)
-  return gather, scatter
 
 
 def einsum_dispatch(x: jax.Array, plan, weights, activation: str) -> jax.Array:
@@ -133,150 +100,16 @@ def einsum_dispatch(x: jax.Array, plan, weights, activation: str) -> jax.Array:
 # ----------------------------------------------------------------------------- dropless
 
 
-BLOCK_LEVELS = 5   # block sizes of the blocked path: the largest and 4 halvings
+class GroupedFFN(NamedTuple):
+  """One grouped-matmul implementation of the dropless paths (``moe.dropless_impl``).
 
-
-def default_block(rows: int, num_experts: int) -> int:
-  """Largest block of the blocked path: a power of two in [8, 1024], the rows per expert
-  rounded up (1024 from 8192 rows on 8 experts). Smaller sizes halve down from it
-  (:func:`grouped_mlp.block_sizes`, :data:`BLOCK_LEVELS` = 5 levels: 1024 ... 64).
-
-  A balanced expert then runs one or two big blocks and a short tail: fwd+bwd at 8192
-  rows, embed 512, mlp 1024, 8 experts ran 6-7% faster than with (512 ... 64) blocks
-  and 4% faster than (1024 ... 32) (one core, side by side)."""
-  b = max(rows // num_experts, 1)
-  return int(min(max(1 << (b - 1).bit_length(), 8), 1024))
-
-
-def _counting_sort(expert, num_experts):
-  """``counts [E]`` of ``expert [n]`` (``num_experts`` for none: not counted) and each
-  row's rank among its expert's rows ``[n]``, rows in their order (a cumsum of a one-hot:
-  no argsort)."""
-  hot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32)        # [n, E]; none: all 0
-  return hot.sum(0), jnp.sum(jnp.cumsum(hot, 0) * hot, 1) - 1
-
-
-def _slots(expert, rank, offset, m):
-  """``dest [n]``: row ``offset[expert] + rank`` of a buffer of ``m`` rows (``m`` for rows
-  of no expert); ``back [m]``: its inverse (``n`` in rows no grouped row fills)."""
-  e, n = offset.shape[0], expert.shape[0]
-  dest = jnp.where(expert < e, offset[jnp.minimum(expert, e - 1)] + rank, m)
-  back = jnp.full((m,), n, jnp.int32).at[dest].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
-  return dest, back
-
-
-def _blocked_buffer(expert, num_experts, block):
-  """Where the grouped rows of ``expert [n]`` (``num_experts`` for none) go in the blocked
-  buffer (:mod:`grouped_mlp`): ``dest [n]``, ``back [m]`` (:func:`_slots`), the
-  :class:`Blocks`, their sizes, and ``m``."""
-  sizes = gml.block_sizes(block or default_block(expert.shape[0], num_experts), BLOCK_LEVELS)
-  m = gml.buffer_rows(expert.shape[0], num_experts, sizes)
-  counts, rank = _counting_sort(expert, num_experts)
-  offset, blocks = gml.block_layout(counts, sizes, m)
-  return (*_slots(expert, rank, offset, m), blocks, sizes, m)
-
-
-def _blocked_grouped_mlp(x, source, expert, weights, activation, block=0):
-  """Grouped FFN of rows ``x[source[r]]`` by ``expert[r]`` (:mod:`grouped_mlp`, for CPU).
-
-  Args:
-    x: ``[t, embed]`` source rows.
-    source: int ``[n]``, the source row of each grouped row.
-    expert: int ``[n]``, its expert; ``experts`` (= ``wi.shape[0]``) for none.
-    block: largest block, a power of two (0: :func:`default_block`).
-
-  Returns:
-    ``[n, embed]``; 0 for rows of no expert.
+  combine(xt [t, D], expert [t, k] (E: none), weight [t, k], weights, activation, options)
+    -> ``[t, D]``: ``sum_j weight[t, j] * FFN_{expert[t, j]}(xt[t])``.
+  grouped(xs [m, D], group_sizes [E], weights, activation, options) -> ``[m, D]``: the FFN
+    of rows already grouped by expert (rows past ``sum(group_sizes)``: 0).
   """
-  wi, wg, wo = weights
-  dest, back, blocks, sizes, m = _blocked_buffer(expert, wi.shape[0], block)
-  src = jnp.full((m,), x.shape[0], jnp.int32).at[dest].set(source, mode="drop")
-  xb = x.at[src].get(mode="fill", fill_value=0)                     # [m, D], padding rows 0
-  yb = gml.grouped_mlp(xb, wi, wg, wo, blocks, sizes, activation)   # [m, D]
-  routed = (expert < wi.shape[0]).astype(yb.dtype)[:, None]         # each row: 1 choice
-  return _rows_out(yb, dest[:, None], back, routed)
-
-
-def _int_zeros(a):
-  """The cotangent of an integer operand."""
-  return np.zeros(a.shape, jax.dtypes.float0)
-
-
-def _blocked_dropless(xt, expert, weight, weights, activation, block=0):
-  """Dropless top-k FFN of tokens ``xt [t, embed]`` on the blocked path, combined.
-
-  Args:
-    expert: int ``[t, k]``, each choice's expert (``experts`` for none).
-    weight: ``[t, k]`` combine weights (0 for choices of no expert).
-
-  Returns:
-    ``[t, embed]``: ``sum_j weight[t, j] * FFN_{expert[t, j]}(xt[t])``.
-
-  The rows move with the CPU row kernels (``take_rows``, ``gather_weighted_sum``,
-  ``gather_dot``; XLA's ops elsewhere), gradients included: XLA:CPU's gather into the
-  buffer, gather back and weighted sum over the ``k`` choices, element-wise loops, took
-  about 8% of the MoE's fwd+bwd at 4096 tokens, top-2 of 8, d 512.
-  """
-  wi, wg, wo = weights
-  t, k = expert.shape
-  dest, back, blocks, sizes, m = _blocked_buffer(expert.reshape(t * k), wi.shape[0], block)
-  dest = dest.reshape(t, k)
-  xb = _rows_in(xt, back // k, dest)                                # [m, D]
-  yb = gml.grouped_mlp(xb, wi, wg, wo, blocks, sizes, activation)   # [m, D]
-  return _rows_out(yb, dest, back, weight.astype(yb.dtype))
-
-
-@jax.custom_vjp
-def _rows_in(x, src, dest):
-  """The expert-ordered buffer ``x[src]`` ``[m, embed]`` (blocked or sorted) of token rows
-  ``x [t, embed]``.
-
-  ``src [m]`` is each buffer row's token, clipped into range: padding rows copy a real
-  row, which is harmless (a padding row's output is never read, so its cotangent is 0 and
-  it adds 0 to every weight gradient). ``dest [t, k]``, where each token's choices went
-  (``m`` for none), makes the cotangent a sum of ``k`` rows per token, not a scatter-add.
-  """
-  return cpu_kernels.take_rows(x, src)
-
-
-def _rows_in_fwd(x, src, dest):
-  return _rows_in(x, src, dest), (src, dest)
-
-
-def _rows_in_bwd(res, dxb):
-  src, dest = res
-  m = dxb.shape[0]
-  dx = cpu_kernels.gather_weighted_sum(dxb, dest, (dest < m).astype(dxb.dtype))
-  return dx, _int_zeros(src), _int_zeros(dest)
-
-
-_rows_in.defvjp(_rows_in_fwd, _rows_in_bwd)
-
-
-@jax.custom_vjp
-def _rows_out(yb, dest, back, weight):
-  """``y[t] = sum_j weight[t, j] * yb[dest[t, j]]`` ``[t, embed]`` from the expert-ordered
-  buffer ``yb [m, embed]``; ``back [m]`` is ``dest``'s inverse (``t * k`` in padding).
-  Choices of no expert (``dest = m``, clipped) must have weight 0."""
-  return cpu_kernels.gather_weighted_sum(yb, dest, weight)
-
-
-def _rows_out_fwd(yb, dest, back, weight):
-  return _rows_out(yb, dest, back, weight), (yb, dest, back, weight)
-
-
-def _rows_out_bwd(res, dy):
-  yb, dest, back, weight = res
-  t, k = dest.shape
-  m = yb.shape[0]
-  real = back < t * k
-  w_back = jnp.where(real, weight.reshape(t * k)[jnp.minimum(back, t * k - 1)], 0)   # [m]
-  dyb = cpu_kernels.gather_weighted_sum(dy, (back // k)[:, None], w_back[:, None])  # [m, D]
-  dw = jnp.where(dest < m, cpu_kernels.gather_dot(yb, dest, dy), 0)                # [t, k]
-  return dyb, _int_zeros(dest), _int_zeros(back), dw.astype(weight.dtype)
-
-
-_rows_out.defvjp(_rows_out_fwd, _rows_out_bwd)
+  combine: Callable
+  grouped: Callable
 
 
 def _ragged_grouped_mlp(xs, counts, weights, activation, impl, interpret=False):
@@ -305,12 +138,51 @@ def _ragged_grouped_mlp(xs, counts, weights, activation, impl, interpret=False):
   return jnp.where(valid, mm(h, wo)[:n], 0)
 
 
+def _ragged_combine(impl):
+  def combine(xt, expert, weight, weights, activation, options):
+    t, k = expert.shape
+    e = weights[0].shape[0]
+    flat = expert.reshape(t * k)
+    order = jnp.argsort(flat, stable=True)                          # [n], unrouted last
+    counts = jnp.bincount(flat, length=e + 1)[:e].astype(jnp.int32)  # [E]
+    ys = _ragged_grouped_mlp(xt[order // k], counts, weights, activation, impl,
+                             options.interpret)
+    y = jnp.zeros_like(ys).at[order].set(ys)                          # unsort: [n, D]
+    w = weight.reshape(t, k, 1).astype(y.dtype)
+    return jnp.sum(y.reshape(t, k, -1) * w, axis=1)
+  return combine
+
+
+def _ragged_grouped(impl):
+  return lambda xs, sizes, weights, activation, options: _ragged_grouped_mlp(
+      xs, sizes, weights, activation, impl, options.interpret)
+
+
+# The portable grouped matmuls; a backend adds its own (``moe.grouped_ffn.<name>``).
+GROUPED_FFNS = {impl: GroupedFFN(_ragged_combine(impl), _ragged_grouped(impl))
+                for impl in ("ragged_dot", "gmm")}
+
+
 def resolve_dropless_impl(impl: str) -> str:
-  """``auto`` -> ``blocked`` on CPU, ``ragged_dot`` on the target platform otherwise (the
-  TPU while compiling for one from a CPU host, see :func:`moejax.kernels.target_platform`)."""
+  """``auto`` -> the target platform's choice (registry ``moe.dropless_default``, e.g. the
+  CPU backend's ``blocked``), else ``ragged_dot`` (the target is the TPU while compiling
+  for one from a CPU host, see :func:`moejax.kernels.target_platform`)."""
   if impl != "auto":
     return impl
-  return "blocked" if kernels.current_platform() == "cpu" else "ragged_dot"
+  return registry.find("moe.dropless_default") or "ragged_dot"
+
+
+def grouped_ffn(impl: str) -> GroupedFFN:
+  """The :class:`GroupedFFN` of a dropless impl name (``auto`` resolved)."""
+  impl = resolve_dropless_impl(impl)
+  if impl in GROUPED_FFNS:
+    return GROUPED_FFNS[impl]
+  name = f"moe.grouped_ffn.{impl}"
+  ffn = registry.find(name) if name in registry.OPS else None
+  if ffn is None:
+    raise ValueError(f"dropless_impl={impl!r} is a backend's grouped matmul, and no backend "
+                     f"registers it here (use dropless_impl=auto, ragged_dot or gmm)")
+  return ffn
 
 
 def dropless_dispatch(x: jax.Array, plan: TokenChoicePlan, weights, activation: str, *,
@@ -335,20 +207,12 @@ def dropless_dispatch(x: jax.Array, plan: TokenChoicePlan, weights, activation: 
   g, s, d = x.shape
   k = plan.expert_index.shape[-1]
   e = weights[0].shape[0]
-  n = g * s * k
   xt = x.reshape(g * s, d)
-  expert = jnp.where(plan.routed, plan.expert_index, e).reshape(n)  # unrouted: no expert
-  impl = resolve_dropless_impl(impl)
+  expert = jnp.where(plan.routed, plan.expert_index, e).reshape(g * s, k)  # unrouted: none
   weight = (plan.weight * plan.routed).reshape(g * s, k)
-  if impl == "blocked":
-    y = _blocked_dropless(xt, expert.reshape(g * s, k), weight, weights, activation, block)
-    return y.reshape(g, s, d)
-  order = jnp.argsort(expert, stable=True)                          # [n], unrouted last
-  counts = jnp.bincount(expert, length=e + 1)[:e].astype(jnp.int32)  # [E]
-  ys = _ragged_grouped_mlp(xt[order // k], counts, weights, activation, impl, interpret)
-  y = jnp.zeros_like(ys).at[order].set(ys)                          # unsort: [n, D]
-  w = weight.reshape(g * s, k, 1).astype(y.dtype)
-  return jnp.sum(y.reshape(g * s, k, d) * w, axis=1).reshape(g, s, d)
+  options = DispatchOptions(impl=impl, block=block, interpret=interpret)
+  y = grouped_ffn(impl).combine(xt, expert, weight, weights, activation, options)
+  return y.reshape(g, s, d)
 
 
 # ----------------------------------------------------------------------------- expert parallel
@@ -472,7 +336,9 @@ def dropless_ep_dispatch(x: jax.Array, plan: TokenChoicePlan, weights, activatio
   gated = wg is not None
   e = wi.shape[0]
   el = e // n
-  impl = resolve_dropless_impl(impl)
+  ffn = grouped_ffn(impl)
+  options = DispatchOptions(impl=impl, block=block, buffer_factor=buffer_factor,
+                            interpret=interpret)
   n_groups = math.prod(mesh.shape[a] for a in sharding.as_axes(g_ax))
   g_loc, s, d = x.shape[0] // n_groups, x.shape[1], x.shape[2]
   k = plan.expert_index.shape[-1]
@@ -501,13 +367,7 @@ def dropless_ep_dispatch(x: jax.Array, plan: TokenChoicePlan, weights, activatio
     recv = exchange(xs, jnp.zeros((m, d), xs.dtype), starts[me], sent[me], dest[me],
                     mine(sent), axis_name=e_ax)                           # [M, D] by expert
     group_sizes = per_dst[me].reshape(el, n).sum(1)                       # [el]
-    w = (wi, wg if gated else None, wo)
-    if impl == "blocked":
-      row = jnp.arange(m, dtype=jnp.int32)
-      row_expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right")  # el: none
-      yg = _blocked_grouped_mlp(recv, row, row_expert, w, activation, block)
-    else:
-      yg = _ragged_grouped_mlp(recv, group_sizes, w, activation, impl, interpret)
+    yg = ffn.grouped(recv, group_sizes, (wi, wg if gated else None, wo), activation, options)
     if mlp_axes:
       yg = jax.lax.psum(yg, mlp_axes)
     # Back: slice (src, l) of my buffer returns to src, where its rows came from.
@@ -559,12 +419,14 @@ class DispatchMode:
   dropless: routing gives plans without capacity.
   splits_groups: shard_map splits the routing groups over the groups axes (the layer
     checks that they divide).
-  fallback: platform -> the mode used there instead (logged once).
+  needs: a collective XLA must run for this mode; where the platform's cannot,
+    ``fallback`` runs instead (logged once).
   """
   apply: Callable
   dropless: bool = False
   splits_groups: bool = False
-  fallback: tuple[tuple[str, str], ...] = ()
+  needs: str | None = None
+  fallback: str | None = None
 
 
 DISPATCH_MODES: dict[str, DispatchMode] = {
@@ -575,12 +437,13 @@ DISPATCH_MODES: dict[str, DispatchMode] = {
         dropless=True),
     "expert_parallel": DispatchMode(
         lambda x, p, w, a, o: (expert_parallel_dispatch(x, p, w, a), p), splits_groups=True),
-    # XLA:CPU has no ragged_all_to_all: the capacity all_to_all runs there instead.
+    # Where XLA has no ragged_all_to_all, the capacity all_to_all runs instead.
     "dropless_ep": DispatchMode(
         lambda x, p, w, a, o: dropless_ep_dispatch(
             x, p, w, a, impl=o.impl, block=o.block, buffer_factor=o.buffer_factor,
             interpret=o.interpret),
-        dropless=True, splits_groups=True, fallback=(("cpu", "expert_parallel"),)),
+        dropless=True, splits_groups=True, needs="ragged_all_to_all",
+        fallback="expert_parallel"),
 }
 
 _LOGGED: set[tuple[str, str]] = set()
@@ -589,19 +452,18 @@ _LOGGED: set[tuple[str, str]] = set()
 def resolve_dispatch(name: str, platform: str | None = None) -> tuple[str, DispatchMode]:
   """``moe.dispatch`` -> (the mode that runs on ``platform``, its :class:`DispatchMode`).
 
-  ``platform`` defaults to the target platform (:func:`moejax.kernels.current_platform`:
-  the TPU while compiling for one from a CPU host). ``dropless_ep`` on CPU becomes
+  ``platform`` defaults to the target platform (the TPU while compiling for one from a
+  CPU host). ``dropless_ep`` where XLA has no ``ragged_all_to_all`` (XLA:CPU) becomes
   ``expert_parallel`` (capacity all_to_all, ``moe.capacity_factor_*`` apply), with a note
   in the log.
   """
-  platform = platform or kernels.current_platform()
   mode = DISPATCH_MODES[name]
-  other = dict(mode.fallback).get(platform)
-  if other is None:
+  where = None if mode.needs is None else platform_lib.lacking(mode.needs, platform)
+  if where is None:
     return name, mode
-  if (name, platform) not in _LOGGED:
-    _LOGGED.add((name, platform))
-    log.warning("moe.dispatch=%r cannot run on %s (no ragged_all_to_all there): using the "
-                "capacity all_to_all of dispatch=%r (moe.capacity_factor_* apply)",
-                name, platform, other)
-  return other, DISPATCH_MODES[other]
+  if (name, where) not in _LOGGED:
+    _LOGGED.add((name, where))
+    log.warning("moe.dispatch=%r cannot run on %s (no %s there): using the capacity "
+                "all_to_all of dispatch=%r (moe.capacity_factor_* apply)",
+                name, where, mode.needs, mode.fallback)
+  return mode.fallback, DISPATCH_MODES[mode.fallback]

@@ -428,15 +428,19 @@ class RouterScores(nnx.Module):
 # ----------------------------------------------------------------------------- routers
 
 
-def capacity_limited(cfg) -> bool:
-  """Whether ``config.moe`` can drop tokens for capacity, in training or in evaluation (a
-  capacity-buffer dispatch with ``capacity_factor_train`` or ``capacity_factor_eval`` > 0)."""
-  return cfg.dispatch in ("einsum", "expert_parallel") and (
-      cfg.capacity_factor_train > 0 or cfg.capacity_factor_eval > 0)
+def capacity_limited(settings) -> bool:
+  """Whether MoE ``settings`` (``MoESettings`` or ``config.moe``) can drop tokens for capacity,
+  in training or in evaluation (a capacity-buffer dispatch with ``capacity_factor_train`` or
+  ``capacity_factor_eval`` > 0)."""
+  return settings.dispatch in ("einsum", "expert_parallel") and (
+      settings.capacity_factor_train > 0 or settings.capacity_factor_eval > 0)
 
 
 class Router(abc.ABC):
   """A registered ``moe.router``: what the layer needs to know about one routing rule.
+
+  Its methods read the layer's settings (``settings``: a ``MoESettings``, or the
+  ``config.moe`` section it is made from), never the layer.
 
   ``uses_scores``: needs router logits (the layer builds a :class:`RouterScores`).
   ``balanced``: balanced by construction (no load-balancing loss is added).
@@ -452,16 +456,16 @@ class Router(abc.ABC):
     """K in the capacity ``ceil(K * S * factor / E)``."""
     return top_k
 
-  def noncausal_reason(self, cfg) -> str | None:
-    """Why this router lets later tokens change earlier tokens' outputs in a decoder (with
-    ``cfg = config.moe``), or None when it is causal."""
+  def noncausal_reason(self, settings) -> str | None:
+    """Why this router lets later tokens change earlier tokens' outputs in a decoder, or
+    None when it is causal."""
     return None
 
-  def needs_rng(self, layer, policy: str) -> bool:
+  def needs_rng(self, settings, policy: str) -> bool:
     return False
 
   @abc.abstractmethod
-  def plan(self, layer, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
+  def plan(self, settings, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
     """-> a plan (``capacity`` None: dropless; ``no_drop``: nothing may be dropped)."""
 
 
@@ -481,25 +485,25 @@ def register_router(name: str):
 class TopKRouter(Router):
   """Token choice (Switch k=1, GShard k=2, any k): :func:`top_k_route`."""
 
-  def noncausal_reason(self, cfg):
-    if not capacity_limited(cfg):
+  def noncausal_reason(self, settings):
+    if not capacity_limited(settings):
       return None
-    if cfg.priority == "batch":
+    if settings.priority == "batch":
       return ("batch-prioritised capacity (priority=batch) ranks a group's tokens by router "
               "probability, so later tokens can push earlier ones out of an expert")
-    if cfg.top_k > 1:
-      return (f"top-{cfg.top_k} with a capacity fills every first choice before any second "
+    if settings.top_k > 1:
+      return (f"top-{settings.top_k} with a capacity fills every first choice before any second "
               "choice, so later tokens' first choices can drop earlier tokens' second choices")
     return None
 
-  def needs_rng(self, layer, policy):
-    return layer.top_k > 1 and policy != "all"
+  def needs_rng(self, settings, policy):
+    return settings.top_k > 1 and policy != "all"
 
-  def plan(self, layer, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
-    return top_k_route(logits, mask, k=layer.top_k, capacity=capacity,
-                       renormalize=layer.renormalize, second_policy=policy,
-                       second_threshold=layer.second_threshold,
-                       batch_priority=layer.batch_priority, rng=rng)
+  def plan(self, settings, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
+    return top_k_route(logits, mask, k=settings.top_k, capacity=capacity,
+                       renormalize=settings.renormalize, second_policy=policy,
+                       second_threshold=settings.second_threshold,
+                       batch_priority=settings.priority == "batch", rng=rng)
 
 
 @register_router("expert_choice")
@@ -512,11 +516,11 @@ class ExpertChoiceRouter(Router):
   def experts_per_token(self, top_k):
     return 1
 
-  def noncausal_reason(self, cfg):
+  def noncausal_reason(self, settings):
     return ("expert choice ranks all tokens of a group, so later tokens change which earlier "
             "tokens an expert takes")
 
-  def plan(self, layer, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
+  def plan(self, settings, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
     if no_drop:   # C = S: every expert takes every token
       return all_experts_plan(logits, mask)
     return expert_choice_route(logits, mask, capacity=capacity)
@@ -528,13 +532,13 @@ class HashRouter(Router):
 
   uses_scores = False
 
-  def noncausal_reason(self, cfg):
-    if capacity_limited(cfg) and cfg.top_k > 1:
-      return (f"hash routing to {cfg.top_k} experts with a capacity fills every first choice "
+  def noncausal_reason(self, settings):
+    if capacity_limited(settings) and settings.top_k > 1:
+      return (f"hash routing to {settings.top_k} experts with a capacity fills every first choice "
               "before any second choice, so later tokens can drop earlier tokens' second choices")
     return None
 
-  def plan(self, layer, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
-    idx = hash_experts(xg, token_ids, num_experts=layer.num_experts, k=layer.top_k,
-                       seed=layer.hash_seed)
-    return hash_route(idx, mask, num_experts=layer.num_experts, capacity=capacity)
+  def plan(self, settings, xg, logits, mask, token_ids, *, capacity, policy, rng, no_drop):
+    idx = hash_experts(xg, token_ids, num_experts=settings.num_experts, k=settings.top_k,
+                       seed=settings.hash_seed)
+    return hash_route(idx, mask, num_experts=settings.num_experts, capacity=capacity)

@@ -1,10 +1,8 @@
 """The attention core ``softmax(q kᵀ / √d + mask) v`` in XLA, with a hand-written backward,
-and the rotary positions it takes: the reference of the CPU attention kernel
-(``cpu_kernels.attention``, ``cpu_attention.cc``), and what runs on CPU where that kernel
-does not (e.g. under a mesh that shards the batch).
-
-:class:`~moejax.layers.attention.Attention` calls ``cpu_kernels.attention`` when training
-on CPU and ``jax.nn.dot_product_attention`` on TPU / GPU (their programs are unchanged).
+and the rotary positions it takes: the XLA form of the CPU attention kernel
+(``native.attention``, ``cpu_attention.cc``), what runs on CPU where that kernel does not
+(e.g. under a mesh that shards the batch). Its oracle is
+:func:`moejax.kernels.reference.attention`.
 
 Why: autodiff of the XLA softmax attention runs the masking, the 1/√d scale, the max, the
 exp, the normalisation and their derivatives as about ten passes over the
@@ -19,16 +17,14 @@ exp, the normalisation and their derivatives as about ten passes over the
   ``A · B`` or ``A · Bᵀ`` matmuls: in query-major form the ``dk`` and ``dv`` products
   contract the scores' first axis, which XLA:CPU runs as a generic contraction at half
   the speed.
-
-:func:`rotate_half` is the rotary position rotation; :func:`rotate_half_vjp` the same with
-the rotation by the opposite angle as its backward (one fused pass; autodiff of split /
-concatenate is a pad and an add per half, four passes over q and k per layer on XLA:CPU).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from moejax.kernels.rotary import rotate_heads
 
 
 def _heads_first(x):
@@ -87,36 +83,10 @@ def _backward(res, do):
 masked_attention.defvjp(lambda q, k, v, mask: _forward(q, k, v, mask), _backward)
 
 
-def rotate_half(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """Rotate-half: ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` on the last dim of
-  ``x [..., D]``; ``sin, cos`` broadcast to ``[..., D / 2]``."""
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-@jax.custom_vjp
-def rotate_half_vjp(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """:func:`rotate_half` whose backward is the opposite rotation (no gradient to the angles)."""
-  return rotate_half(x, sin, cos)
-
-
-rotate_half_vjp.defvjp(lambda x, sin, cos: (rotate_half(x, sin, cos), (sin, cos)),
-                       lambda res, dy: (rotate_half(dy, -res[0], res[1]), None, None))
-
-
-def rotate_heads(x: jax.Array, sin: jax.Array, cos: jax.Array, *,
-                 fused_backward: bool = True) -> jax.Array:
-  """``x [batch, length, heads, head_dim]`` rotated (in float32, back in ``x.dtype``) by
-  ``sin, cos [1 | batch, length, head_dim / 2]``: :func:`rotate_half_vjp`, or with
-  ``fused_backward=False`` plain :func:`rotate_half` (autodiff's backward)."""
-  rotate = rotate_half_vjp if fused_backward else rotate_half
-  return rotate(x.astype(jnp.float32), sin[:, :, None], cos[:, :, None]).astype(x.dtype)
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
               sin: jax.Array | None = None, cos: jax.Array | None = None) -> jax.Array:
   """:func:`masked_attention` of ``q`` and ``k`` rotated by ``sin, cos [1 | batch, length,
-  head_dim / 2]`` (rotary positions; None: not rotated) — what ``cpu_kernels.attention``
+  head_dim / 2]`` (rotary positions; None: not rotated) — what ``native.attention``
   computes."""
   if sin is not None:
     q, k = rotate_heads(q, sin, cos), rotate_heads(k, sin, cos)

@@ -1,9 +1,9 @@
-"""Ahead-of-time compiles for a TPU slice from any machine (needs libtpu: ``jax[tpu]``).
+"""A TPU topology's devices as compile targets on any machine (needs libtpu: ``jax[tpu]``).
 
 XLA's real TPU compiler runs on a CPU host for a topology that is not there; the compiled
 executable reports per-device memory and cost, and Mosaic kernels are checked for real
-(block shapes, layouts, VMEM). Nothing runs. Used by ``moejax.compile`` (and so
-``benchmarks/tpu_compile.py``) and the TPU kernel tests; results in ``benchmarks/RESULTS.md``.
+(block shapes, layouts, VMEM). Nothing runs. Used by :mod:`moejax.aot.compile` and the TPU
+kernel tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
-if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-  # Compiling for TPU from a CPU host: several processes (tests, tools) may load libtpu at
-  # once, which its machine-wide lock file would refuse. Never set on a TPU VM.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+def share_libtpu() -> None:
+  """Lets several processes on one CPU machine (tests, tools) load libtpu at once, which its
+  machine-wide lock file otherwise refuses ("Internal error when accessing libtpu
+  multi-process lockfile"). Only where the TPU is a compile target (JAX_PLATFORMS=cpu),
+  never on a TPU VM that may be training."""
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+share_libtpu()
 
 
 def libtpu_available() -> bool:

@@ -26,7 +26,7 @@
   written-out ``[U, d]`` gradient (512 MiB per table at N = 1024², 4096 tokens).
 
 * :func:`attention` is masked softmax attention with its rotary positions
-  (``cpu_attention.cc``; reference ``attention_reference.attention``): per (batch, head) in
+  (``cpu_attention.cc``; its XLA form ``attention_xla.attention``): per (batch, head) in
   cache, a block of queries at a time over only the keys it may see, the small matmuls in
   registers, the backward from the saved log-sum-exp. XLA ran the default LM's attention
   as a dozen passes over the ``[batch, heads, L, L]`` scores and their gradients, each a
@@ -73,8 +73,9 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from moejax import kernels
-from moejax.kernels import attention_reference, row_plan
+from moejax import kernels, sharding
+from moejax.backends.cpu import attention_xla
+from moejax.kernels import row_ops, row_plan
 
 TOPK = "moejax_topk_f32"
 TAKE_ROWS = "moejax_take_rows_f32"
@@ -236,14 +237,14 @@ def available() -> bool:
 def usable(*arrays: jax.Array) -> bool:
   """The kernels run for these float32 operands here (see the module doc)."""
   return (all(a.dtype == jnp.float32 for a in arrays) and kernels.current_platform() == "cpu"
-          and enabled() and kernels.mesh_is_local() and available())
+          and enabled() and sharding.mesh_is_local() and available())
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """``jax.lax.top_k(x, k)``: ``x [..., n]`` -> values ``[..., k]`` (descending), int32
   indices ``[..., k]``."""
   if not 1 <= k <= x.shape[-1] or not usable(x):
-    return tuple(jax.lax.top_k(x, k))
+    return row_ops.top_k(x, k)
   out = x.shape[:-1] + (k,)
   aval = jax.typeof(x)   # results vary over the same shard_map axes as x
   call = jax.ffi.ffi_call(TOPK, (aval.update(shape=out, dtype=jnp.float32),
@@ -256,9 +257,9 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def _same_vma(*arrays):
   """Inside ``shard_map``: the arrays, each varying over the axes any of them varies over
   (a custom call's operands and result share one type). Outside it, unchanged."""
-  union = set().union(*(kernels.varying(a) for a in arrays))
-  return tuple(a if kernels.varying(a) == union
-               else jax.lax.pcast(a, tuple(sorted(union - kernels.varying(a))), to="varying")
+  union = set().union(*(sharding.varying(a) for a in arrays))
+  return tuple(a if sharding.varying(a) == union
+               else jax.lax.pcast(a, tuple(sorted(union - sharding.varying(a))), to="varying")
                for a in arrays)
 
 
@@ -266,13 +267,13 @@ def take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
   """``jnp.take(table, indices, axis=0, mode="clip")``: ``table [N, d]``, int ``indices
   [...]`` -> ``[..., d]``. Not differentiable (callers with a custom VJP)."""
   if table.ndim != 2 or table.shape[0] == 0 or not usable(table):
-    return jnp.take(table, indices, axis=0, mode="clip")
+    return row_ops.take_rows(table, indices)
   table, indices = _same_vma(table, indices.astype(jnp.int32))
   out = jax.typeof(indices).update(shape=indices.shape + table.shape[1:], dtype=jnp.float32)
   return jax.ffi.ffi_call(TAKE_ROWS, out, vmap_method="sequential")(table, indices)
 
 
-# The gathered-row contractions of the product-key lookup (lookup_reference): rows are
+# The gathered-row contractions of the product-key lookup (lookup_xla): rows are
 # read once and contracted in place; XLA's gather + einsum writes the [T, H, d] rows out
 # and reads them back. Each is its einsum on take_rows elsewhere (rows cast to the other
 # operand's dtype first, as the reference does). Not differentiable (the lookup's VJP
@@ -288,7 +289,7 @@ def gather_dot(table: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Array:
   """``out[t, j] = x[t] · table[indices[t, j]]``: ``table [N, d]``, ``indices [T, H]``,
   ``x [T, d]`` -> ``[T, H]`` in ``x.dtype``."""
   if not _fused(table, indices, x):
-    return jnp.einsum("td,tjd->tj", x, take_rows(table, indices).astype(x.dtype))
+    return row_ops.gather_dot(table, indices, x)
   table, indices, x = _same_vma(table, indices.astype(jnp.int32), x)
   out = jax.typeof(x).update(shape=indices.shape)
   return jax.ffi.ffi_call(GATHER_DOT, out, vmap_method="sequential")(table, indices, x)
@@ -298,7 +299,7 @@ def gather_weighted_sum(table: jax.Array, indices: jax.Array, w: jax.Array) -> j
   """``out[t] = Σ_j w[t, j] · table[indices[t, j]]``: ``table [N, d]``, ``indices, w
   [T, H]`` -> ``[T, d]`` in ``w.dtype``."""
   if not _fused(table, indices, w):
-    return jnp.einsum("tj,tjd->td", w, take_rows(table, indices).astype(w.dtype))
+    return row_ops.gather_weighted_sum(table, indices, w)
   table, indices, w = _same_vma(table, indices.astype(jnp.int32), w)
   out = jax.typeof(w).update(shape=(w.shape[0], table.shape[1]))
   return jax.ffi.ffi_call(GATHER_WEIGHTED_SUM, out, vmap_method="sequential")(table, indices, w)
@@ -321,10 +322,7 @@ def scatter_outer_add(acc: jax.Array | jax.ShapeDtypeStruct, targets: jax.Array,
     targets, coef, vec = _same_vma(targets.astype(jnp.int32), coef, vec)
     out = jax.typeof(vec).update(shape=acc.shape)
     return jax.ffi.ffi_call(SCATTER_OUTER, out, vmap_method="sequential")(targets, coef, vec)
-  if isinstance(acc, jax.ShapeDtypeStruct):
-    acc = jnp.zeros(acc.shape, acc.dtype)
-  rows = (coef[..., None] * vec[:, None, :]).reshape(-1, acc.shape[-1]).astype(acc.dtype)
-  return acc.at[targets.reshape(-1)].add(rows, mode="drop")
+  return row_ops.scatter_outer_add(acc, targets, coef, vec)
 
 
 def scatter_outer_add_pair(acc1: jax.Array | jax.ShapeDtypeStruct,
@@ -394,9 +392,7 @@ def slot_runs(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
   slots = slots.astype(jnp.int32)
   m = slots.size
   if not usable():
-    flat = slots.reshape(-1)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    return order, jnp.searchsorted(flat[order], jnp.arange(num_slots + 1)).astype(jnp.int32)
+    return row_plan.slot_runs(slots, num_slots)
   aval = jax.typeof(slots)
   return tuple(jax.ffi.ffi_call(SLOT_RUNS, (aval.update(shape=(m,)),
                                             aval.update(shape=(num_slots + 1,))),
@@ -462,12 +458,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   cache: rotation, scores and softmax of a block of queries at a time over only the keys the
   block may see, its small matmuls in registers; the backward recomputes the probabilities
   from the saved log-sum-exp, and rotates the gradients back. Elsewhere its XLA form,
-  ``attention_reference.attention``.
+  ``attention_xla.attention``.
   """
   if (sin is None) != (cos is None):
     raise ValueError("attention: give both sin and cos (rotary positions), or neither")
   if not attention_usable(q, k, v, mask, sin, cos):
-    return attention_reference.attention(q, k, v, mask, sin, cos)
+    return attention_xla.attention(q, k, v, mask, sin, cos)
   rotate = sin is not None
   lq, lk = q.shape[1], k.shape[1]
   mask = jnp.broadcast_to(mask, (mask.shape[0], 1, lq, lk))[:, 0]
@@ -499,7 +495,7 @@ def _attention_bwd(rotate, res, do):
   dq, dk, dv = jax.ffi.ffi_call(ATTENTION_BWD, (aval, aval.update(shape=k.shape),
                                                 aval.update(shape=v.shape)),
                                 vmap_method="sequential")(*operands, rotate=np.bool_(rotate))
-  return (kernels.match_vma(dq, q), kernels.match_vma(dk, k), kernels.match_vma(dv, v),
+  return (sharding.match_vma(dq, q), sharding.match_vma(dk, k), sharding.match_vma(dv, v),
           None, None, None)
 
 

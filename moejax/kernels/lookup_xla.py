@@ -1,4 +1,8 @@
-"""The PEER / PKM expert lookup in plain JAX: the reference the Pallas kernels must equal.
+"""The PEER / PKM expert lookup in XLA ops, tuned: the ``reference`` kernel choice.
+
+Tuned, not an oracle (that is :func:`moejax.kernels.reference.lookup`): it runs over chunks
+of tokens sized to a core's cache where the platform's backend chunks, and its row gathers
+and contractions are the backend's (``row_ops``; the CPU's native kernels).
 
 PEER: ``y = Σ_{h,k} score · σ(x · down[i]) · up[i]``; PKM: ``y = Σ_{h,k} score · up[i]``
 (the same lookup without ``down``), with ``i = indices[..., h, k]``.
@@ -34,8 +38,11 @@ import jax
 import jax.numpy as jnp
 
 from moejax import kernels
-from moejax.kernels import activations, cpu_kernels, match_vma
+from moejax.kernels import activations, match_vma, row_ops
 from moejax.kernels.row_plan import RowFactors, row_slots, unique_rows
+
+# The row gathers and contractions: XLA's, or the platform backend's (row_ops).
+_rows = row_ops.implementation
 
 # Gathered rows per chunk of tokens (bytes): stays in a core's cache.
 CHUNK_BYTES = 4 << 20
@@ -56,7 +63,7 @@ def _after(indices, *deps):
 def _gather(table, indices, dtype):
   # Gather first, then cast: casting the whole [N, d] table would cost O(N·d) per step.
   # (= jnp.take(mode="clip"); on CPU a prefetching C++ row copy.)
-  return cpu_kernels.take_rows(table, indices).astype(dtype)
+  return _rows().take_rows(table, indices).astype(dtype)
 
 
 def _scatter_rows(table, indices, rows):
@@ -143,8 +150,8 @@ def _unchunk(a, t: int):
 
 
 def _fused(scores, up, down) -> bool:
-  """Whether the C++ row contractions (``cpu_kernels``) run on these operands."""
-  return cpu_kernels.usable(*((scores, up) if down is None else (scores, up, down)))
+  """Whether the backend's row contractions (``row_ops``) hold no gathered rows here."""
+  return _rows().fused(*((scores, up) if down is None else (scores, up, down)))
 
 
 def _forward(x, idx, scores, up, down, activation):
@@ -158,9 +165,9 @@ def _forward(x, idx, scores, up, down, activation):
     xc, ic, sc = args
     w, a = sc, None
     if down is not None:
-      a = cpu_kernels.gather_dot(down, ic, xc.astype(dt))
+      a = _rows().gather_dot(down, ic, xc.astype(dt))
       w = act(a) * sc
-    return cpu_kernels.gather_weighted_sum(up, ic, w), a
+    return _rows().gather_weighted_sum(up, ic, w), a
 
   c = _chunk_size(t, hh, up.shape[-1], dt, _fused(scores, up, down))
   if c == t:   # one chunk (TPU / GPU, the C++ kernels, or a small batch): no loop
@@ -209,24 +216,24 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
     g_up, g_down = acc
     xc, ic, sc, dyc, tc, ac = args
     dyc = dyc.astype(dt)
-    dw = cpu_kernels.gather_dot(up, ic, dyc)
+    dw = _rows().gather_dot(up, ic, dyc)
     if down is None:
       dx, dsc, beta = None, dw, sc
     else:
       xc = xc.astype(dt)
-      a = cpu_kernels.gather_dot(down, ic, xc) if ac is None else ac
+      a = _rows().gather_dot(down, ic, xc) if ac is None else ac
       s = act(a)
       da = dw * sc * dact(a)
       # (elsewhere one gather of down's rows: XLA merges the two identical takes)
-      dx = cpu_kernels.gather_weighted_sum(down, ic, da)
+      dx = _rows().gather_weighted_sum(down, ic, da)
       dsc, beta = dw * s, sc * s
       if factored:
         return acc, (dx, dsc, beta, da)
       # g_up[tc] += beta · dy and g_down[tc] += da · x (one kernel call where it runs)
-      return cpu_kernels.scatter_outer_add_pair(g_up, g_down, tc, beta, dyc, da, xc), (dx, dsc)
+      return _rows().scatter_outer_add_pair(g_up, g_down, tc, beta, dyc, da, xc), (dx, dsc)
     if factored:
       return acc, (dx, dsc, beta, None)
-    return (cpu_kernels.scatter_outer_add(g_up, tc, beta, dyc), g_down), (dx, dsc)
+    return (_rows().scatter_outer_add(g_up, tc, beta, dyc), g_down), (dx, dsc)
 
   init = (None, None) if factored else (
       zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))

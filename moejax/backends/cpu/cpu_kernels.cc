@@ -181,7 +181,7 @@ ffi::Error TakeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
 }
 
 
-// The gathered-row contractions of the PEER / PKM lookup (lookup_reference.py), on rows
+// The gathered-row contractions of the PEER / PKM lookup (lookup_xla.py), on rows
 // read once and never written out: XLA's gather + einsum writes the [T, H, d] rows and
 // reads them back, twice the traffic of the random row reads themselves.
 
