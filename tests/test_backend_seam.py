@@ -73,7 +73,7 @@ for name, (model_over, sections) in variants.items():
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], -1))
 
-  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)   # as training runs it
   leaves = {jax.tree_util.keystr(p): np.asarray(v).tolist()
             for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param))}
   out[name] = {"loss": float(loss), "grads": leaves}

@@ -125,12 +125,13 @@ def _allowed(fields):
 
 def _future_change(model, seeds=3):
   """max |Δ logits| at positions 0..7 when positions 8..15 change, over a few seeds."""
+  graphdef, state = nnx.split(model)      # the mode (train / eval) is in the graphdef
+  logits = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens)[0])
   worst = 0.0
   for s in range(seeds):
     tokens = jax.random.randint(jax.random.key(s), (4, 16), 2, 32)
     changed = tokens.at[:, 8:].set(jax.random.randint(jax.random.key(100 + s), (4, 8), 2, 32))
-    a, _ = model(tokens)
-    b, _ = model(changed)
+    a, b = logits(state, tokens), logits(state, changed)
     worst = max(worst, float(jnp.abs(a[:, :8] - b[:, :8]).max()))
   return worst
 
