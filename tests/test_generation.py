@@ -100,13 +100,14 @@ def test_left_padded_prefill_and_decode_equal_full_forward_of_each_row(kind):
   kv_valid = jnp.arange(width + extra)[None, :] >= jnp.asarray(padding)[:, None]
   cache = model.init_cache(2, width + extra)
   positions = jnp.maximum(jnp.arange(width)[None, :] - padding[:, None], 0)
-  lg, cache = model.decode(jnp.asarray(tokens), cache, jnp.int32(0), positions=positions,
-                           kv_valid=kv_valid)
+  decode = nnx.jit(lambda model, x, cache, pos, positions, kv_valid: model.decode(
+      x, cache, pos, positions=positions, kv_valid=kv_valid))       # as generate runs it
+  lg, cache = decode(model, jnp.asarray(tokens), cache, jnp.int32(0), positions, kv_valid)
   got = [lg]
   for t in range(extra):
     slot = width + t
-    lg, cache = model.decode(jnp.asarray(follow[:, t:t + 1]), cache, jnp.int32(slot),
-                             positions=jnp.asarray(slot - padding)[:, None], kv_valid=kv_valid)
+    lg, cache = decode(model, jnp.asarray(follow[:, t:t + 1]), cache, jnp.int32(slot),
+                       jnp.asarray(slot - padding)[:, None], kv_valid)
     got.append(lg)
   got = jnp.concatenate(got, 1)
   for i, row in enumerate(rows):
