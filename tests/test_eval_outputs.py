@@ -210,6 +210,13 @@ def test_eval_reads_a_registered_sets_split(tmp_path, moe_export, other_text_dir
   assert named["datasets"][other]["loss"] != pytest.approx(plain["datasets"][other]["loss"], rel=1e-6)
 
 
+def test_a_mesh_the_experts_do_not_divide_is_one_config_line(moe_export):
+  from moejax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"moe\.num_experts=4: must be a multiple of the 8 expert shards") as e:
+    eval_run.load(moe_export, {"data": 1, "expert": 8, "model": 1})
+  assert "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------------ plots from eval
 
 
