@@ -166,4 +166,4 @@ def test_kv_heads_must_divide_over_the_model_axis():
   c.model.num_kv_heads = 0
   c.mesh.update(data=1, expert=1, model=-1)
   with pytest.raises(ConfigError, match=r"mesh\.model=-1: 4 key/value heads .* model axis of 8"):
-    loop._check_mesh(c)
+    loop.check_mesh(c)

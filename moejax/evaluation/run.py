@@ -10,13 +10,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moejax import config as config_lib
-from moejax import data, paths, sharding
+from moejax import data, paths
 from moejax.errors import CheckpointError
 from moejax.data import eval_sets
 from moejax.evaluation import perplexity, plots
 from moejax.evaluation.locate import locate
 from moejax.training import checkpoint as ckpt_lib
+from moejax.training import loop
 from moejax.training import state as state_lib
 from moejax.training.writers import read_metrics
 
@@ -38,13 +38,7 @@ def load(path: str, mesh_overrides: dict | None = None
   config = ckpt_lib.read_config(where)
   # Evaluate on whatever devices are here: all of them on the data axis by default.
   config.mesh.update(mesh_overrides or {"data": -1, "expert": 1, "model": 1})
-  m = config.mesh
-  try:
-    shape = sharding.resolve_mesh_shape((m.data, m.expert, m.model), jax.device_count())
-  except ValueError:
-    shape = None   # make_mesh says why, in one line
-  if shape is not None:   # as training checks it: experts and KV heads over their mesh axes
-    config_lib.check_mesh_shape(config, dict(zip(sharding.MESH_AXES, shape)))
+  loop.check_mesh(config)   # as training checks it: devices, experts and KV heads, one line
   if kind == "export":
     ms = state_lib.create_model_state(config)
     ckpt_lib.load_model_state(where, ms.state, ms.shardings)

@@ -44,7 +44,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
   return config, tokenizer
 
 
-def _check_mesh(config) -> None:
+def check_mesh(config) -> None:
   """The mesh must fit the devices (one line naming the axis, before anything is built)."""
   m, n = config.mesh, jax.device_count()
   shape = (m.data, m.expert, m.model)
@@ -193,7 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, reevaluate: bool =
   workdir = paths.absolute(workdir)
   config, tokenizer = prepare_config(config)
   t = config.train
-  _check_mesh(config)
+  check_mesh(config)
   holds_run = _check_workdir_path(workdir)
   reader = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, create=False) if holds_run else None
   steps = reader.all_steps() if reader else []
