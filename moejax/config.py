@@ -14,6 +14,7 @@ Sections:
   train     steps, logging, checkpoints, profiling
   mesh      device mesh shape and extra logical-axis rules
   eval      evaluation datasets and sizes
+  special_tokens  bos / eos / pad ids of a Hugging Face checkpoint (kept for --to_hf)
 """
 
 from __future__ import annotations
@@ -123,6 +124,17 @@ def default_config() -> ml_collections.ConfigDict:
       "datasets": "",            # comma list of TFDS names; "": the training dataset
       "split": "validation",
       "max_batches": 0,          # 0: the whole split
+  })
+
+  # The special token ids a Hugging Face checkpoint names (its config.json, or its
+  # generation_config.json where that has them): an id, a list of ids (several eos), or None.
+  # python -m moejax.convert --from_hf sets them, --to_hf writes them back to config.json and
+  # generation_config.json, so that transformers' generate stops where the original did.
+  # moejax's own data pipeline and generate.py take theirs from data.tokenizer.
+  c.special_tokens = ml_collections.ConfigDict({
+      "bos_token_id": None,
+      "eos_token_id": None,
+      "pad_token_id": None,
   })
   return c
 
@@ -378,6 +390,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              else f"unknown mesh axis {bad_axes[0]!r} (one of {list(MESH_AXES)})")
       raise _fail("mesh.rules", cfg.mesh.rules, why,
                   "e.g. --config.mesh.rules=table_rows=,table_embed=model")
+
+  for f, v in cfg.special_tokens.items():
+    ids = list(v) if isinstance(v, (list, tuple)) else [v]
+    if v is not None and (not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids)):
+      raise _fail(f"special_tokens.{f}", v, "must be None, a token id or a list of token ids",
+                  "set it in the config file, e.g. c.special_tokens.eos_token_id = 2")
 
   data.validate(cfg.data, cfg)
   return cfg

@@ -43,10 +43,12 @@ import ml_collections
 import numpy as np
 
 from moejax import config as config_lib
-from moejax.interop.checkpoint_dir import (CONFIG, INDEX, MAX_SHARD_BYTES, SINGLE,  # noqa: F401
-                                           InteropError, first_line, read_checkpoint,
-                                           write_checkpoint)
-from moejax.interop.hf_config import ARCHITECTURES, FAMILIES, config_from_hf, config_to_hf, family_of  # noqa: F401
+from moejax.interop.checkpoint_dir import (CONFIG, GENERATION_CONFIG, INDEX,  # noqa: F401
+                                           MAX_SHARD_BYTES, SINGLE, InteropError, Tensors,
+                                           first_line, parse_size, read_checkpoint,
+                                           read_generation_config, write_checkpoint)
+from moejax.interop.hf_config import (ARCHITECTURES, FAMILIES, config_from_hf,  # noqa: F401
+                                      config_to_hf, family_of, generation_config_to_hf)
 from moejax.interop.hf_tensors import Entry, mapping, params_from_hf, params_to_hf  # noqa: F401
 from moejax.interop.own_layout import (OWN_FORMAT, TABLE_KINDS, holds_tables, own_layout,  # noqa: F401
                                        params_from_own_layout)
@@ -83,7 +85,7 @@ def import_checkpoint(hf_dir: str, workdir: str, *, scan_layers: bool = False
       raise InteropError(f"config.json field moejax_config: not a config of this moejax "
                          f"({first_line(e)})") from None
   else:
-    config = config_from_hf(hf)
+    config = config_from_hf(hf, read_generation_config(hf_dir))
   config.model.scan_layers = scan_layers
   config.mesh.update({"data": -1, "expert": 1, "model": 1})   # this host; train.py sets its own
   pure = params_from_own_layout(config, tensors) if own else params_from_hf(config, tensors)
@@ -148,17 +150,20 @@ def export_checkpoint(export_dir: str, out_dir: str, *,
   ckpt_lib.load_model_state(export_dir, ms.state, ms.shardings)
   pure = jax.tree.map(np.asarray, nnx.to_pure_dict(ms.state))
   if own:
-    hf, tensors = own_layout(config, pure)
+    (hf, tensors), generation = own_layout(config, pure), None
   else:
     hf, tensors = config_to_hf(config), params_to_hf(config, pure)
+    generation = generation_config_to_hf(config)
   # Written beside OUT_DIR under a fresh name and renamed when whole: a failed export leaves
   # nothing behind and touches no directory it did not make.
   import shutil
   import tempfile
   parent, base = os.path.split(os.path.abspath(out_dir.rstrip("/")))
+  os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=base + ".partial-", dir=parent)
   try:
-    files = write_checkpoint(tmp, hf, tensors, max_shard_bytes=max_shard_bytes)
+    files = write_checkpoint(tmp, hf, tensors, max_shard_bytes=max_shard_bytes,
+                             generation_config=generation)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
