@@ -82,8 +82,10 @@ def read_checkpoint(hf_dir: str) -> tuple[dict, Tensors]:
   index = os.path.join(hf_dir, INDEX)
   if os.path.exists(index):
     weight_map = read_json(index, "").get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-      raise InteropError(f"{index}: no weight_map (restore the index or pass another checkpoint)")
+    if (not isinstance(weight_map, dict) or not weight_map
+        or not all(isinstance(f, str) for f in weight_map.values())):
+      raise InteropError(f"{index}: no weight_map of tensor names to shard files (restore the "
+                         "index or pass another checkpoint)")
     files = sorted(set(weight_map.values()))
   elif os.path.exists(os.path.join(hf_dir, SINGLE)):
     weight_map, files = None, [SINGLE]
@@ -91,7 +93,7 @@ def read_checkpoint(hf_dir: str) -> tuple[dict, Tensors]:
     raise InteropError(f"--from_hf={hf_dir}: neither {SINGLE} nor {INDEX} there (only "
                        "safetensors checkpoints convert; save with safe_serialization=True)")
   for name in files:
-    if not isinstance(name, str) or not os.path.isfile(os.path.join(hf_dir, name)):
+    if not os.path.isfile(os.path.join(hf_dir, name)):
       raise InteropError(f"{index}: shard {name} is missing (copy every shard of the checkpoint)")
   where: dict[str, str] = {}
   for name in files:

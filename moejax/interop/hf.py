@@ -26,6 +26,15 @@ by name (:class:`InteropError`, one line) before anything is written. Unscanned 
 (``model.scan_layers``) layouts both convert: the mapping is per block, and
 ``moejax.model.to_layout`` stacks the blocks.
 
+The special token ids (``bos/eos/pad_token_id``) of ``generation_config.json`` (where it
+names them) or else ``config.json`` go into the export's config (``config.special_tokens``)
+and back into both files on export, so that transformers' ``generate`` stops at the same eos.
+
+Memory: import reads one tensor at a time (``checkpoint_dir.Tensors``: ``safe_open`` per
+tensor, names and shapes checked from the file headers first), export makes the tensors of
+one variable at a time and writes shards of at most ``max_shard_bytes``, so that a conversion
+holds about one copy of the model (plus one shard when exporting).
+
 Models with PEER or PKM blocks, which no transformers class holds, export to moejax's own
 safetensors layout (``moejax.interop.own_layout``), which ``--from_hf`` reads back.
 
@@ -70,6 +79,8 @@ def import_checkpoint(hf_dir: str, workdir: str, *, scan_layers: bool = False
   from moejax.model import Transformer
   from moejax.training import checkpoint as ckpt_lib
   from moejax.training import state as state_lib
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise InteropError(f"--workdir={workdir}: is a file, not a directory (pass a new directory)")
   export_dir = os.path.join(os.path.abspath(workdir), "export")
   _refuse_existing(export_dir, "--workdir")
   for name in ("config.py", "tokenizer.model"):
@@ -147,7 +158,10 @@ def export_checkpoint(export_dir: str, out_dir: str, *,
     config_to_hf(config)                 # refuses a model no family holds, before reading
   config.mesh.update({"data": -1, "expert": 1, "model": 1})
   ms = state_lib.create_model_state(config)
-  ckpt_lib.load_model_state(export_dir, ms.state, ms.shardings)
+  try:
+    ckpt_lib.load_model_state(export_dir, ms.state, ms.shardings)
+  except ckpt_lib.CheckpointError as e:   # its fix names eval.py's flag: name ours
+    raise InteropError(str(e).replace("--checkpoint", "EXPORT_DIR")) from None
   pure = jax.tree.map(np.asarray, nnx.to_pure_dict(ms.state))
   if own:
     (hf, tensors), generation = own_layout(config, pure), None
