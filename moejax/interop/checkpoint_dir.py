@@ -146,20 +146,20 @@ def write_checkpoint(out_dir: str, hf_config: dict,
   shard: dict[str, np.ndarray] = {}
   size = 0
 
-  def flush():
+  def flush(shard):
     parts.append(os.path.join(out_dir, f".shard-{len(parts):05d}.safetensors"))
     save_file(shard, parts[-1], metadata=meta)
 
   for name, x in items:
     x = np.ascontiguousarray(x)
     if shard and size + x.nbytes > max_shard_bytes:
-      flush()
+      flush(shard)
       shard, size = {}, 0
     shard[name] = x
     weight_map[name] = len(parts)
     size += x.nbytes
     total += x.nbytes
-  flush()
+  flush(shard)
   del shard
   written = []
   if len(parts) == 1:

@@ -76,9 +76,7 @@ def import_checkpoint(hf_dir: str, workdir: str, *, scan_layers: bool = False
   for ``train.py`` that starts from those weights (``train.init_from``). Every check runs
   before anything is written. Returns the moejax config."""
   from flax import nnx
-  from moejax.model import Transformer
   from moejax.training import checkpoint as ckpt_lib
-  from moejax.training import state as state_lib
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise InteropError(f"--workdir={workdir}: is a file, not a directory (pass a new directory)")
   export_dir = os.path.join(os.path.abspath(workdir), "export")
@@ -100,13 +98,9 @@ def import_checkpoint(hf_dir: str, workdir: str, *, scan_layers: bool = False
   config.model.scan_layers = scan_layers
   config.mesh.update({"data": -1, "expert": 1, "model": 1})   # this host; train.py sets its own
   pure = params_from_own_layout(config, tensors) if own else params_from_hf(config, tensors)
-  mesh, rules = state_lib.make_mesh(config), state_lib.axis_rules(config)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=0, router=1)))
-    _, state = nnx.split(abstract)
-    shardings = nnx.to_pure_dict(nnx.get_named_sharding(state, mesh))
-  arrays = jax.tree.map(lambda x, s: jax.device_put(x, s), pure, shardings)
-  nnx.replace_by_pure_dict(state, arrays)
+  state, shardings = _abstract_state(config)
+  _to_devices(pure, nnx.to_pure_dict(shardings))
+  nnx.replace_by_pure_dict(state, pure)
   tokenizer = os.path.join(hf_dir, "tokenizer.model")    # SentencePiece, as moejax reads
   if os.path.exists(tokenizer):
     config.data.tokenizer = os.path.join(os.path.abspath(workdir), "tokenizer.model")
@@ -117,6 +111,30 @@ def import_checkpoint(hf_dir: str, workdir: str, *, scan_layers: bool = False
   with open(os.path.join(os.path.abspath(workdir), "config.py"), "w") as f:
     f.write(_TRAIN_CONFIG.format(hf_dir=os.path.abspath(hf_dir)))
   return config
+
+
+def _abstract_state(config: ml_collections.ConfigDict):
+  """``(state, shardings)`` of ``config``'s model on this host's mesh, shapes only (nothing
+  allocated)."""
+  from flax import nnx
+  from moejax.model import Transformer
+  from moejax.training import state as state_lib
+  mesh, rules = state_lib.make_mesh(config), state_lib.axis_rules(config)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=0, router=1)))
+    abstract.eval()
+    _, state = nnx.split(abstract)
+    return state, nnx.get_named_sharding(state, mesh)
+
+
+def _to_devices(pure: dict, shardings: dict) -> None:
+  """Puts every host array of ``pure`` on its sharding, in place, one at a time: each host
+  copy is dropped once its device copy exists, so the model is not held twice."""
+  for k in list(pure):
+    if isinstance(pure[k], dict):
+      _to_devices(pure[k], shardings[k])
+    else:
+      pure[k] = jax.device_put(pure[k], shardings[k])
 
 
 _TRAIN_CONFIG = '''"""moejax config of the Hugging Face checkpoint {hf_dir}, written by moejax.convert.
@@ -147,7 +165,6 @@ def export_checkpoint(export_dir: str, out_dir: str, *,
   layout (:data:`OWN_FORMAT`). Returns the files written."""
   from flax import nnx
   from moejax.training import checkpoint as ckpt_lib
-  from moejax.training import state as state_lib
   _refuse_existing(out_dir, "OUT_DIR")
   if not os.path.isdir(os.path.join(export_dir, "model")):
     raise InteropError(f"--to_hf={export_dir}: not a moejax export (config.json + model/; pass "
@@ -157,12 +174,13 @@ def export_checkpoint(export_dir: str, out_dir: str, *,
   if not own:
     config_to_hf(config)                 # refuses a model no family holds, before reading
   config.mesh.update({"data": -1, "expert": 1, "model": 1})
-  ms = state_lib.create_model_state(config)
+  state, shardings = _abstract_state(config)    # restored into: no random init beside it
   try:
-    ckpt_lib.load_model_state(export_dir, ms.state, ms.shardings)
+    ckpt_lib.load_model_state(export_dir, state, shardings)
   except ckpt_lib.CheckpointError as e:   # its fix names eval.py's flag: name ours
     raise InteropError(str(e).replace("--checkpoint", "EXPORT_DIR")) from None
-  pure = jax.tree.map(np.asarray, nnx.to_pure_dict(ms.state))
+  pure = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+  del state
   if own:
     (hf, tensors), generation = own_layout(config, pure), None
   else:
