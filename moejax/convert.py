@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     _fail("--workdir and --scan_layers go with --from_hf, not --to_hf")
   if args.from_hf and args.max_shard_size is not None:
     _fail("--max_shard_size goes with --to_hf, not --from_hf")
+  from moejax import platform_env
+  platform_env.skip_absent_tpu()   # before JAX is imported: no libtpu start-up lines without a TPU
   from moejax.interop import hf
   max_shard_bytes = hf.MAX_SHARD_BYTES
   if args.max_shard_size is not None:

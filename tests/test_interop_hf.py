@@ -536,3 +536,28 @@ def test_native_models_find_their_family_or_name_the_field():
   c.dense.update(gated=True, activation="silu")
   assert hf.family_of(c) == "qwen2_moe"
   assert hf.config_to_hf(c)["mlp_only_layers"] == [0]
+
+
+def test_the_command_prints_only_its_lines_without_jax_platforms(tmp_path):
+  """``python -m moejax.convert`` as a user's shell runs it (``JAX_PLATFORMS`` unset, libtpu
+  installed, no TPU): an import writes nothing on stderr, and an export whose weights do not
+  fit its config.json (found after JAX started) is the one ``error:`` line, exit 2."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  hf.import_checkpoint(os.path.join(FIXTURES, "llama"), str(tmp_path / "bad"))
+  cfg = json.load(open(tmp_path / "bad" / "export" / "config.json"))
+  cfg["model"]["d_ff"] = 128
+  json.dump(cfg, open(tmp_path / "bad" / "export" / "config.json", "w"))
+  runs = [["--from_hf", os.path.join(FIXTURES, "llama"), "--workdir", str(tmp_path / "good")],
+          ["--to_hf", str(tmp_path / "bad" / "export"), str(tmp_path / "bad_hf")]]
+  procs = [subprocess.Popen([sys.executable, "-m", "moejax.convert", *args], cwd=root, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for args in runs]
+  (out, err), (_, bad_err) = [p.communicate(timeout=300) for p in procs]
+  assert procs[0].returncode == 0 and err == "" and out.startswith("imported "), err
+  lines = bad_err.strip().splitlines()
+  assert procs[1].returncode == 2 and len(lines) == 1, bad_err
+  assert lines[0].startswith("error: export ") and "ffn/wg" in lines[0] and "EXPORT_DIR" in lines[0]
+  assert not (tmp_path / "bad_hf").exists()
