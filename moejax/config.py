@@ -126,15 +126,15 @@ def default_config() -> ml_collections.ConfigDict:
       "max_batches": 0,          # 0: the whole split
   })
 
-  # The special token ids a Hugging Face checkpoint names (its config.json, or its
-  # generation_config.json where that has them): an id, a list of ids (several eos), or None.
+  # The special token ids a Hugging Face checkpoint names (its generation_config.json's, else
+  # its config.json's), each a tuple: () none, (2,) one, (2, 7) several (Llama 3's eos).
   # python -m moejax.convert --from_hf sets them, --to_hf writes them back to config.json and
   # generation_config.json, so that transformers' generate stops where the original did.
   # moejax's own data pipeline and generate.py take theirs from data.tokenizer.
   c.special_tokens = ml_collections.ConfigDict({
-      "bos_token_id": None,
-      "eos_token_id": None,
-      "pad_token_id": None,
+      "bos_token_id": (),
+      "eos_token_id": (),        # e.g. --config.special_tokens.eos_token_id='(2, 7)'
+      "pad_token_id": (),
   })
   return c
 
@@ -392,10 +392,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                   "e.g. --config.mesh.rules=table_rows=,table_embed=model")
 
   for f, v in cfg.special_tokens.items():
-    ids = list(v) if isinstance(v, (list, tuple)) else [v]
-    if v is not None and (not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids)):
-      raise _fail(f"special_tokens.{f}", v, "must be None, a token id or a list of token ids",
-                  "set it in the config file, e.g. c.special_tokens.eos_token_id = 2")
+    if not isinstance(v, tuple) or any(isinstance(i, bool) or not isinstance(i, int) for i in v):
+      raise _fail(f"special_tokens.{f}", v, "must be a tuple of token ids: () none, (2,) one, "
+                  "(2, 7) several", f"set --config.special_tokens.{f}='(2,)'")
 
   data.validate(cfg.data, cfg)
   return cfg

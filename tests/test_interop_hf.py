@@ -177,23 +177,25 @@ def test_special_token_ids_go_through_import_training_config_and_export(tmp_path
   # generate reads it first.
   src = _with_special_tokens(tmp_path, bos=1, eos=2, pad=0, generation_eos=[2, 7])
   config = hf.import_checkpoint(str(src), str(tmp_path / "run"))
-  want = {"bos_token_id": 1, "eos_token_id": [2, 7], "pad_token_id": 0}
-  assert config.special_tokens.to_dict() == want
-  assert json.load(open(tmp_path / "run" / "export" / "config.json"))["special_tokens"] == want
-  assert _train_config(tmp_path / "run").special_tokens.to_dict() == want
+  held = {"bos_token_id": (1,), "eos_token_id": (2, 7), "pad_token_id": (0,)}
+  assert config.special_tokens.to_dict() == held
+  saved = json.load(open(tmp_path / "run" / "export" / "config.json"))["special_tokens"]
+  assert saved == {k: list(v) for k, v in held.items()}
+  assert _train_config(tmp_path / "run").special_tokens.to_dict() == held
   files = hf.export_checkpoint(str(tmp_path / "run" / "export"), str(tmp_path / "out"))
   assert hf.GENERATION_CONFIG in files
+  want = {"bos_token_id": 1, "eos_token_id": [2, 7], "pad_token_id": 0}
   out_config = json.load(open(tmp_path / "out" / "config.json"))
   assert {k: out_config[k] for k in want} == want
   assert json.load(open(tmp_path / "out" / "generation_config.json")) == want
   again = hf.import_checkpoint(str(tmp_path / "out"), str(tmp_path / "again"))
-  assert again.special_tokens.to_dict() == want
+  assert again.special_tokens.to_dict() == held
   # without generation_config.json: config.json's ids, kept as they are
   src2 = _with_special_tokens(tmp_path / "b", bos=5, eos=6, pad=None)
   os.remove(src2 / "generation_config.json")
   config2 = hf.import_checkpoint(str(src2), str(tmp_path / "run2"))
-  assert config2.special_tokens.to_dict() == {"bos_token_id": 5, "eos_token_id": 6,
-                                              "pad_token_id": None}
+  assert config2.special_tokens.to_dict() == {"bos_token_id": (5,), "eos_token_id": (6,),
+                                              "pad_token_id": ()}
   hf.export_checkpoint(str(tmp_path / "run2" / "export"), str(tmp_path / "out2"))
   out2 = json.load(open(tmp_path / "out2" / "config.json"))
   assert (out2["bos_token_id"], out2["eos_token_id"], out2["pad_token_id"]) == (5, 6, None)
@@ -206,8 +208,8 @@ def test_models_without_special_tokens_export_none(tmp_path):
   before: null ids in config.json, an empty generation_config.json."""
   hf.import_checkpoint(os.path.join(FIXTURES, "llama"), str(tmp_path / "run"))
   cfg = json.load(open(tmp_path / "run" / "export" / "config.json"))
-  assert cfg.pop("special_tokens") == {"bos_token_id": None, "eos_token_id": None,
-                                       "pad_token_id": None}
+  assert cfg.pop("special_tokens") == {"bos_token_id": [], "eos_token_id": [],
+                                       "pad_token_id": []}
   json.dump(cfg, open(tmp_path / "run" / "export" / "config.json", "w"))   # an older export
   hf.export_checkpoint(str(tmp_path / "run" / "export"), str(tmp_path / "out"))
   out = json.load(open(tmp_path / "out" / "config.json"))
@@ -225,9 +227,9 @@ def test_transformers_generate_stops_at_the_imported_eos(tmp_path):
   eos = int(ref["greedy"][2])
   src = _with_special_tokens(tmp_path, bos=None, eos=eos, pad=0, generation_eos=eos)
   config, model = _import_dir(src, tmp_path / "run")
-  assert config.special_tokens.eos_token_id == eos
+  assert config.special_tokens.eos_token_id == (eos,)
   mine = Generator(model).generate([ref["prompt"].tolist()], len(ref["greedy"]),
-                                   temperature=0.0, eos_id=config.special_tokens.eos_token_id)
+                                   temperature=0.0, eos_id=config.special_tokens.eos_token_id[0])
   np.testing.assert_array_equal(mine[0], ref["greedy"][:3])
   hf.export_checkpoint(str(tmp_path / "run" / "export"), str(tmp_path / "out"))
   tm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()

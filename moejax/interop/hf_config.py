@@ -43,20 +43,20 @@ SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def special_tokens_from_hf(hf: dict, generation: dict | None = None) -> dict:
-  """``{bos,eos,pad}_token_id`` of a checkpoint: ``generation_config.json``'s where it names
-  one (transformers' ``generate`` reads that file first), else ``config.json``'s; an id, a
-  list of ids, or None. InteropError naming the field for anything else."""
+  """``{bos,eos,pad}_token_id`` of a checkpoint as ``config.special_tokens`` holds them
+  (tuples of ids): ``generation_config.json``'s where it names one (transformers' ``generate``
+  reads that file first), else ``config.json``'s. InteropError naming the field for a value
+  that is not an id, a list of ids or null."""
   out = {}
   for name in SPECIAL_TOKENS:
     for source, d in (("generation_config.json", generation or {}), ("config.json", hf)):
       v = d.get(name)
       if v is not None:
         break
-    ids = v if isinstance(v, list) else [v]
-    if v is not None and (not ids or any(isinstance(i, bool) or not isinstance(i, int)
-                                         for i in ids)):
+    ids = [] if v is None else v if isinstance(v, list) else [v]
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
       raise _refuse(name, v, f"in {source}: must be a token id, a list of them or null")
-    out[name] = v
+    out[name] = tuple(ids)
   return out
 
 
@@ -187,11 +187,14 @@ def family_of(config: ml_collections.ConfigDict) -> str:
 
 
 def special_tokens_to_hf(config: ml_collections.ConfigDict) -> dict:
-  """``{bos,eos,pad}_token_id`` of ``config.special_tokens`` (None where unset), for
-  config.json and generation_config.json alike."""
+  """``{bos,eos,pad}_token_id`` of ``config.special_tokens`` as transformers writes them: an
+  id, a list of several, or None."""
   tokens = config.get("special_tokens") or {}
-  return {name: (list(v) if isinstance(v, (list, tuple)) else v)
-          for name in SPECIAL_TOKENS for v in [tokens.get(name)]}
+  out = {}
+  for name in SPECIAL_TOKENS:
+    ids = list(tokens.get(name) or ())
+    out[name] = None if not ids else ids[0] if len(ids) == 1 else ids
+  return out
 
 
 def generation_config_to_hf(config: ml_collections.ConfigDict) -> dict:
