@@ -58,7 +58,7 @@ def bench_retrieval(a):
   import jax
   import jax.numpy as jnp
   from moejax.kernels import reference
-  from moejax.kernels import retrieval_reference as pk
+  from moejax.kernels import retrieval_xla as pk
   n, h, k, d = a.retrieval_n, a.heads, a.top_k, a.d_key
   kq, k1, k2 = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(kq, (a.retrieval_tokens, h, d))

@@ -6,7 +6,7 @@ computes both half-score blocks ``[rows, n]`` in registers (f32 FMAs over d_key/
 per-half top-k by k rounds of (max, lowest index, mask), the ``k·ln k`` candidate matrix
 ``v1[a] + v2[b]`` over the down-set (a+1)(b+1) <= k and the final top-k; only
 ``[rows, k]`` scores and indices reach global memory. Same custom VJP (backward = VJP of
-:func:`retrieval_reference.rescore`).
+:func:`retrieval_xla.rescore`).
 
 Triton blocks need power-of-two dims: rows, n, d_key/2 and k are padded (padded keys are
 masked to -inf, padded query rows and outputs are sliced off). The Triton backend is chosen
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from moejax.kernels import retrieval_reference as ref
+from moejax.kernels import retrieval_xla as ref
 from moejax.kernels.retrieval_tpu import (_next_pow2, _retrieval_math, candidate_lanes,
                                           with_rescore_vjp)
 
