@@ -55,3 +55,37 @@ def test_peer_lm_steps_run_in_a_child_process_with_train_py_memory_setting():
   assert all(0 < t < 60 for t in times.values())
   with pytest.raises(RuntimeError, match="unexpected keyword argument"):   # the child's error
     in_child(train_steps.peer_lm_step_times, n=8, n_small=4, iters=1, bogus=1, **lm)
+
+
+def test_benchmark_scripts_are_leaves():
+  """No benchmark script imports a sibling, and no test or package module puts benchmarks/ on
+  sys.path or loads a script by path: what a script and a test share is in moejax.benchmarking."""
+  import ast
+  import glob
+  scripts = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py")))
+  stems = {os.path.splitext(os.path.basename(p))[0] for p in scripts}
+  offences = []
+  for path in scripts:
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        offences += [(path, a.name) for a in node.names if a.name.split(".")[0] in stems]
+      elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        if node.module.split(".")[0] in stems:
+          offences.append((path, node.module))
+  others = glob.glob(os.path.join(ROOT, "tests", "**", "*.py"), recursive=True)
+  others += glob.glob(os.path.join(ROOT, "moejax", "**", "*.py"), recursive=True)
+  for path in others:
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(n)}
+    loads = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", "") in ("spec_from_file_location", "insert")]
+    names_benchmarks = any(isinstance(n, ast.Constant) and isinstance(n.value, str)
+                           and "benchmarks" in n.value and id(n) not in docstrings
+                           for n in ast.walk(tree))
+    if loads and names_benchmarks:
+      offences.append((path, loads))
+  assert not offences, offences
