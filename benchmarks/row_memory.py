@@ -11,7 +11,7 @@ comes from DRAM. This script times, round-robin in one run:
   ``vs_pytorch.py`` section c);
 * the step's row kernels alone at both sizes, on the step's shapes (T tokens, h·k
   retrievals each, uniform rows): ``gather_dot`` and ``gather_weighted_sum`` (each twice per
-  step: forward and backward) and ``factored_adam_rows`` (once per table, two tables);
+  step: forward and backward) and ``adam_rows`` (once per table, two tables);
 * an in-place read-modify-write of 1 GiB (XLA, all threads): the host's streaming bandwidth.
 
 It prints the row kernels' extra time per step at the large size, run alone, next to the
@@ -79,8 +79,8 @@ def main(argv=None):
     extra += calls * (big - small)
     print(f"| {name} | {small:.1f} | {big:.1f} | {calls} | {calls * (big - small):+.1f} |")
   s_small, s_big = times[("step", a.n_small)] * 1e3, times[("step", a.n)] * 1e3
-  adam_bytes = uniques[a.n] * D_ROW * 4 * 6   # table, mu, nu rows: read and written
-  adam_gbs = adam_bytes / times[("factored_adam_rows", a.n)] / 1e9
+  adam_bytes = uniques[a.n] * D_ROW * 4 * 7   # table, mu, nu rows read and written; g read
+  adam_gbs = adam_bytes / times[("adam_rows", a.n)] / 1e9
   stream_gbs = stream_bytes / times[("stream", 0)] / 1e9
   print(f"\nrow-sparse LM step: N = {a.n_small}² {s_small:.0f} ms, N = {a.n}² {s_big:.0f} ms, "
         f"ratio {s_big / s_small:.2f}")

@@ -41,7 +41,7 @@ def test_row_kernels_update_the_table_and_read_the_rows():
   fns, u = row_kernels.row_kernel_fns(8, tokens=16, retrievals=4)
   assert 0 < u <= 16 * 4
   before = np.asarray(fns["gather_dot"]())
-  fns["factored_adam_rows"]()
+  fns["adam_rows"]()
   after = np.asarray(fns["gather_dot"]())
   assert before.shape == (16, 4) and not np.allclose(before, after)
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 D_ROW = 256   # expert row width of the timed PEER (d = 256)
 
 # Calls per train step of each row kernel (PEER: two tables, forward and backward).
-PER_STEP = {"gather_dot": 2, "gather_weighted_sum": 2, "factored_adam_rows": 2}
+PER_STEP = {"gather_dot": 2, "gather_weighted_sum": 2, "adam_rows": 2}
 
 
 def row_kernel_fns(n: int, tokens: int, retrievals: int, seed: int = 0):
   """``({name: zero-argument fn}, distinct rows)``: the step's row kernels (:data:`PER_STEP`)
   on an N = n² table of rows [D_ROW] with its Adam moments, ``tokens`` × ``retrievals``
-  uniform random rows; the Adam updates the table in place."""
+  uniform random rows; the lazy Adam (``adam_rows``, gradients ``[U, d]``) updates the
+  table in place."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -29,17 +30,16 @@ def row_kernel_fns(n: int, tokens: int, retrievals: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   idx = jnp.asarray(rng.integers(0, rows_n, size=(tokens, retrievals)), jnp.int32)
   rows = row_plan.unique_rows(idx, rows_n)          # as the step: [U], padded with N
-  slots = row_plan.row_slots(idx, rows, rows_n)
   u = int(jnp.sum(rows < rows_n))                    # the distinct rows Adam touches
   coefs = jnp.asarray(rng.normal(size=(tokens, retrievals)) * 0.01, jnp.float32)
   vec = jnp.asarray(rng.normal(size=(tokens, D_ROW)), jnp.float32)
-  order, starts = jax.jit(lambda s: cpu_kernels.slot_runs(s, rows.shape[0]))(slots)
+  grads = jnp.asarray(rng.normal(size=(rows.shape[0], D_ROW)) * 0.01, jnp.float32)   # [U, d]
   keys = jax.random.split(jax.random.key(seed), 3)
   state = {"t": jax.random.normal(keys[0], (rows_n, D_ROW)) * 0.02,
            "m": jnp.zeros((rows_n, D_ROW)), "v": jnp.zeros((rows_n, D_ROW))}
-  adam = jax.jit(lambda t, m, v: cpu_kernels.factored_adam_rows(
-      t, m, v, rows, order, starts, coefs, vec, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8,
-      c1=0.5, c2=0.5), donate_argnums=(0, 1, 2))
+  adam = jax.jit(lambda t, m, v: cpu_kernels.adam_rows(
+      t, m, v, rows, grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, c1=0.5, c2=0.5),
+      donate_argnums=(0, 1, 2))
   gd = jax.jit(cpu_kernels.gather_dot)
   gws = jax.jit(cpu_kernels.gather_weighted_sum)
 
@@ -48,7 +48,7 @@ def row_kernel_fns(n: int, tokens: int, retrievals: int, seed: int = 0):
     return state["t"]
   return {"gather_dot": lambda: gd(state["t"], idx, vec),
           "gather_weighted_sum": lambda: gws(state["t"], idx, coefs),
-          "factored_adam_rows": run_adam}, u
+          "adam_rows": run_adam}, u
 
 
 def stream_fn(mib: int):

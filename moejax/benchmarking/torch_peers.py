@@ -16,6 +16,7 @@ The PyTorch peers are the optional extra ``compare`` (:data:`INSTALL`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import sys
 from typing import Callable
@@ -104,16 +105,18 @@ def _tokens(torch, b, l, d, seed=0):
 
 
 def _split_fwd(module):
-  """jit(() -> y) of an nnx layer through split / merge: only y leaves the jit."""
+  """x -> y of an nnx layer, jitted through split / merge (only y leaves the jit): a
+  ``functools.partial`` of the jitted function and the layer's state."""
   import jax
   from flax import nnx
   graphdef, state = nnx.split(module)
   f = jax.jit(lambda s, x: nnx.merge(graphdef, s, copy=True)(x)[0])
-  return lambda x: f(state, x)
+  return functools.partial(f, state)
 
 
 def _fwd_bwd_params(module, with_aux: bool):
-  """jit(x) -> (loss, grads w.r.t. every nnx.Param) with loss = mean(y²) [+ aux losses]."""
+  """x -> (loss, grads w.r.t. every nnx.Param) with loss = mean(y²) [+ aux losses]: a
+  ``functools.partial`` of the jitted function and the layer's parameters and rest."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -125,7 +128,7 @@ def _fwd_bwd_params(module, with_aux: bool):
     return out + aux.total_loss() if with_aux else out
 
   f = jax.jit(jax.value_and_grad(loss))
-  return lambda x: f(params, rest, x)
+  return functools.partial(f, params, rest)
 
 
 def _torch_fwd_bwd(tm, xt):
@@ -149,8 +152,9 @@ def torch_peer(s: Shapes, n: int):
                            non_competing_scores=False)
 
 
-def _moejax_peer_like(tp):
-  """moejax PEER computing the same function as PEER-pytorch ``tp`` (weights copied)."""
+def moejax_peer_like(s: Shapes, n: int, tp):
+  """moejax PEER computing the same function as PEER-pytorch ``tp`` (weights copied; its
+  shapes are ``tp``'s: ``s`` and ``n`` only name them)."""
   from moejax.interop.torch_modules import peer_from_pytorch
   return peer_from_pytorch(tp)
 
@@ -164,7 +168,7 @@ def peer_fwd_case(s: Shapes) -> Case:
   tp = torch_peer(s, n).eval()
   xt = _tokens(torch, b, l, s.peer_d)
   xj = jnp.asarray(_np(xt))
-  fwd = _split_fwd(_moejax_peer_like(tp))
+  fwd = _split_fwd(moejax_peer_like(s, n, tp))
 
   def torch_fn():
     with torch.no_grad():
@@ -176,17 +180,15 @@ def peer_fwd_case(s: Shapes) -> Case:
               check=(lambda: _np(torch_fn()), lambda: np.asarray(fwd(xj))))
 
 
-def _jax_peer_adam_dense(m, x, lr):
-  """jit step: optax Adam over every parameter (dense [N, d] table gradients and moments)."""
-  import functools
-  import jax
+def peer_adam_dense_step(m, lr):
+  """(step(state, x) -> (state, loss), state): optax Adam over every parameter (dense [N, d]
+  table gradients and moments). ``step`` is not jitted (jit it with the state donated)."""
   import jax.numpy as jnp
   import optax
   from flax import nnx
   opt = nnx.Optimizer(m, optax.adam(lr), wrt=nnx.Param)
   graphdef, state = nnx.split((m, opt))
 
-  @functools.partial(jax.jit, donate_argnums=0)
   def step(state, x):
     model, opt = nnx.merge(graphdef, state)
     loss, grads = nnx.value_and_grad(
@@ -194,31 +196,24 @@ def _jax_peer_adam_dense(m, x, lr):
     opt.update(model, grads)
     return nnx.state((model, opt)), loss
 
-  holder = {"s": state}
-
-  def run():
-    holder["s"], loss = step(holder["s"], x)
-    return loss
-  return run
+  return step, state
 
 
-def _jax_peer_adam_row_sparse(m, x, lr):
-  """jit step: lazy Adam on the retrieved table rows (RowDelta taps, TableAdam), optax Adam
-  on the other parameters; state donated (tables and moments updated in place)."""
-  import functools
-  import jax
+def peer_adam_row_sparse_step(m, batch_shape: tuple[int, int], lr):
+  """(step(state, x) -> (state, loss), state): lazy Adam on the retrieved table rows of
+  ``x [*batch_shape, d]`` (RowDelta taps, TableAdam), optax Adam on the other parameters.
+  ``step`` is not jitted (jit it with the state donated)."""
   import jax.numpy as jnp
   import optax
   from flax import nnx
   from moejax.layers.base import RowDelta, TableParam
   from moejax.training import row_sparse
-  b, l, _ = x.shape
+  b, l = batch_shape
   others = nnx.All(nnx.Param, nnx.Not(TableParam))
   opt = nnx.Optimizer(m, optax.adam(lr), wrt=others)
   table_adam = row_sparse.TableAdam(m, lr_schedule=lambda count: lr, b1=0.9, b2=0.999, eps=1e-8)
   graphdef, state = nnx.split((m, opt, table_adam))
 
-  @functools.partial(jax.jit, donate_argnums=0)
   def step(state, x):
     model, opt, ta = nnx.merge(graphdef, state)
     row_sparse.attach(model, b, l)
@@ -232,12 +227,30 @@ def _jax_peer_adam_row_sparse(m, x, lr):
     opt.update(model, grads)
     return nnx.state((model, opt, ta)), loss
 
+  return step, state
+
+
+def _donated_run(step, state, x):
+  """() -> loss: one jitted ``step`` on the state held here, donated (updated in place)."""
+  import jax
+  step = jax.jit(step, donate_argnums=0)
   holder = {"s": state}
 
   def run():
     holder["s"], loss = step(holder["s"], x)
     return loss
   return run
+
+
+def _jax_peer_adam_dense(m, x, lr):
+  """() -> loss: :func:`peer_adam_dense_step` jitted, its state donated."""
+  return _donated_run(*peer_adam_dense_step(m, lr), x)
+
+
+def _jax_peer_adam_row_sparse(m, x, lr):
+  """() -> loss: :func:`peer_adam_row_sparse_step` jitted, its state donated (tables and
+  moments updated in place)."""
+  return _donated_run(*peer_adam_row_sparse_step(m, x.shape[:2], lr), x)
 
 
 def peer_adam_case(s: Shapes, n: int) -> Case:
@@ -261,9 +274,9 @@ def peer_adam_case(s: Shapes, n: int) -> Case:
   return Case(f"PEER + Adam step (loss = mean(y²)), N = {n}²", b * l,
               "PEER-pytorch + torch.optim.Adam (fused)", torch_fn,
               [("PEER + optax Adam (dense tables)",
-                lambda: _jax_peer_adam_dense(_moejax_peer_like(tp), xj, lr)),
+                lambda: _jax_peer_adam_dense(moejax_peer_like(s, n, tp), xj, lr)),
                ("PEER + lazy row-sparse Adam on tables (≠ dense Adam)",
-                lambda: _jax_peer_adam_row_sparse(_moejax_peer_like(tp), xj, lr))],
+                lambda: _jax_peer_adam_row_sparse(moejax_peer_like(s, n, tp), xj, lr))],
               pairwise=n >= 512)
 
 
@@ -287,7 +300,7 @@ def torch_mixtral(s: Shapes):
   return m
 
 
-def _moejax_moe_like(s: Shapes, tm, dispatch: str):
+def moejax_moe_like(s: Shapes, tm, dispatch: str):
   """moejax MoE with Mixtral's weights (dropless computes Mixtral's function)."""
   from moejax.interop.torch_modules import moe_from_mixtral
   m = moe_from_mixtral(tm, dispatch=dispatch, capacity_factor=s.capacity_factor)
@@ -326,10 +339,10 @@ def moe_case(s: Shapes) -> Case:
   xj = jnp.asarray(_np(xt))
 
   def jax_row(dispatch):
-    f = _fwd_bwd_params(_moejax_moe_like(s, tm, dispatch), with_aux=True)
+    f = _fwd_bwd_params(moejax_moe_like(s, tm, dispatch), with_aux=True)
     return lambda: f(xj)
 
-  dropless = _moejax_moe_like(s, tm, "dropless")
+  dropless = moejax_moe_like(s, tm, "dropless")
   return Case(f"MoE fwd+bwd, top-{s.moe_top_k} of {s.experts} SwiGLU experts, d = {s.moe_d}, "
               f"expert hidden {s.moe_ff}", s.batch * s.length,
               f"HF MixtralSparseMoeBlock ({s.mixtral_impl})", _torch_fwd_bwd(tm, xt),
