@@ -19,7 +19,7 @@ import pytest
 
 from moejax import kernels
 from moejax.backends.cpu import native as cpu_kernels
-from moejax.kernels import retrieval_reference, row_plan
+from moejax.kernels import retrieval_xla, row_plan
 
 
 def _lowered_text(f, *args) -> str:
@@ -173,7 +173,7 @@ def test_product_key_retrieval_same_with_either_top_k(monkeypatch):
   q = jax.random.normal(kq, (2, 40, 4, 32))
   keys1 = jax.random.normal(k1, (4, 256, 16))
   keys2 = jax.random.normal(k2, (4, 256, 16))
-  f = lambda q: retrieval_reference.product_key_topk(q, keys1, keys2, 16)
+  f = lambda q: retrieval_xla.product_key_topk(q, keys1, keys2, 16)
   got = jax.jit(f)(q)
   assert cpu_kernels.TOPK in _lowered_text(f, q)
   monkeypatch.setenv("MOEJAX_CPU_KERNELS", "0")

@@ -65,9 +65,9 @@ def default_block(rows: int, num_experts: int) -> int:
   rounded up (1024 from 8192 rows on 8 experts). Smaller sizes halve down from it
   (:func:`grouped_mlp.block_sizes`, :data:`BLOCK_LEVELS` = 5 levels: 1024 ... 64).
 
-  A balanced expert then runs one or two big blocks and a short tail: fwd+bwd at 8192
-  rows, embed 512, mlp 1024, 8 experts ran 6-7% faster than with (512 ... 64) blocks
-  and 4% faster than (1024 ... 32) (one core, side by side)."""
+  A balanced expert then runs one or two big blocks and a short tail; of the ladders
+  tried side by side (``benchmarks/RESULTS.md``), this rule's (1024 ... 64 there) was the
+  fastest."""
   b = max(rows // num_experts, 1)
   return int(min(max(1 << (b - 1).bit_length(), 8), 1024))
 
