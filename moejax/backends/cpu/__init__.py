@@ -39,7 +39,7 @@ def register() -> None:
       top_k=native.top_k, take_rows=native.take_rows, gather_dot=native.gather_dot,
       gather_weighted_sum=native.gather_weighted_sum,
       scatter_outer_add=native.scatter_outer_add,
-      scatter_outer_add_pair=native.scatter_outer_add_pair, fused=native.usable),
+      scatter_outer_add_pair=native.scatter_outer_add_pair, fused=native.lookup_fused),
       platform=CPU)
   registry.register("row_plan.sort_free", row_sparse.sort_free, platform=CPU)
   for name in ("factored", "slot_runs", "sum_squares_rows", "factored_sum_squares",

@@ -34,8 +34,9 @@
 
 Each is the XLA op instead (:func:`usable` is False) on TPU / GPU (the target platform,
 :func:`moejax.kernels.current_platform`), for other dtypes, with ``MOEJAX_CPU_KERNELS=0``,
-and under a mesh (``jax.set_mesh``) with an axis of several devices that is not manual
-here: XLA cannot partition a custom call, so it would all-gather the operands (a whole
+for a group of kernels named in ``MOEJAX_CPU_KERNELS_OFF`` (comma-separated names of
+:data:`GROUPS`, e.g. ``topk,attention``: to measure what each group buys), and under a
+mesh (``jax.set_mesh``) with an axis of several devices that is not manual here: XLA cannot partition a custom call, so it would all-gather the operands (a whole
 table) onto every device. Inside ``shard_map`` over those axes each device has its own
 rows, and the kernels run.
 
@@ -111,6 +112,43 @@ _NATIVE = ("-march=native",)
 def enabled() -> bool:
   """False when ``MOEJAX_CPU_KERNELS=0`` (then the XLA ops run)."""
   return os.environ.get("MOEJAX_CPU_KERNELS", "1") != "0"
+
+
+# The kernels by what they replace, the names of ``MOEJAX_CPU_KERNELS_OFF``: a group is on or
+# off as a whole (its kernels share their callers' code paths).
+GROUPS = {
+    "topk": (TOPK,),
+    "take_rows": (TAKE_ROWS,),
+    "lookup": (GATHER_DOT, GATHER_WEIGHTED_SUM),
+    "scatter": (SCATTER_OUTER, SCATTER_OUTER_PAIR),
+    "adam_rows": (ADAM_ROWS, SUM_SQUARES_ROWS),
+    "factored": (SLOT_RUNS, FACTORED_SUM_SQUARES, FACTORED_ADAM_ROWS),
+    "attention": (ATTENTION_FWD, ATTENTION_BWD),
+}
+OFF_VARIABLE = "MOEJAX_CPU_KERNELS_OFF"
+
+
+class KernelSwitchError(ValueError):
+  """``MOEJAX_CPU_KERNELS_OFF`` names a group that does not exist; the message is one line."""
+
+
+def parse_groups_off(value: str) -> frozenset[str]:
+  """The groups a ``MOEJAX_CPU_KERNELS_OFF`` value turns off: comma-separated names of
+  :data:`GROUPS` (spaces and empty items ignored); :class:`KernelSwitchError` for any other
+  name."""
+  names = frozenset(n.strip() for n in value.split(",") if n.strip())
+  unknown = sorted(names - GROUPS.keys())
+  if unknown:
+    raise KernelSwitchError(f"{OFF_VARIABLE}={value!r}: unknown kernel group "
+                            f"{', '.join(map(repr, unknown))} (valid: {', '.join(GROUPS)})")
+  return names
+
+
+def group_on(group: str) -> bool:
+  """False where ``MOEJAX_CPU_KERNELS_OFF`` names ``group`` (then its XLA form runs); read
+  when a computation is traced, like ``MOEJAX_CPU_KERNELS``."""
+  assert group in GROUPS, group
+  return group not in parse_groups_off(os.environ.get(OFF_VARIABLE, ""))
 
 
 def required() -> bool:
@@ -234,16 +272,24 @@ def available() -> bool:
   return _library() is not None
 
 
-def usable(*arrays: jax.Array) -> bool:
-  """The kernels run for these float32 operands here (see the module doc)."""
+def usable(group: str, *arrays: jax.Array) -> bool:
+  """The kernels of ``group`` (a name in :data:`GROUPS`) run for these float32 operands
+  here (see the module doc)."""
   return (all(a.dtype == jnp.float32 for a in arrays) and kernels.current_platform() == "cpu"
-          and enabled() and sharding.mesh_is_local() and available())
+          and enabled() and group_on(group) and sharding.mesh_is_local() and available())
+
+
+def lookup_fused(*arrays: jax.Array) -> bool:
+  """The lookup's gathered-row contractions and its scatter both run as kernels for these
+  operands: then its callers hold no gathered rows and run all tokens as one chunk (``fused``
+  of ``row_ops``)."""
+  return usable("lookup", *arrays) and usable("scatter", *arrays)
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """``jax.lax.top_k(x, k)``: ``x [..., n]`` -> values ``[..., k]`` (descending), int32
   indices ``[..., k]``."""
-  if not 1 <= k <= x.shape[-1] or not usable(x):
+  if not 1 <= k <= x.shape[-1] or not usable("topk", x):
     return row_ops.top_k(x, k)
   out = x.shape[:-1] + (k,)
   aval = jax.typeof(x)   # results vary over the same shard_map axes as x
@@ -266,7 +312,7 @@ def _same_vma(*arrays):
 def take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
   """``jnp.take(table, indices, axis=0, mode="clip")``: ``table [N, d]``, int ``indices
   [...]`` -> ``[..., d]``. Not differentiable (callers with a custom VJP)."""
-  if table.ndim != 2 or table.shape[0] == 0 or not usable(table):
+  if table.ndim != 2 or table.shape[0] == 0 or not usable("take_rows", table):
     return row_ops.take_rows(table, indices)
   table, indices = _same_vma(table, indices.astype(jnp.int32))
   out = jax.typeof(indices).update(shape=indices.shape + table.shape[1:], dtype=jnp.float32)
@@ -282,7 +328,7 @@ def take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
 
 def _fused(table, indices, *operands) -> bool:
   return (table.ndim == 2 and table.shape[0] > 0 and indices.ndim == 2
-          and usable(table, *operands))
+          and usable("lookup", table, *operands))
 
 
 def gather_dot(table: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Array:
@@ -308,7 +354,7 @@ def gather_weighted_sum(table: jax.Array, indices: jax.Array, w: jax.Array) -> j
 def _scatter_runs(accs, targets, *operands) -> bool:
   """The scatter kernels run: accumulators given as float32 ``[R, d]`` shapes (zeros),
   ``targets [T, H]``, and operands the kernels take here."""
-  return (targets.ndim == 2 and usable(*operands)
+  return (targets.ndim == 2 and usable("scatter", *operands)
           and all(isinstance(a, jax.ShapeDtypeStruct) and len(a.shape) == 2
                   and a.dtype == jnp.float32 for a in accs))
 
@@ -370,7 +416,7 @@ def sum_squares_rows(rows: jax.Array, g: jax.Array, num_rows: int) -> jax.Array:
   """``jnp.sum(g * g)`` (float32 scalar) of row gradients ``g [U, d]`` whose slots with
   ``rows [U]`` out of ``[0, num_rows)`` (padding) hold zeros: the kernel skips those
   slots and sums the rest on all threads, in double per block of slots."""
-  if g.ndim != 2 or not usable(g):
+  if g.ndim != 2 or not usable("adam_rows", g):
     return jnp.sum(g * g)
   rows, g = _same_vma(rows.astype(jnp.int32), g)
   out = jax.typeof(g).update(shape=())
@@ -391,7 +437,7 @@ def slot_runs(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
   are ``order[starts[s]:starts[s+1]]``."""
   slots = slots.astype(jnp.int32)
   m = slots.size
-  if not usable():
+  if not usable("factored"):
     return row_plan.slot_runs(slots, num_slots)
   aval = jax.typeof(slots)
   return tuple(jax.ffi.ffi_call(SLOT_RUNS, (aval.update(shape=(m,)),
@@ -404,7 +450,7 @@ def factored_sum_squares(order: jax.Array, starts: jax.Array, coefs: jax.Array,
   """``Σ_s |g[s]|²`` (float32 scalar): :func:`sum_squares_rows` of the written-out
   gradients to rounding (summed in another order), from ``order, starts``
   (:func:`slot_runs`), ``coefs [T, H]``, ``vectors [T, d]``."""
-  if not usable(coefs, vectors):
+  if not usable("factored", coefs, vectors):
     g = row_plan.run_sums(order, starts, coefs, vectors)
     return jnp.sum(g * g)
   operands = _same_vma(order, starts, coefs, vectors)
@@ -444,7 +490,7 @@ def attention_usable(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
       and sin.shape[0] in (1, b) and lq == lk and d % 2 == 0 and sin.shape[1:] == (lq, d // 2))
   return (k.shape == v.shape == (b, lk, h, d) and d > 0 and lk > 0 and rope_ok
           and mask.dtype == jnp.bool_ and mask.shape[0] in (1, b) and mask.shape[1] == 1
-          and usable(q, k, v, *(() if sin is None else (sin, cos))))
+          and usable("attention", q, k, v, *(() if sin is None else (sin, cos))))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

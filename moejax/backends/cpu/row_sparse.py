@@ -26,7 +26,7 @@ def sort_free(num_rows: int, num_entries: int) -> bool:
 
 def factored(tables) -> bool:
   """Row gradients of ``tables`` stay as factors where the kernels run for them."""
-  return native.usable(*tables)
+  return native.usable("factored", *tables)
 
 
 slot_runs = native.slot_runs
@@ -37,7 +37,7 @@ factored_sum_squares = native.factored_sum_squares
 def adam_rows(table, mu, nu, rows, g, **hyper):
   """One pass in place, skipping padding slots; None (XLA's chunked update) where the
   kernel does not run for these operands."""
-  if not native.usable(table, mu, nu, g):
+  if not native.usable("adam_rows", table, mu, nu, g):
     return None
   return native.adam_rows(table, mu, nu, rows, g, **hyper)
 
@@ -45,6 +45,6 @@ def adam_rows(table, mu, nu, rows, g, **hyper):
 def factored_adam_rows(table, mu, nu, rows, order, starts, coefs, vectors, **hyper):
   """Each row's gradient rebuilt from the factors in cache; None where the kernel does not
   run (the caller writes the rows out and updates those)."""
-  if not native.usable(table, mu, nu, coefs, vectors):
+  if not native.usable("factored", table, mu, nu, coefs, vectors):
     return None
   return native.factored_adam_rows(table, mu, nu, rows, order, starts, coefs, vectors, **hyper)
