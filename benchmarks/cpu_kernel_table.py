@@ -107,7 +107,6 @@ def _partial_workload(build):
 
 def paper_workload(name: str, a):
   import functools
-  import jax
   import jax.numpy as jnp
   vs = sibling("vs_pytorch")
   torch, _, _ = vs.require_torch_peers()
@@ -126,8 +125,13 @@ def paper_workload(name: str, a):
     return _partial_workload(lambda: functools.partial(vs._split_fwd(m), x))
   step, state = (vs.peer_adam_dense_step(m, 1e-3) if name == "peer_dense"
                  else vs.peer_adam_row_sparse_step(m, x.shape[:2], 1e-3))
+  return _donated_workload(step, state, x)
+
+
+def _donated_workload(step, state, x):
+  """Settings of ``step(state, x) -> (state, loss)`` that hand one donated state on."""
+  import jax
   holder = {"state": state}
-  del m
 
   def make():
     jitted = jax.jit(lambda s, x: step(s, x), donate_argnums=0)   # a new function: traced anew
@@ -144,23 +148,24 @@ def used_groups(text: str) -> list[str]:
   return [g for g, targets in native.GROUPS.items() if any(t in text for t in targets)]
 
 
-def measure(name: str, make, iters: int) -> tuple[dict[str, float], list[str]]:
-  """``({"all on" | group: median seconds per call}, unused groups)``."""
+def measure(name: str, make, iters: int, base_off: str = "") -> tuple[dict[str, float], list[str]]:
+  """``({"all on" | group: median seconds per call}, unused groups)``; ``base_off``: groups
+  off in every setting ("all on" is then all the others)."""
   from moejax.backends.cpu import native
   vs = sibling("vs_pytorch")
   settings = {}
-  with groups_off(""):
+  with groups_off(base_off):
     run, text = make()
     on_text = text()
-  settings["all on"] = ("", run)
+  settings["all on"] = (base_off, run)
   used = used_groups(on_text)
   for group in used:
-    with groups_off(group):
+    with groups_off(",".join(filter(None, (base_off, group)))):
       run, text = make()
       off_text = text()
     # The program with the group off has none of its kernels (the switch took).
     assert not any(t in off_text for t in native.GROUPS[group]), (name, group)
-    settings[group] = (group, run)
+    settings[group] = (",".join(filter(None, (base_off, group))), run)
 
   def call(off, run):
     def f():
@@ -203,6 +208,7 @@ def main() -> None:
   p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {WORKLOADS}")
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--steps", type=int, default=3, help="train steps per timed call (configs)")
+  p.add_argument("--base_off", default="", help="groups off in every setting, e.g. factored")
   p.add_argument("--small", action="store_true", help="vs_pytorch.py --small's shapes")
   p.add_argument("--tests", default="", help="comma list of test files: time them instead")
   p.add_argument("--test_rounds", type=int, default=1)
@@ -219,14 +225,15 @@ def main() -> None:
   from moejax.backends.cpu import native
   assert native.available(), "the CPU kernels did not build"
   print(f"jax {jax.__version__}, {os.cpu_count()} cores, load average "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        + (f"; off in every setting: {a.base_off}" if a.base_off else ""), flush=True)
   paper_args = sibling("vs_pytorch").parse_args(["--small"] if a.small else [])
   for name in names:
     if name in CONFIGS:
       make, per_call = config_workload(CONFIGS[name], a.steps), f"{a.steps} steps"
     else:
       make, per_call = paper_workload(name, paper_args), "call"
-    times, unused = measure(name, make, a.iters)
+    times, unused = measure(name, make, a.iters, a.base_off)
     print_row(name, times, unused, per_call)
     del make
     gc.collect()

@@ -9,10 +9,10 @@
 * :data:`BLOCKED` -- dropless grouped FFN: each expert's rows padded to blocks of a few
   power-of-two sizes, one fused FFN per block in ``fori_loop`` s (:mod:`.grouped_mlp`).
   XLA:CPU's ``ragged_dot`` is a masked dense dot over all experts, about E times the
-  FLOPs. The rows move with the CPU row kernels (``native.take_rows``,
-  ``gather_weighted_sum``, ``gather_dot``; XLA's ops where they do not run), gradients
-  included: XLA:CPU's gather into the buffer, gather back and weighted sum over the ``k``
-  choices are element-wise loops.
+  FLOPs. The rows move with XLA's gather into the buffer and the CPU row kernels back
+  (``native.gather_weighted_sum``, ``gather_dot``; XLA's ops where they do not run),
+  gradients included: XLA:CPU's gather back and weighted sum over the ``k`` choices are
+  element-wise loops.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from moejax import sharding
 from moejax.backends.cpu import grouped_mlp as gml
 from moejax.backends.cpu import native
+from moejax.kernels import row_ops
 
 
 # ----------------------------------------------------------------------- capacity paths
@@ -165,7 +166,7 @@ def _rows_in(x, src, dest):
   it adds 0 to every weight gradient). ``dest [t, k]``, where each token's choices went
   (``m`` for none), makes the cotangent a sum of ``k`` rows per token, not a scatter-add.
   """
-  return native.take_rows(x, src)
+  return row_ops.take_rows(x, src)
 
 
 def _rows_in_fwd(x, src, dest):
