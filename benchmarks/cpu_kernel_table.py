@@ -2,12 +2,13 @@
 all kernels on and with one group off (``MOEJAX_CPU_KERNELS_OFF=<group>``, its XLA form runs),
 timed round-robin in one process.
 
-    python -P benchmarks/cpu_kernel_table.py [--workloads default,peer_small,...] [--iters 5]
-    python -P benchmarks/cpu_kernel_table.py --tests tests/test_peer.py,...  # suite time, 1 vs 0
+    python benchmarks/cpu_kernel_table.py [--workloads default,peer_small,...] [--iters 5]
+    python benchmarks/cpu_kernel_table.py --tests tests/test_peer.py,...  # suite time, on vs 0
 
 Workloads: the train step of ``configs/default.py`` (``python train.py``'s), ``peer_small``
-and ``switch_small`` (``benchmarks/train_throughput.py``'s setup, ``--steps`` steps per
-timed call); at the PEER paper's size, ``benchmarks/vs_pytorch.py``'s moejax sides: the PEER
+and ``switch_small`` (:func:`moejax.benchmarking.train_steps.train_step_setup`, ``--steps``
+steps per timed call); at the PEER paper's size, ``benchmarks/vs_pytorch.py``'s moejax sides
+(:mod:`moejax.benchmarking.torch_peers`, its default shapes): the PEER
 layer's forward (``peer_fwd``, N = 1024², 8 × 512 tokens), its Adam step with dense tables
 (``peer_dense``) and with lazy row-sparse Adam (``peer_row_sparse``), and the dropless MoE
 layer's forward + backward (``moe_dropless``).
@@ -20,8 +21,7 @@ workload the all-on ms per call and, per group, its ms off and gain = off / on (
 ``--iters`` round-robin rounds, so a load change on a shared host hits every setting alike).
 
 ``--tests``: the wall time of ``python -m pytest -n 0 -q FILES`` with the kernels on and with
-``MOEJAX_CPU_KERNELS=0``, alternating, one process each (``-P``: ``benchmarks/kernels.py``
-would shadow the PyPI ``kernels`` package that transformers imports).
+``MOEJAX_CPU_KERNELS=0``, alternating, one process each.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -43,16 +42,6 @@ CONFIGS = {"default": "configs/default.py", "peer_small": "configs/peer_small.py
            "switch_small": "configs/switch_small.py"}
 PAPER = ("peer_fwd", "peer_dense", "peer_row_sparse", "moe_dropless")
 WORKLOADS = (*CONFIGS, *PAPER)
-
-
-def sibling(name: str):
-  """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks",
-                                                                     f"{name}.py"))
-    sys.modules[name] = module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-  return sys.modules[name]
 
 
 @contextlib.contextmanager
@@ -76,9 +65,10 @@ def groups_off(off: str):
 
 def config_workload(path: str, steps: int):
   import jax
+  from moejax.benchmarking import train_steps
   from moejax.training import state as state_lib
-  tt = sibling("train_throughput")
-  ts, _, batch = tt.train_step_setup(tt.load_config(os.path.join(ROOT, path)), 10**6)
+  ts, _, batch = train_steps.train_step_setup(
+      train_steps.load_config(os.path.join(ROOT, path)), 10**6)
   holder = {"state": ts.state}
 
   def make():
@@ -98,7 +88,7 @@ def config_workload(path: str, steps: int):
 
 
 def _partial_workload(build):
-  """``build()`` -> a ``functools.partial`` of a jitted function (vs_pytorch's helpers)."""
+  """``build()`` -> a ``functools.partial`` of a jitted function (torch_peers' layers)."""
   def make():
     f = build()
     return f, lambda: f.func.lower(*f.args).as_text()
@@ -108,23 +98,23 @@ def _partial_workload(build):
 def paper_workload(name: str, a):
   import functools
   import jax.numpy as jnp
-  vs = sibling("vs_pytorch")
-  torch, _, _ = vs.require_torch_peers()
+  from moejax.benchmarking import torch_peers as peers
+  torch, _, _ = peers.require_torch_peers()
   if name == "moe_dropless":
-    tm = vs.torch_mixtral(a)
-    x = jnp.asarray(vs._np(vs._tokens(torch, a.batch, a.length, a.moe_d)))
-    m = vs.moejax_moe_like(a, tm, "dropless")
+    tm = peers.torch_mixtral(a)
+    x = jnp.asarray(peers._np(peers._tokens(torch, a.batch, a.length, a.moe_d)))
+    m = peers.moejax_moe_like(a, tm, "dropless")
     del tm
-    return _partial_workload(lambda: functools.partial(vs._fwd_bwd_params(m, with_aux=True), x))
-  tp = vs.torch_peer(a, a.n).train()
-  x = jnp.asarray(vs._np(vs._tokens(torch, a.batch, a.length, a.peer_d)))
-  m = vs.moejax_peer_like(a, a.n, tp)
+    return _partial_workload(lambda: functools.partial(peers._fwd_bwd_params(m, with_aux=True), x))
+  tp = peers.torch_peer(a, a.n).train()
+  x = jnp.asarray(peers._np(peers._tokens(torch, a.batch, a.length, a.peer_d)))
+  m = peers.moejax_peer_like(a, a.n, tp)
   del tp
   gc.collect()
   if name == "peer_fwd":
-    return _partial_workload(lambda: functools.partial(vs._split_fwd(m), x))
-  step, state = (vs.peer_adam_dense_step(m, 1e-3) if name == "peer_dense"
-                 else vs.peer_adam_row_sparse_step(m, x.shape[:2], 1e-3))
+    return _partial_workload(lambda: functools.partial(peers._split_fwd(m), x))
+  step, state = (peers.peer_adam_dense_step(m, 1e-3) if name == "peer_dense"
+                 else peers.peer_adam_row_sparse_step(m, x.shape[:2], 1e-3))
   return _donated_workload(step, state, x)
 
 
@@ -152,7 +142,7 @@ def measure(name: str, make, iters: int, base_off: str = "") -> tuple[dict[str, 
   """``({"all on" | group: median seconds per call}, unused groups)``; ``base_off``: groups
   off in every setting ("all on" is then all the others)."""
   from moejax.backends.cpu import native
-  vs = sibling("vs_pytorch")
+  from moejax.benchmarking import timing
   settings = {}
   with groups_off(base_off):
     run, text = make()
@@ -173,7 +163,7 @@ def measure(name: str, make, iters: int, base_off: str = "") -> tuple[dict[str, 
         return run()
     return f
 
-  times = vs.round_robin([call(off, run) for off, run in settings.values()], iters)
+  times = timing.round_robin([call(off, run) for off, run in settings.values()], iters)
   return dict(zip(settings, times)), [g for g in native.GROUPS if g not in used]
 
 
@@ -209,7 +199,8 @@ def main() -> None:
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--steps", type=int, default=3, help="train steps per timed call (configs)")
   p.add_argument("--base_off", default="", help="groups off in every setting, e.g. factored")
-  p.add_argument("--small", action="store_true", help="vs_pytorch.py --small's shapes")
+  p.add_argument("--small", action="store_true", help="the paper workloads at N = 128², 8 × 64 "
+                 "tokens (a quick check that they run)")
   p.add_argument("--tests", default="", help="comma list of test files: time them instead")
   p.add_argument("--test_rounds", type=int, default=1)
   a = p.parse_args()
@@ -227,7 +218,8 @@ def main() -> None:
   print(f"jax {jax.__version__}, {os.cpu_count()} cores, load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         + (f"; off in every setting: {a.base_off}" if a.base_off else ""), flush=True)
-  paper_args = sibling("vs_pytorch").parse_args(["--small"] if a.small else [])
+  from moejax.benchmarking import torch_peers
+  paper_args = torch_peers.Shapes(length=64, n=128) if a.small else torch_peers.Shapes()
   for name in names:
     if name in CONFIGS:
       make, per_call = config_workload(CONFIGS[name], a.steps), f"{a.steps} steps"
