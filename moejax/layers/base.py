@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moejax.kernels.row_plan import RowFactors, row_slots, unique_rows
+from moejax.kernels.row_plan import unique_rows
 
 
 @flax.struct.dataclass
@@ -72,8 +72,7 @@ class TableParam(nnx.Param):
 
   A layer whose tables support row-sparse updates names them in a class attribute
   ``row_tables`` (e.g. ``('u', 'v')``), gives the shape ``(U,)`` of the distinct rows a
-  step can retrieve by ``row_index_shape(batch, length)`` and the shape ``(T, H)`` of its
-  retrievals by ``retrieval_shape(batch, length)``, and, when ``self.row_deltas`` is
+  step can retrieve by ``row_index_shape(batch, length)``, and, when ``self.row_deltas`` is
   attached, calls :func:`row_taps` with the indices it retrieved and hands the taps to its
   lookup.
   """
@@ -85,34 +84,23 @@ class RowDelta(nnx.Variable):
   Row-sparse training attaches these before the forward pass and differentiates
   with respect to them instead of the table: the gradient of slot ``s`` is the
   gradient of table row ``row_index[s]``, summed over all its retrievals (see
-  ``moejax.training.row_sparse``). Or, factored, a pair ``{"coefs": [T, H], "vectors":
-  [T, d]}`` whose gradients are the factors of those row gradients
-  (:class:`~moejax.kernels.row_plan.RowFactors`).
+  ``moejax.training.row_sparse``).
   """
 
 
 class RowIndex(nnx.Variable):
   """The distinct table rows a layer retrieved in its last forward pass ``[U]`` (int32,
-  ascending, padded with the table's row count); with factored taps also the slot of
-  each retrieval ``[T, H]`` (``row_slots``)."""
+  ascending, padded with the table's row count)."""
 
 
 def row_taps(layer: nnx.Module, indices: jax.Array, num_rows: int):
   """In a row-sparse step (``layer.row_deltas`` attached): records the distinct rows
-  ``indices [..., h, k]`` retrieves in ``layer.row_index`` (and, for factored taps, the slot
-  of each retrieval in ``layer.row_slots``); returns ``({table: tap}, rows [U])`` for the
-  lookup. Elsewhere ``(None, None)``."""
+  ``indices [..., h, k]`` retrieves in ``layer.row_index``; returns ``({table: tap}, rows
+  [U])`` for the lookup. Elsewhere ``(None, None)``."""
   if getattr(layer, "row_deltas", None) is None:
     return None, None
   layer.row_index[...] = rows = unique_rows(indices, num_rows)
-  taps = {}
-  for name, delta in layer.row_deltas.items():
-    if isinstance(delta, RowDelta):
-      taps[name] = delta[...]
-    else:
-      taps[name] = RowFactors(delta["coefs"][...], delta["vectors"][...])
-  if getattr(layer, "row_slots", None) is not None:
-    layer.row_slots[...] = row_slots(indices, rows, num_rows).reshape(layer.row_slots.shape)
+  taps = {name: delta[...] for name, delta in layer.row_deltas.items()}
   return taps, rows
 
 

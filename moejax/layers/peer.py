@@ -147,10 +147,6 @@ class PEER(nnx.Module):
     """Shape of the distinct rows a row-sparse step can touch: ``(U,)``."""
     return (num_unique_slots(batch * length * self.heads * self.top_k, self.u.shape[0]),)
 
-  def retrieval_shape(self, batch: int, length: int) -> tuple[int, int]:
-    """``(T, H)``: tokens and retrievals per token of a step."""
-    return batch * length, self.heads * self.top_k
-
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     ops = kernels.get(kernels.resolve(self.kernel, width=x.shape[-1]))
     raw, idx = self.retrieval(x, mask, ops=ops)            # [b, l, h, k] float32 / int32

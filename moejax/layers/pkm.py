@@ -94,10 +94,6 @@ class PKM(nnx.Module):
     r = self.retrieval
     return (num_unique_slots(batch * length * r.heads * r.top_k, self.num_slots),)
 
-  def retrieval_shape(self, batch: int, length: int) -> tuple[int, int]:
-    """``(T, H)``: tokens and retrievals per token of a step."""
-    return batch * length, self.retrieval.heads * self.retrieval.top_k
-
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     ops = kernels.get(kernels.resolve(self.kernel, width=x.shape[-1]))
     raw, idx = self.retrieval(x, mask, ops=ops)

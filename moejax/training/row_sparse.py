@@ -9,10 +9,7 @@ only the rows retrieved in the step:
 * gradients arrive as ``(unique rows [U], row_grads [U, d])``: each distinct row retrieved
   in the step once, its gradient summed over every retrieval (the layer's lookup computes
   these directly, see ``moejax.kernels.lookup_xla.lookup_sparse``; the Pallas kernels
-  never build a per-retrieval ``[tokens, h, k, d]`` gradient). Where the platform's backend
-  says so (``row_sparse.factored``, the CPU's) they stay as the lookup's factors
-  (:class:`FactoredRowGrads`): the clip norm and the update rebuild each row in cache, and
-  no ``[U, d]`` gradient is written or read;
+  never build a per-retrieval ``[tokens, h, k, d]`` gradient);
 * for those rows only: ``m = b1·m + (1-b1)·g``, ``v = b2·v + (1-b2)·g²``,
   ``row -= lr · m̂ / (√v̂ + eps)`` with the bias correction of the global step;
 * every other row, and its moments, is left as it is.
@@ -27,14 +24,12 @@ M = tokens · h · k.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax import kernels, sharding
-from moejax.kernels import registry, row_plan
+from moejax.kernels import registry
 from moejax.layers.base import RowDelta, RowIndex
 
 
@@ -43,29 +38,8 @@ from moejax.layers.base import RowDelta, RowIndex
 ADAM_CHUNK_ROWS = 2048
 
 
-class FactoredRowGrads(NamedTuple):
-  """Row gradients ``g [U, d]`` as the lookup's factors (see :func:`factored_taps`):
-  ``g[s] = Σ coefs[e] · vectors[e // H]`` over the retrievals ``e`` of slot ``s``, which are
-  ``order[starts[s]:starts[s+1]]`` (``row_plan.slot_runs``). ``coefs [T, H]``,
-  ``vectors [T, d]``."""
-
-  order: jax.Array
-  starts: jax.Array
-  coefs: jax.Array
-  vectors: jax.Array
-
-  def squared_norm(self) -> jax.Array:
-    norm = registry.call("row_sparse.factored_sum_squares", *self)
-    if norm is None:
-      g = row_plan.run_sums(*self)
-      norm = jnp.sum(g * g)
-    return norm
-
-
 def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, scale=None):
-  """Lazy Adam given deduplicated ``unique [M]`` row ids (N = padding) and gradients ``g [M, d]``
-  (or :class:`FactoredRowGrads`: the backend's kernel rebuilds each row's gradient in
-  cache; without one they are summed into ``[U, d]`` rows first).
+  """Lazy Adam given deduplicated ``unique [M]`` row ids (N = padding) and gradients ``g [M, d]``.
 
   Returns the new ``(table, mu, nu)`` ``[N, d]``. Over chunks of :data:`ADAM_CHUNK_ROWS`
   rows (``lax.scan``, the tables as its carry): each chunk is gathered, updated and
@@ -76,11 +50,6 @@ def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, sca
   count = count.astype(jnp.float32)
   c1, c2 = 1 - b1 ** count, 1 - b2 ** count
   hyper = dict(lr=lr, b1=b1, b2=b2, eps=eps, c1=c1, c2=c2, scale=1.0 if scale is None else scale)
-  if isinstance(g, FactoredRowGrads):
-    new = registry.call("row_sparse.factored_adam_rows", table, mu, nu, unique, *g, **hyper)
-    if new is not None:
-      return new
-    g = row_plan.run_sums(*g)
   # The platform backend's update (the CPU's: one pass in place, skipping padding slots).
   new = registry.call("row_sparse.adam_rows", table, mu, nu, unique, g, **hyper)
   if new is not None:
@@ -119,19 +88,11 @@ def adam_on_unique_rows(table, mu, nu, unique, g, *, count, lr, b1, b2, eps, sca
 #   1. attach(model, b, l): every layer with ``row_tables`` gets zero RowDeltas ("taps")
 #      [U, d] and a RowIndex [U]; its forward stores the distinct rows it retrieved in the
 #      RowIndex and hands the taps to its lookup, whose gradient w.r.t. a tap is the
-#      summed gradient of row RowIndex[s] of the table. Where the backend takes factors
-#      (factored_taps) the taps are instead the lookup's factors, coefs [T, H] and vectors
-#      [T, d], plus the slot of each retrieval [T, H]: nothing [U, d] is written, the
-#      backend's optimizer kernels rebuild each row;
+#      summed gradient of row RowIndex[s] of the table;
 #   2. differentiate w.r.t. non-table Params and RowDeltas (tables get no gradient);
 #   3. TableAdam.row_grads pairs each table's rows with its tap gradients; the global norm
 #      for clipping covers them and the other gradients; TableAdam.apply does lazy Adam;
 #   4. detach(model), then the usual optax update of every other parameter.
-
-
-def _slot_runs(slots, num_slots):
-  runs = registry.call("row_sparse.slot_runs", slots, num_slots)
-  return row_plan.slot_runs(slots, num_slots) if runs is None else runs
 
 
 def _sum_squares_rows(rows, g, num_rows):
@@ -152,36 +113,12 @@ def _key(path, name: str) -> str:
   return "/".join(str(p) for p in path) + "/" + name
 
 
-def factored_taps(layer: nnx.Module) -> bool:
-  """Whether ``layer``'s row gradients stay as the lookup's factors (:class:`RowFactors
-  <moejax.kernels.row_plan.RowFactors>`): where its lookup is the reference one, its
-  compute dtype float32, and the platform's backend takes factors for its tables
-  (``row_sparse.factored``: the CPU's, on a local mesh; it saves writing and re-reading the
-  ``[U, d]`` row gradients). Elsewhere (TPU / GPU kernels, a sharded batch) ``[U, d]``
-  taps."""
-  tables = [getattr(layer, name)[...] for name in layer.row_tables]
-  if not (kernels.resolve(getattr(layer, "kernel", "reference"), width=tables[0].shape[-1])
-          == "reference" and jnp.dtype(getattr(layer, "dtype", jnp.float32)) == jnp.float32
-          and not sharding.mesh_axes("batch")):   # table_mix's batch-parallel lookup: [U, d]
-    return False
-  return bool(registry.call("row_sparse.factored", tables))
-
-
 def attach(model: nnx.Module, batch: int, length: int) -> None:
   for _, layer in row_layers(model):
     shape = layer.row_index_shape(batch, length)
-    width = lambda name: getattr(layer, name).shape[-1]
-    if factored_taps(layer):
-      t, h = layer.retrieval_shape(batch, length)
-      layer.row_deltas = nnx.Dict({
-          name: nnx.Dict({"coefs": RowDelta(jnp.zeros((t, h), jnp.float32)),
-                          "vectors": RowDelta(jnp.zeros((t, width(name)), jnp.float32))})
-          for name in layer.row_tables})
-      layer.row_slots = RowIndex(jnp.zeros((t, h), jnp.int32))
-    else:
-      layer.row_deltas = nnx.Dict({
-          name: RowDelta(jnp.zeros(shape + (width(name),), jnp.float32))
-          for name in layer.row_tables})
+    layer.row_deltas = nnx.Dict({
+        name: RowDelta(jnp.zeros(shape + (getattr(layer, name).shape[-1],), jnp.float32))
+        for name in layer.row_tables})
     layer.row_index = RowIndex(jnp.zeros(shape, jnp.int32))
 
 
@@ -189,8 +126,6 @@ def detach(model: nnx.Module) -> None:
   for _, layer in row_layers(model):
     del layer.row_deltas
     del layer.row_index
-    if getattr(layer, "row_slots", None) is not None:
-      del layer.row_slots
 
 
 class TableAdam(nnx.Object):
@@ -212,31 +147,24 @@ class TableAdam(nnx.Object):
     self.b1, self.b2, self.eps = b1, b2, eps
 
   def row_grads(self, model: nnx.Module, delta_grads: nnx.State) -> dict[str, tuple]:
-    """{table key: (unique row ids [U] (N = padding), summed row gradients [U, d] or their
-    :class:`FactoredRowGrads`)}."""
+    """{table key: (unique row ids [U] (N = padding), summed row gradients [U, d])}."""
     nnx.update(model, delta_grads)          # RowDeltas now hold the row gradients
     out = {}
     for path, layer in row_layers(model):
       rows = layer.row_index[...]
-      slots = getattr(layer, "row_slots", None)
-      runs = None if slots is None else _slot_runs(slots[...], rows.shape[0])
       for name in layer.row_tables:
-        delta = layer.row_deltas[name]
-        out[_key(path, name)] = (rows, delta[...].astype(jnp.float32) if runs is None else
-                                 FactoredRowGrads(*runs, delta["coefs"][...],
-                                                  delta["vectors"][...]))
+        out[_key(path, name)] = (rows, layer.row_deltas[name][...].astype(jnp.float32))
     return out
 
   def squared_norm(self, model: nnx.Module, rows: dict[str, tuple]) -> jax.Array:
     """Σ of every table's squared row gradients (from ``row_grads``): their share of the
-    global clip norm; the platform backend's (the CPU's skips the padding slots, or
-    rebuilds each row from its factors) where it has one."""
+    global clip norm; the platform backend's (the CPU's skips the padding slots) where it
+    has one."""
     total = jnp.zeros((), jnp.float32)
     for path, layer in row_layers(model):
       for name in layer.row_tables:
         unique, g = rows[_key(path, name)]
-        total += (g.squared_norm() if isinstance(g, FactoredRowGrads) else
-                  _sum_squares_rows(unique, g, getattr(layer, name).shape[0]))
+        total += _sum_squares_rows(unique, g, getattr(layer, name).shape[0])
     return total
 
   def apply(self, model: nnx.Module, rows: dict[str, tuple], count: jax.Array,
