@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.kernels import match_vma
-from moejax.kernels.row_plan import RowFactors, row_plan
+from moejax.kernels.row_plan import row_plan
 
 
 class LookupKernels(NamedTuple):
@@ -125,9 +125,6 @@ def make_lookup(kernels: LookupKernels):
 
   def lookup_sparse(x, indices, scores, up, down, taps, *, activation="gelu_tanh", rows=None):
     tap_down, tap_up = taps
-    if isinstance(tap_up, RowFactors):
-      raise ValueError("factored row taps are the reference lookup's (CPU); the Pallas "
-                       "kernels take [U, d] taps")
     own_rows = rows is None
     if own_rows:
       rows = jnp.zeros((0,), jnp.int32)    # unused: the slots are this call's distinct rows

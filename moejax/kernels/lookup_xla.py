@@ -16,9 +16,7 @@ Two gradient forms of the tables:
 * :func:`lookup_sparse` — row-sparse: the tables get no gradient; each table has a *tap*
   ``[U, d]`` (zeros) on its rows ``unique_rows(indices, N)``, and the tap's gradient is
   the table gradient of exactly those rows, summed over repeats. Lazy Adam
-  (``moejax.training.row_sparse``) consumes (unique rows, tap gradients) as they are. On
-  CPU the taps can instead be :class:`~moejax.kernels.row_plan.RowFactors`, whose gradients
-  are the factors of those rows (nothing ``[U, d]`` is written).
+  (``moejax.training.row_sparse``) consumes (unique rows, tap gradients) as they are.
 
 Both run over chunks of tokens (``lax.map`` / ``lax.scan``, :data:`CHUNK_BYTES` of
 gathered rows ``[c, h·k, d]`` per chunk): a chunk's rows are contracted while in cache, so
@@ -39,7 +37,7 @@ import jax.numpy as jnp
 
 from moejax import kernels
 from moejax.kernels import activations, match_vma, row_ops
-from moejax.kernels.row_plan import RowFactors, row_slots, unique_rows
+from moejax.kernels.row_plan import row_slots, unique_rows
 
 # The row gathers and contractions: XLA's, or the platform backend's (row_ops).
 _rows = row_ops.implementation
@@ -191,8 +189,6 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
   The row gradients of retrieval ``(t, j)`` (``alpha·x_t`` for down, ``beta·dy_t`` for up)
   are scatter-added at ``targets[t, j]`` of ``[num_targets, d]`` accumulators of
   ``acc_dtypes`` (up, down): the table rows (dense) or the tap slots (row-sparse).
-  ``targets=None``: no scatter, the row gradients are returned as their factors
-  (:class:`RowFactors` ``(beta, dy)`` and ``(alpha, x)``).
   Returns ``(dx [T, d] or None, dscores [T, H], grad_up, grad_down or None)``.
   """
   t, hh = idx.shape
@@ -204,7 +200,6 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
                                     if a is not None))))
 
   fused = _fused(scores, up, down)
-  factored = targets is None
 
   def zeros(dtype):
     if fused:   # the C++ scatter writes its accumulator whole, from zeros (no loop here)
@@ -227,16 +222,11 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
       # (elsewhere one gather of down's rows: XLA merges the two identical takes)
       dx = _rows().gather_weighted_sum(down, ic, da)
       dsc, beta = dw * s, sc * s
-      if factored:
-        return acc, (dx, dsc, beta, da)
       # g_up[tc] += beta · dy and g_down[tc] += da · x (one kernel call where it runs)
       return _rows().scatter_outer_add_pair(g_up, g_down, tc, beta, dyc, da, xc), (dx, dsc)
-    if factored:
-      return acc, (dx, dsc, beta, None)
     return (_rows().scatter_outer_add(g_up, tc, beta, dyc), g_down), (dx, dsc)
 
-  init = (None, None) if factored else (
-      zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))
+  init = (zeros(acc_dtypes[0]), None if down is None else zeros(acc_dtypes[1]))
   c = _chunk_size(t, hh, d, dt, fused)
   args = (x if down is not None else None, idx, scores, dy, targets, saved_a)
   if c == t:   # one chunk (TPU / GPU, the C++ kernels, or a small batch): no loop
@@ -244,11 +234,7 @@ def _backward(x, idx, scores, up, down, dy, activation, targets, num_targets, ac
   else:
     (g_up, g_down), out = jax.lax.scan(chunk, init, _chunks(t, c, args))
     out = tuple(_unchunk(a, t) for a in out)
-  dx, dsc = out[:2]
-  if factored:   # the row gradients' factors (the caller casts them to the taps' dtypes)
-    beta, alpha = out[2:]
-    g_up = RowFactors(beta, dy)
-    g_down = None if down is None else RowFactors(alpha, x)
+  dx, dsc = out
   dx = None if down is None else dx.astype(x.dtype)
   return dx, dsc, g_up, g_down
 
@@ -287,15 +273,12 @@ def _lookup_sparse_fwd(x, idx, scores, up, down, tap_up, tap_down, rows, activat
 
 def _lookup_sparse_bwd(activation, res, dy):
   x, idx, scores, up, down, tap_up, tap_down, rows, a = res
-  factored = isinstance(tap_up, RowFactors)
-  # Factored taps take the row gradients' factors: no slots, no scatter.
-  slots = None if factored else row_slots(idx, rows, up.shape[0])
+  slots = row_slots(idx, rows, up.shape[0])
   dx, dsc, g_up, g_down = _backward(
       x, idx, scores, up, down, dy, activation, slots, rows.shape[0],
-      (None, None) if factored else (tap_up.dtype, None if tap_down is None else tap_down.dtype),
-      a)
+      (tap_up.dtype, None if tap_down is None else tap_down.dtype), a)
   # (each cotangent in its tap's dtype)
-  like = lambda g, tap: jax.tree.map(lambda a, b: match_vma(a.astype(b.dtype), b), g, tap)
+  like = lambda g, tap: match_vma(g.astype(tap.dtype), tap)
   return (None if x is None else match_vma(dx, x), None, match_vma(dsc, scores), None, None,
           like(g_up, tap_up), None if tap_down is None else like(g_down, tap_down), None)
 
@@ -331,17 +314,10 @@ def lookup_sparse(x: jax.Array | None, indices: jax.Array, scores: jax.Array, up
   the whole batch). The gradient of ``tap[s]`` is the table gradient of row ``rows[s]``
   (summed over every retrieval); tables are not differentiated. Taps are zeros (row-sparse
   training attaches fresh ones each step): like the Pallas kernels, their values are not
-  read. Or both taps :class:`RowFactors` (zeros ``coefs [T, h·k]`` and ``vectors [T, d]``,
-  T the tokens of ``indices [..., h, k]`` flattened): their gradients are the factors of
-  the row gradients and nothing is scattered (no ``rows`` then: the call's own retrievals).
+  read.
   """
   tap_down, tap_up = taps
-  if isinstance(tap_up, RowFactors) and rows is not None:
-    raise ValueError("lookup_sparse: factored taps hold this call's own retrievals; they "
-                     "take no rows of a larger batch (use [U, d] taps under batch sharding)")
-  if isinstance(tap_up, RowFactors):
-    rows = jnp.zeros((0,), jnp.int32)   # not read: the factored backward scatters nothing
-  elif rows is None:
+  if rows is None:
     rows = unique_rows(indices, up.shape[0])
   y = _lookup_sparse(*_flat(x, indices, scores, down), up, down, tap_up, tap_down, rows,
                      activation)

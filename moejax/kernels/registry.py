@@ -133,16 +133,9 @@ OPS: dict[str, str] = {
     "moe.grouped_ffn.blocked": "a namespace with the combine and grouped functions of "
                                "moejax.layers.moe.dispatch.GroupedFFN: the blocked grouped "
                                "matmul (dropless_impl='blocked')",
-    "row_sparse.factored": "(tables) -> bool: the row gradients of these tables stay as "
-                           "the lookup's factors (portable: False)",
-    "row_sparse.slot_runs": "(slots [T, H], num_slots) -> (order [T·H], starts [U + 1]) "
-                            "as moejax.kernels.row_plan.slot_runs",
     "row_sparse.sum_squares_rows": "(rows [U], g [U, d], num_rows) -> sum(g * g)",
-    "row_sparse.factored_sum_squares": "(order, starts, coefs, vectors) -> Σ |run_sums|²",
     "row_sparse.adam_rows": "(table, mu, nu, rows, g, *, lr, b1, b2, eps, c1, c2, scale) "
                             "-> (table, mu, nu) lazy Adam on distinct rows",
-    "row_sparse.factored_adam_rows": "(table, mu, nu, rows, order, starts, coefs, vectors, "
-                                     "*, lr, b1, b2, eps, c1, c2, scale) -> (table, mu, nu)",
 }
 
 ANY = "*"   # registered for every platform

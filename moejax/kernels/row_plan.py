@@ -108,30 +108,3 @@ def run_sums(order: jax.Array, starts: jax.Array, coefs: jax.Array,
   run = jnp.searchsorted(starts[1:], jnp.arange(m), side="right")   # run of order[q]
   return jax.ops.segment_sum(contrib, run, num_segments=starts.shape[0] - 1,
                              indices_are_sorted=True)
-
-
-def slot_runs(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
-  """The retrievals grouped by slot (a stable sort): ``slots [T, H]`` int32, each in
-  ``[0, num_slots)`` -> ``order [T·H]`` (retrieval ids, by slot, ascending within a slot)
-  and ``starts [num_slots + 1]``: slot ``s``'s retrievals are
-  ``order[starts[s]:starts[s+1]]``."""
-  flat = slots.astype(jnp.int32).reshape(-1)
-  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  return order, jnp.searchsorted(flat[order], jnp.arange(num_slots + 1)).astype(jnp.int32)
-
-
-class RowFactors(NamedTuple):
-  """A table's row gradients as the lookup's factors, not written out as ``[U, d]`` rows.
-
-  coefs:   ``[T, H]`` one coefficient per retrieval (H = h·k per token).
-  vectors: ``[T, d]`` one vector per token (PEER ``down``: the layer inputs; ``up``: the
-           output gradients).
-
-  The gradient of the row retrieved at ``(t, j)`` gets ``coefs[t, j] · vectors[t]``; a
-  distinct row's gradient sums those of its retrievals. A row-sparse tap of this form
-  (zeros) receives these factors as its cotangent (``lookup_xla.lookup_sparse``),
-  and a backend's optimizer kernels rebuild each row gradient in cache from them.
-  """
-
-  coefs: jax.Array
-  vectors: jax.Array
