@@ -198,7 +198,7 @@ def main() -> None:
   p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {WORKLOADS}")
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--steps", type=int, default=3, help="train steps per timed call (configs)")
-  p.add_argument("--base_off", default="", help="groups off in every setting, e.g. factored")
+  p.add_argument("--base_off", default="", help="groups off in every setting, e.g. attention")
   p.add_argument("--small", action="store_true", help="the paper workloads at N = 128², 8 × 64 "
                  "tokens (a quick check that they run)")
   p.add_argument("--tests", default="", help="comma list of test files: time them instead")
