@@ -90,6 +90,7 @@ ATTENTION_BWD = "moejax_attention_bwd_f32"
 SLOT_RUNS = "moejax_slot_runs_s32"
 FACTORED_SUM_SQUARES = "moejax_factored_sum_squares_f32"
 FACTORED_ADAM_ROWS = "moejax_factored_adam_rows_f32"
+ROUTED_FFN = "moejax_routed_ffn_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
             SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
@@ -97,8 +98,9 @@ _SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
             ATTENTION_FWD: "MoejaxAttentionFwdF32", ATTENTION_BWD: "MoejaxAttentionBwdF32",
             SLOT_RUNS: "MoejaxSlotRunsS32",
             FACTORED_SUM_SQUARES: "MoejaxFactoredSumSquaresF32",
-            FACTORED_ADAM_ROWS: "MoejaxFactoredAdamRowsF32"}
-_SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc"))
+            FACTORED_ADAM_ROWS: "MoejaxFactoredAdamRowsF32", ROUTED_FFN: "MoejaxRoutedFfnF32"}
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc",
+                                                         "cpu_decode.cc"))
 _HEADERS = (Path(__file__).with_name("cpu_common.h"),)
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # Tried first, for this CPU's vector units (the group-maximum and counting passes of top_k
@@ -500,3 +502,31 @@ def _attention_bwd(rotate, res, do):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# The activations the routed FFN kernel computes (its codes, ``cpu_decode.cc``).
+_ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+
+def routed_ffn_usable(x: jax.Array, wi: jax.Array, wg: jax.Array | None, wo: jax.Array,
+                      activation: str) -> bool:
+  """:func:`routed_ffn` runs for these operands here (float32, a known activation)."""
+  return activation in _ACTIVATION_CODES and usable(x, wi, wo, *(() if wg is None else (wg,)))
+
+
+def routed_ffn(x: jax.Array, expert: jax.Array, weight: jax.Array, wi: jax.Array,
+               wg: jax.Array | None, wo: jax.Array, activation: str) -> jax.Array:
+  """``y[t] = Σ_j weight[t, j] · FFN_{expert[t, j]}(x[t])`` (``cpu_decode.cc``), no gradient.
+
+  ``x [T, D]``, ``expert [T, K]`` int32 (outside ``[0, E)``: no expert), ``weight [T, K]``,
+  ``wi, wg [E, D, F]`` (``wg`` None: no gate), ``wo [E, F, D]`` -> ``[T, D]`` float32. Each
+  chosen expert's weights are read once, in place, by all threads: for a few tokens
+  (decoding) the FFN then runs at about the memory's rate, where XLA copies each expert's
+  matrices out of the stack first. Callers check :func:`routed_ffn_usable`.
+  """
+  gated = wg is not None
+  operands = (x, expert.astype(jnp.int32), weight.astype(jnp.float32), wi,
+              wg if gated else wi, wo)
+  out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  return jax.ffi.ffi_call(ROUTED_FFN, out, vmap_method="sequential")(
+      *operands, activation=np.int64(_ACTIVATION_CODES[activation]), gated=np.bool_(gated))
