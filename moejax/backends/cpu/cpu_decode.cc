@@ -28,6 +28,8 @@ namespace {
 
 // Columns per work unit, and rows per pass over a unit's weights (accumulators in L1).
 constexpr int64_t kColsIn = 512, kColsOut = 512, kRowTile = 8;
+// Weight rows prefetched ahead of the one being read.
+constexpr int64_t kAheadRows = 8;
 
 enum Activation : int64_t { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
 
@@ -48,6 +50,10 @@ inline void RowsTimesChunk(const float* x, const int32_t* rows, int64_t n, const
   std::fill(acc, acc + n * cols, 0.f);
   for (int64_t i = 0; i < d; ++i) {
     const float* __restrict wr = w + i * ld + c0;
+    if (i + kAheadRows < d) {   // the hardware prefetcher does not follow the row stride
+      const char* next = reinterpret_cast<const char*>(wr + kAheadRows * ld);
+      for (int64_t b = 0; b < cols * 4; b += 64) __builtin_prefetch(next + b);
+    }
     for (int64_t r = 0; r < n; ++r) {
       const float xv = x[rows[r] * d + i];
       float* __restrict a = acc + r * cols;
