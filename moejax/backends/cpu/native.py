@@ -32,6 +32,12 @@
   as a dozen passes over the ``[batch, heads, L, L]`` scores and their gradients, each a
   loop over a buffer larger than the cache.
 
+* :func:`routed_ffn` (``cpu_decode.cc``): the top-k experts' FFN of a few tokens, combined
+  (the CPU dropless path's, up to ``moe_dispatch.ROUTED_FFN_MAX_PAIRS`` token-choice pairs:
+  decoding). Each chosen expert's weights are read once, in place, on all threads; XLA
+  copies an expert's matrices out of the stacked weights before each matmul (a
+  dynamic-slice fusion): a read and a write of each matrix before the matmul reads it again.
+
 Each is the XLA op instead (:func:`usable` is False) on TPU / GPU (the target platform,
 :func:`moejax.kernels.current_platform`), for other dtypes, with ``MOEJAX_CPU_KERNELS=0``,
 and under a mesh (``jax.set_mesh``) with an axis of several devices that is not manual
@@ -43,8 +49,8 @@ Every handler checks each operand's rank and shape against the others (the FFI b
 check the dtypes) and returns an error, which JAX raises, rather than reading or writing
 out of bounds; the Adam kernels also reject repeated rows (``cpu_common.h``'s ``Checks``).
 
-Build: the first use compiles ``cpu_kernels.cc`` and ``cpu_attention.cc`` (sharing
-``cpu_common.h``) into one library with the C++ compiler (``$CXX``, else ``c++``) against
+Build: the first use compiles ``cpu_kernels.cc``, ``cpu_attention.cc`` and ``cpu_decode.cc``
+(sharing ``cpu_common.h``) into one library with the C++ compiler (``$CXX``, else ``c++``) against
 the XLA FFI headers that ship with jaxlib (``jax.ffi.include_dir()``) into
 ``$MOEJAX_CACHE_DIR`` (default ``~/.cache/moejax``), and says so in one line on stderr. The
 file is named by a hash of the sources, the FFI headers' contents, the jax and jaxlib
