@@ -21,11 +21,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CHILD = """
 import json, resource, sys, time
-sys.path.insert(0, "benchmarks")
 from moejax import backends
 kept = backends.prepare_process()
 import jax
-import train_throughput as tt
+from moejax.benchmarking import train_steps as tt
 config = tt.load_config(sys.argv[1])
 warmup, steps = int(sys.argv[2]), int(sys.argv[3])
 ts, step, batch = tt.train_step_setup(config, warmup + steps + 1)

@@ -270,7 +270,7 @@ def bench_retrieval(a, table, n):
   except Exception as e:  # noqa: BLE001
     print(f"retrieval_gpu not available ({type(e).__name__}: {e}): retrieval rows skipped")
     return
-  from moejax.kernels import lookup_gpu, lookup_xla, retrieval_reference
+  from moejax.kernels import lookup_gpu, lookup_xla, retrieval_xla
 
   dtype = jnp.dtype(a.dtype)
   t, h, k, d, dk = a.tokens, a.heads, a.top_k, a.d, a.d_key
@@ -288,7 +288,7 @@ def bench_retrieval(a, table, n):
     return fwd, jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
   kf, kb = topk_fns(retrieval_gpu.product_key_topk)
-  rf, rb = topk_fns(retrieval_reference.product_key_topk)
+  rf, rb = topk_fns(retrieval_xla.product_key_topk)
 
   def go_fwd():
     table.add("retrieval top-k fwd", n_rows, time_ms(kf, q, k1, k2, **it),
@@ -316,7 +316,7 @@ def bench_retrieval(a, table, n):
     down = (jax.random.normal(ks[6], (n_rows, d), jnp.float32) / np.sqrt(d)).astype(dtype)
     dy = jax.random.normal(ks[7], (t, d), dtype)
     kl = layer(retrieval_gpu.product_key_topk, lookup_gpu.lookup)
-    rl = layer(retrieval_reference.product_key_topk, lookup_xla.lookup)
+    rl = layer(retrieval_xla.product_key_topk, lookup_xla.lookup)
     table.add("PEER layer core fwd+bwd (retrieval + lookup)", n_rows,
               time_ms(kl, q, k1, k2, x, up, down, dy, **it),
               time_ms(rl, q, k1, k2, x, up, down, dy, **it), "dense table grads")
@@ -377,7 +377,7 @@ def tpu_section(a):
   activations (moejax keeps tables in f32). The last line is the memory ratio on v5p.
   """
   from moejax.aot import targets as aot
-  from moejax.kernels import lookup_tpu, lookup_xla, retrieval_reference
+  from moejax.kernels import lookup_tpu, lookup_xla, retrieval_xla
   from moejax.kernels import retrieval_tpu
   print("\n# TPU section: compiled memory per device (libtpu AOT, no TPU needed)")
   if not aot.libtpu_available():
@@ -387,7 +387,7 @@ def tpu_section(a):
   f32 = jnp.float32
   sds = jax.ShapeDtypeStruct
   impls = {"pallas": (retrieval_tpu.product_key_topk, lookup_tpu.lookup),
-           "reference": (retrieval_reference.product_key_topk, lookup_xla.lookup)}
+           "reference": (retrieval_xla.product_key_topk, lookup_xla.lookup)}
   print(f"PEER layer core fwd+bwd, T={t}, d={d}, h={h}, k={k}, d_key={dk}, f32")
   print("| topology | N | kernels | compile | temp GiB | args GiB | compile s |")
   print("|---|---|---|---|---|---|---|")

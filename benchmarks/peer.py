@@ -14,18 +14,20 @@ Prints two tables, every row measured in this run on this device (median of --it
 
   python benchmarks/peer.py                 # CPU, about 2 minutes
   python benchmarks/peer.py --small         # fewer tokens, N up to 512²
-  python benchmarks/peer.py --tokens=8192 --d_model=512 --dtype=bfloat16   # accelerator
+  python benchmarks/peer.py --batch=16 --length=512 --d_model=512 --dtype=bfloat16   # accelerator
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from moejax.benchmarking.timing import median_seconds  # noqa: E402
+# Named lm_train_step here: tests/kernels/test_cpu_kernels.py still imports it from this script.
+from moejax.benchmarking.train_steps import peer_lm_train_step as lm_train_step  # noqa: E402
 
 
 def parse_args():
@@ -52,22 +54,11 @@ def parse_args():
   return a
 
 
-def _time(fn, *args, iters):
-  import jax
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
-
-
 def bench_retrieval(a):
   import jax
   import jax.numpy as jnp
   from moejax.kernels import reference
-  from moejax.kernels import retrieval_reference as pk
+  from moejax.kernels import retrieval_xla as pk
   n, h, k, d = a.retrieval_n, a.heads, a.top_k, a.d_key
   kq, k1, k2 = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(kq, (a.retrieval_tokens, h, d))
@@ -84,8 +75,8 @@ def bench_retrieval(a):
   s_f, i_f = fast(q, keys1, keys2)
   s_e, i_e = exhaustive(q, full)
   same = float(jnp.mean(jnp.all(jnp.sort(i_f, -1) == jnp.sort(i_e, -1), -1)))
-  t_fast = _time(fast, q, keys1, keys2, iters=a.iters)
-  t_exh = _time(exhaustive, q, full, iters=max(2, a.iters // 2))
+  t_fast = median_seconds(fast, q, keys1, keys2, iters=a.iters)
+  t_exh = median_seconds(exhaustive, q, full, iters=max(2, a.iters // 2))
   del full
   print(f"\n## Retrieval, N = {n}² = {n * n:,}, d_key = {d}, h = {h}, k = {k}, "
         f"{a.retrieval_tokens} tokens ({a.retrieval_tokens * h} queries)")
@@ -121,7 +112,7 @@ def bench_layers(a):
     return [(f, (tables, params, x)) for f in (fwd, no_tables, full)]
 
   def measure(m):
-    return tuple(_time(f, *args, iters=a.iters) for f, args in steps(m))
+    return tuple(median_seconds(f, *args, iters=a.iters) for f, args in steps(m))
 
   rows = []
   hk = a.heads * a.top_k
@@ -155,36 +146,6 @@ def bench_layers(a):
           f"{tokens / t:,.0f} | {t_dense / t:.3f} |")
 
 
-def lm_train_step(n: int, update: str, *, d_model: int, heads: int, top_k: int, d_key: int,
-                  query_norm: str, batch: int, length: int, dtype: str = "float32"):
-  """A zero-argument fn running one train step (returns its metrics) of a 2-block LM with
-  PEER (N = n²) in block 1, table_update = ``update`` (dense | row_sparse); random tokens."""
-  import numpy as np
-  from moejax import config as config_lib
-  from moejax.training import state as state_lib
-  c = config_lib.default_config()
-  c.model.update(vocab_size=258, d_model=d_model, num_layers=2, num_heads=4,
-                 head_dim=d_model // 4, d_ff=4 * d_model, sparse_ffn="peer", sparse_layers="1",
-                 dtype=dtype)
-  c.peer.update(num_experts_sqrt=n, heads=heads, top_k=top_k, d_key=d_key, query_norm=query_norm)
-  c.data.update(batch_size=batch, seq_len=length)
-  c.optim.update(table_update=update, warmup_steps=0)
-  c.mesh.data = 1
-  ts = state_lib.create_train_state(c)
-  step = state_lib.make_train_step(ts)
-  rng = np.random.default_rng(0)
-  tok = rng.integers(2, 258, size=(batch, length + 1)).astype(np.int32)
-  ones = np.ones((batch, length), np.float32)
-  data = state_lib.device_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": ones,
-                                 "num_bytes": ones}, ts.mesh)
-  holder = {"state": ts.state}
-
-  def run():
-    holder["state"], m = step(holder["state"], data)
-    return m
-  return run
-
-
 def bench_train_step(a):
   """Whole train step of a 2-block LM with PEER in block 1: dense vs row-sparse table updates."""
 
@@ -200,8 +161,8 @@ def bench_train_step(a):
   print("| N | dense ms | row_sparse ms | dense tokens/s | row_sparse tokens/s | speed-up |")
   print("|---|---|---|---|---|---|")
   for n in [int(s) for s in a.ns.split(",")]:
-    t_dense = _time(make(n, "dense"), iters=a.iters)
-    t_sparse = _time(make(n, "row_sparse"), iters=a.iters)
+    t_dense = median_seconds(make(n, "dense"), iters=a.iters)
+    t_sparse = median_seconds(make(n, "row_sparse"), iters=a.iters)
     print(f"| {n}² | {t_dense * 1e3:.1f} | {t_sparse * 1e3:.1f} | {tokens / t_dense:,.0f} | "
           f"{tokens / t_sparse:,.0f} | {t_dense / t_sparse:.2f}x |")
 

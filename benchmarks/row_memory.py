@@ -7,11 +7,11 @@ step differs between the two sizes in the row kernels' memory: at 128² a table 
 Adam moments (6 x 16 MiB) stay in a large L3, at 1024² (6 x 1 GiB) every retrieved row
 comes from DRAM. This script times, round-robin in one run:
 
-* the row-sparse LM train step at both sizes (``benchmarks/peer.py``'s builder, as
+* the row-sparse LM train step at both sizes (``moejax.benchmarking.train_steps``, as
   ``vs_pytorch.py`` section c);
 * the step's row kernels alone at both sizes, on the step's shapes (T tokens, h·k
   retrievals each, uniform rows): ``gather_dot`` and ``gather_weighted_sum`` (each twice per
-  step: forward and backward) and ``factored_adam_rows`` (once per table, two tables);
+  step: forward and backward) and ``adam_rows`` (once per table, two tables);
 * an in-place read-modify-write of 1 GiB (XLA, all threads): the host's streaming bandwidth.
 
 It prints the row kernels' extra time per step at the large size, run alone, next to the
@@ -27,66 +27,12 @@ import argparse
 import os
 import sys
 
-from moejax import backends
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:   # the sibling scripts, when this file is loaded by path (tests)
-  sys.path.insert(0, _HERE)
-
-D_ROW = 256   # expert row width of the issue's shape (d = 256)
-
-
-def row_kernel_fns(n: int, tokens: int, retrievals: int, seed: int = 0):
-  """{name: zero-argument fn} of the step's row kernels on an N = n² table, and the number
-  of distinct rows retrieved."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from moejax.backends.cpu import native as cpu_kernels
-  from moejax.kernels import row_plan
-  if not cpu_kernels.available():
-    raise SystemExit("row_memory: the CPU kernels did not build (see the warning above)")
-  rows_n = n * n
-  rng = np.random.default_rng(seed)
-  idx = jnp.asarray(rng.integers(0, rows_n, size=(tokens, retrievals)), jnp.int32)
-  rows = row_plan.unique_rows(idx, rows_n)          # as the step: [U], padded with N
-  slots = row_plan.row_slots(idx, rows, rows_n)
-  u = int(jnp.sum(rows < rows_n))                    # the distinct rows Adam touches
-  coefs = jnp.asarray(rng.normal(size=(tokens, retrievals)) * 0.01, jnp.float32)
-  vec = jnp.asarray(rng.normal(size=(tokens, D_ROW)), jnp.float32)
-  order, starts = jax.jit(lambda s: cpu_kernels.slot_runs(s, rows.shape[0]))(slots)
-  keys = jax.random.split(jax.random.key(seed), 3)
-  state = {"t": jax.random.normal(keys[0], (rows_n, D_ROW)) * 0.02,
-           "m": jnp.zeros((rows_n, D_ROW)), "v": jnp.zeros((rows_n, D_ROW))}
-  adam = jax.jit(lambda t, m, v: cpu_kernels.factored_adam_rows(
-      t, m, v, rows, order, starts, coefs, vec, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8,
-      c1=0.5, c2=0.5), donate_argnums=(0, 1, 2))
-  gd = jax.jit(cpu_kernels.gather_dot)
-  gws = jax.jit(cpu_kernels.gather_weighted_sum)
-
-  def run_adam():
-    state["t"], state["m"], state["v"] = adam(state["t"], state["m"], state["v"])
-    return state["t"]
-  return {"gather_dot": lambda: gd(state["t"], idx, vec),
-          "gather_weighted_sum": lambda: gws(state["t"], idx, coefs),
-          "factored_adam_rows": run_adam}, u
-
-
-# Calls per train step of each row kernel (PEER: two tables, forward and backward).
-PER_STEP = {"gather_dot": 2, "gather_weighted_sum": 2, "factored_adam_rows": 2}
-
-
-def stream_fn(mib: int):
-  """In-place x *= 1.0001 over ``mib`` MiB (read and written) and the bytes it moves."""
-  import jax
-  import jax.numpy as jnp
-  holder = {"x": jnp.ones((mib << 18,), jnp.float32)}
-  f = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
-
-  def run():
-    holder["x"] = f(holder["x"])
-    return holder["x"]
-  return run, 2 * (mib << 20)
+from moejax import backends  # noqa: E402
+from moejax.benchmarking import timing  # noqa: E402
+from moejax.benchmarking.row_kernels import D_ROW, PER_STEP, row_kernel_fns, stream_fn  # noqa: E402
+from moejax.benchmarking.train_steps import peer_lm_train_step  # noqa: E402
 
 
 def main(argv=None):
@@ -102,12 +48,13 @@ def main(argv=None):
   a = p.parse_args(argv)
   kept = backends.prepare_process()   # as train.py, before JAX's first computation
   import jax
-  import peer
-  import vs_pytorch as vs
+  from moejax.backends.cpu import native as cpu_kernels
+  if not cpu_kernels.available():
+    sys.exit("row_memory: the CPU kernels did not build (see the warning above)")
   tokens, retrievals = a.batch * a.length, a.heads * a.top_k
   sizes = (a.n_small, a.n)
 
-  steps = [peer.lm_train_step(
+  steps = [peer_lm_train_step(
       n, "row_sparse", d_model=D_ROW, heads=a.heads, top_k=a.top_k, d_key=128,
       query_norm="batch", batch=a.batch, length=a.length) for n in sizes]
   kernels, uniques = {}, {}
@@ -117,9 +64,9 @@ def main(argv=None):
       kernels[(name, n)] = fn
   stream, stream_bytes = stream_fn(a.stream_mib)
   for fn in steps:
-    vs._ready(fn())   # the first steps still grow the heap
+    timing.ready(fn())   # the first steps still grow the heap
   labels = [("step", n) for n in sizes] + list(kernels) + [("stream", 0)]
-  times = dict(zip(labels, vs.round_robin([*steps, *kernels.values(), stream], a.iters)))
+  times = dict(zip(labels, timing.round_robin([*steps, *kernels.values(), stream], a.iters)))
 
   print(f"host: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; freed memory kept: "
         f"{kept}; {tokens} tokens x {retrievals} retrievals, rows of {D_ROW} floats; "
@@ -132,8 +79,8 @@ def main(argv=None):
     extra += calls * (big - small)
     print(f"| {name} | {small:.1f} | {big:.1f} | {calls} | {calls * (big - small):+.1f} |")
   s_small, s_big = times[("step", a.n_small)] * 1e3, times[("step", a.n)] * 1e3
-  adam_bytes = uniques[a.n] * D_ROW * 4 * 6   # table, mu, nu rows: read and written
-  adam_gbs = adam_bytes / times[("factored_adam_rows", a.n)] / 1e9
+  adam_bytes = uniques[a.n] * D_ROW * 4 * 7   # table, mu, nu rows read and written; g read
+  adam_gbs = adam_bytes / times[("adam_rows", a.n)] / 1e9
   stream_gbs = stream_bytes / times[("stream", 0)] / 1e9
   print(f"\nrow-sparse LM step: N = {a.n_small}² {s_small:.0f} ms, N = {a.n}² {s_big:.0f} ms, "
         f"ratio {s_big / s_small:.2f}")

@@ -10,7 +10,7 @@ What gets it there (``benchmarks/RESULTS.md``, "TPU compiles"): model.remat=full
 model.scan_layers, and the fused Pallas PEER kernels (peer.kernel=auto, the default). Each is
 needed: without remat + scan the train step needs 121.4 GiB of temporaries; with the plain-JAX
 lookup (peer.kernel=reference, which holds [tokens, h, k, d] tensors) 110.0 GiB; with neither
-(as this config first shipped) 175.2 GiB. model.loss_chunk=4096 does not lower the peak here
+175.2 GiB. model.loss_chunk=4096 does not lower the peak here
 (22.80 GiB). Check any change before renting: the command above with --config.FIELD=VALUE.
 
 He 2024 ("Mixture of A Million Experts"): batch 128 × 2048 tokens, PEER replaces only the

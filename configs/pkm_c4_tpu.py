@@ -9,7 +9,7 @@ per device of 95.74 GiB usable HBM:
 What gets it there (``benchmarks/RESULTS.md``, "TPU compiles"): model.remat=full +
 model.scan_layers, and the fused Pallas PKM kernels (pkm.kernel=auto, the default). Each is
 needed: without remat + scan the train step needs 119.8 GiB of temporaries; with the plain-JAX
-lookup (pkm.kernel=reference) 202.7 GiB; with neither (as this config first shipped) 270.1 GiB.
+lookup (pkm.kernel=reference) 202.7 GiB; with neither 270.1 GiB.
 
 He 2024: the PKM baseline has 1024² memories, h = 8 heads, k = 32, query BatchNorm, in the
 middle block only (block 6 of 12); batch 128 × 2048 tokens. Trunk, steps, data and mesh as

@@ -72,12 +72,19 @@ def check_checkpoint(path: str) -> None:
 
 
 def check_cpu_kernels() -> None:
-  """``MOEJAX_CPU_KERNELS=1`` on a CPU run whose kernels cannot be built: one line, exit 2.
+  """``MOEJAX_CPU_KERNELS=1`` on a CPU run whose kernels cannot be built, or a
+  ``MOEJAX_CPU_KERNELS_OFF`` naming an unknown group: one line, exit 2.
 
   Builds (or loads) the kernels now, as the first step would, so that the failure is not a
   traceback from inside the first step's trace. Call after ``jax.distributed`` is set up
   (this starts JAX's backends).
   """
+  if os.environ.get("MOEJAX_CPU_KERNELS_OFF"):
+    from moejax.backends.cpu import native
+    try:
+      native.parse_groups_off(os.environ["MOEJAX_CPU_KERNELS_OFF"])
+    except native.KernelSwitchError as e:
+      fail(str(e))
   if os.environ.get("MOEJAX_CPU_KERNELS") != "1":
     return
   import jax

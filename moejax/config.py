@@ -14,6 +14,7 @@ Sections:
   train     steps, logging, checkpoints, profiling
   mesh      device mesh shape and extra logical-axis rules
   eval      evaluation datasets and sizes
+  special_tokens  bos / eos / pad ids of a Hugging Face checkpoint (kept for --to_hf)
 """
 
 from __future__ import annotations
@@ -123,6 +124,17 @@ def default_config() -> ml_collections.ConfigDict:
       "datasets": "",            # comma list of TFDS names; "": the training dataset
       "split": "validation",
       "max_batches": 0,          # 0: the whole split
+  })
+
+  # The special token ids a Hugging Face checkpoint names (its generation_config.json's, else
+  # its config.json's), each a tuple: () none, (2,) one, (2, 7) several (Llama 3's eos).
+  # python -m moejax.convert --from_hf sets them, --to_hf writes them back to config.json and
+  # generation_config.json, so that transformers' generate stops where the original did.
+  # moejax's own data pipeline and generate.py take theirs from data.tokenizer.
+  c.special_tokens = ml_collections.ConfigDict({
+      "bos_token_id": (),
+      "eos_token_id": (),        # e.g. --config.special_tokens.eos_token_id='(2, 7)'
+      "pad_token_id": (),
   })
   return c
 
@@ -378,6 +390,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              else f"unknown mesh axis {bad_axes[0]!r} (one of {list(MESH_AXES)})")
       raise _fail("mesh.rules", cfg.mesh.rules, why,
                   "e.g. --config.mesh.rules=table_rows=,table_embed=model")
+
+  for f, v in cfg.special_tokens.items():
+    if not isinstance(v, tuple) or any(isinstance(i, bool) or not isinstance(i, int) for i in v):
+      raise _fail(f"special_tokens.{f}", v, "must be a tuple of token ids: () none, (2,) one, "
+                  "(2, 7) several", f"set --config.special_tokens.{f}='(2,)'")
 
   data.validate(cfg.data, cfg)
   return cfg

@@ -68,6 +68,18 @@ def test_mismatched_model_is_a_clear_error(tmp_path):
     ckpt_lib.check_compatible(tiny_config().to_dict(), wider, "workdir")
 
 
+def test_a_saved_config_read_back_has_no_changes():
+  """Tuple fields come back from config.json as lists: not a change when resuming."""
+  import json
+  config = tiny_config()
+  config.special_tokens.update(eos_token_id=(2, 7), bos_token_id=(1,))
+  saved = json.loads(json.dumps(config.to_dict()))
+  assert saved["special_tokens"]["eos_token_id"] == [2, 7]
+  assert ckpt_lib.config_changes(saved, config) == []
+  config.special_tokens.eos_token_id = (2,)
+  assert ckpt_lib.config_changes(saved, config) == [("special_tokens.eos_token_id", (2, 7), (2,))]
+
+
 def test_export_and_load(tmp_path):
   config = tiny_config()
   ts = _trained(config)

@@ -51,6 +51,8 @@ def _cases(tmp):
       ("train.py", ["--config.train.steps=1"],
        {"CXX": "/nonexistent", "MOEJAX_CPU_KERNELS": "1", "MOEJAX_CACHE_DIR": str(tmp / "cache")},
        "error: MOEJAX_CPU_KERNELS=1: "),
+      ("train.py", ["--config.train.steps=1"], {"MOEJAX_CPU_KERNELS_OFF": "topk,atention"},
+       "error: MOEJAX_CPU_KERNELS_OFF='topk,atention': unknown kernel group 'atention' (valid: "),
       ("train.py", ["--config.mesh.data=7"], {}, "config.mesh.data=7"),
       ("-m moejax.compile", ["--topolgy=v5e:2x2"], {}, "--topolgy: unknown flag (did you mean "
                                                       "--topology?)"),

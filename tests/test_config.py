@@ -1,5 +1,7 @@
 """Config validation: one-line errors that name the field and the fix."""
 
+import json
+
 import pytest
 
 from moejax import config as config_lib
@@ -32,6 +34,8 @@ def test_default_is_valid():
     (lambda c: setattr(c.mesh, "expert", 0), "config.mesh.expert"),
     (lambda c: setattr(c.data, "seq_len", 1), "config.data.seq_len"),
     (lambda c: setattr(c.dense, "activation", "tanh"), "config.dense.activation"),
+    (lambda c: setattr(c.special_tokens, "pad_token_id", (0, 1.5)),
+     "config.special_tokens.pad_token_id"),
 ])
 def test_bad_value_names_field(mutate, field):
   assert _error(mutate).startswith(field)
@@ -53,7 +57,11 @@ def test_wrong_type_in_saved_config():
 def test_round_trip_through_dict():
   c = config_lib.default_config()
   c.model.d_model = 64
-  assert config_lib.from_dict(c.to_dict()).model.d_model == 64
+  c.special_tokens.update(bos_token_id=(1,), eos_token_id=(2, 7))
+  back = config_lib.validate(config_lib.from_dict(json.loads(json.dumps(c.to_dict()))))
+  assert back.model.d_model == 64
+  assert back.special_tokens.to_dict() == {"bos_token_id": (1,), "eos_token_id": (2, 7),
+                                           "pad_token_id": ()}
   with pytest.raises(ConfigError):
     config_lib.from_dict({"model": {"width": 3}})
 

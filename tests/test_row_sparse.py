@@ -6,14 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moejax.training.row_sparse import adam_on_unique_rows, dedupe_rows
+from moejax.training.row_sparse import adam_on_unique_rows
 
 B1, B2, EPS, LR = 0.9, 0.98, 1e-8, 0.1
 
 
+def dedupe_rows(indices, row_grads, num_rows):
+  """Unique ids ``[M]`` of ``indices [M]`` (padded with ``num_rows``) and the summed
+  gradients ``[M, d]`` of ``row_grads [M, d]`` (zeros in padding): the plain-JAX dedupe of
+  this file's reference (the training step gets its rows from ``row_plan``)."""
+  m = indices.shape[0]
+  unique, inverse = jnp.unique(indices, size=m, fill_value=num_rows, return_inverse=True)
+  return unique, jax.ops.segment_sum(row_grads, inverse.reshape(-1), num_segments=m)
+
+
 def lazy_adam_rows(table, mu, nu, indices, row_grads, *, count, lr, b1, b2, eps):
   """One lazy-Adam step on the rows ``indices [...]`` with gradients ``row_grads [..., d]``
-  (repeats summed), as the training step composes it: dedupe, then update those rows."""
+  (repeats summed): dedupe, then update those rows, as the training step does."""
   d = table.shape[-1]
   unique, g = dedupe_rows(indices.reshape(-1), row_grads.reshape(-1, d).astype(jnp.float32),
                           table.shape[0])

@@ -39,8 +39,30 @@ def _rope_theta(hf: dict) -> float:
   return float(theta)
 
 
-def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
-  """The moejax config of a Hugging Face ``config.json`` (:data:`FAMILIES`)."""
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_tokens_from_hf(hf: dict, generation: dict | None = None) -> dict:
+  """``{bos,eos,pad}_token_id`` of a checkpoint as ``config.special_tokens`` holds them
+  (tuples of ids): ``generation_config.json``'s where it names one (transformers' ``generate``
+  reads that file first), else ``config.json``'s. InteropError naming the field for a value
+  that is not an id, a list of ids or null."""
+  out = {}
+  for name in SPECIAL_TOKENS:
+    for source, d in (("generation_config.json", generation or {}), ("config.json", hf)):
+      v = d.get(name)
+      if v is not None:
+        break
+    ids = [] if v is None else v if isinstance(v, list) else [v]
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+      raise _refuse(name, v, f"in {source}: must be a token id, a list of them or null")
+    out[name] = tuple(ids)
+  return out
+
+
+def config_from_hf(hf: dict, generation: dict | None = None) -> ml_collections.ConfigDict:
+  """The moejax config of a Hugging Face ``config.json`` (:data:`FAMILIES`) and, if given,
+  its ``generation_config.json`` (special token ids, see :func:`special_tokens_from_hf`)."""
   family = hf.get("model_type")
   if family not in FAMILIES:
     raise _refuse("model_type", family, f"not a family that converts (one of {', '.join(FAMILIES)})")
@@ -73,6 +95,7 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   if family == "olmoe":
     c.model.qk_norm = "full"
   c.dense.update(gated=True, activation="silu")
+  c.special_tokens.update(special_tokens_from_hf(hf, generation))
   if family in ("llama", "mistral"):
     return _validated(c)
   experts_key = "num_local_experts" if family == "mixtral" else "num_experts"
@@ -163,6 +186,22 @@ def family_of(config: ml_collections.ConfigDict) -> str:
   return "mixtral"
 
 
+def special_tokens_to_hf(config: ml_collections.ConfigDict) -> dict:
+  """``{bos,eos,pad}_token_id`` of ``config.special_tokens`` as transformers writes them: an
+  id, a list of several, or None."""
+  tokens = config.get("special_tokens") or {}
+  out = {}
+  for name in SPECIAL_TOKENS:
+    ids = list(tokens.get(name) or ())
+    out[name] = None if not ids else ids[0] if len(ids) == 1 else ids
+  return out
+
+
+def generation_config_to_hf(config: ml_collections.ConfigDict) -> dict:
+  """``generation_config.json`` of ``config``: its special token ids (those it has)."""
+  return {k: v for k, v in special_tokens_to_hf(config).items() if v is not None}
+
+
 def config_to_hf(config: ml_collections.ConfigDict) -> dict:
   """The ``config.json`` of the Hugging Face family holding ``config``'s model."""
   family = family_of(config)
@@ -176,7 +215,7 @@ def config_to_hf(config: ml_collections.ConfigDict) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
         "tie_word_embeddings": bool(m.tie_embeddings), "torch_dtype": "float32",
         "dtype": "float32", "max_position_embeddings": max(4096, config.data.seq_len),
-        "use_cache": True, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+        "use_cache": True, **special_tokens_to_hf(config)}
   if family in ("llama", "olmoe"):
     hf["attention_bias"] = m.get("attention_bias", "none") == "all"
   if family == "llama":

@@ -4,7 +4,7 @@ two exact conversions between them: transposes, reshapes, the stacking of per-ex
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -133,32 +133,47 @@ def model_shapes(config) -> dict:
   return nnx.to_pure_dict(nnx.state(model))
 
 
-def params_from_hf(config: ml_collections.ConfigDict, tensors: dict[str, np.ndarray]) -> dict:
+def shape_of(tensors: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+  """The shape of ``tensors[name]``, from the file header when ``tensors`` reads lazily
+  (:class:`~moejax.interop.checkpoint_dir.Tensors`), without reading its data."""
+  shape = getattr(tensors, "shape", None)
+  return tuple(shape(name)) if callable(shape) else tuple(tensors[name].shape)
+
+
+def params_from_hf(config: ml_collections.ConfigDict, tensors: Mapping[str, np.ndarray]) -> dict:
   """The model variables (pure dict, ``config``'s layout) from Hugging Face ``tensors``:
-  every tensor is used, every variable is filled, every shape checked, or InteropError."""
+  every tensor is used, every variable is filled, every shape checked, or InteropError.
+  Names and shapes are all checked before any tensor's data is read; then the tensors of one
+  variable at a time are read and converted."""
   target = model_shapes(config)
-  left = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
-  out: dict = {}
-  for entry in mapping(config):
+  left = {k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)}
+  entries = mapping(config)
+  for entry in entries:
     want = get_path(target, entry.path)
     shapes = jax.eval_shape(entry.to_hf, jax.ShapeDtypeStruct(want.shape, jnp.float32))
-    xs = []
     for name, s in zip(entry.hf, shapes):
       if name not in left:
         raise InteropError(f"tensor {name}: missing from the checkpoint (its config.json "
                            "needs it)")
-      x = left.pop(name)
-      if tuple(x.shape) != tuple(s.shape):
-        raise InteropError(f"tensor {name}: shape {list(x.shape)}, config.json implies "
+      left.discard(name)
+      shape = shape_of(tensors, name)
+      if shape != tuple(s.shape):
+        raise InteropError(f"tensor {name}: shape {list(shape)}, config.json implies "
                            f"{list(s.shape)}")
-      if not np.issubdtype(x.dtype, np.floating):
-        raise InteropError(f"tensor {name}: dtype {x.dtype}, not a float")
-      xs.append(np.asarray(x, np.float32))
-    put_path(out, entry.path, np.asarray(entry.to_moejax([np.asarray(x) for x in xs]), np.float32))
   if left:
     name = sorted(left)[0]
     raise InteropError(f"tensor {name}: has no place in the {config_to_hf(config)['model_type']} "
                        f"model of config.json ({len(left)} such tensors)")
+  out: dict = {}
+  for entry in entries:
+    xs = []
+    for name in entry.hf:
+      x = tensors[name]
+      if not np.issubdtype(x.dtype, np.floating):
+        raise InteropError(f"tensor {name}: dtype {x.dtype}, not a float")
+      xs.append(np.asarray(x, np.float32))
+    put_path(out, entry.path, np.asarray(entry.to_moejax(xs), np.float32))
+    del xs
   have = set(flat_paths(out))
   for path in flat_paths(target):
     if path not in have:   # not reachable for the families above: a mapping gap
@@ -170,13 +185,13 @@ def params_from_hf(config: ml_collections.ConfigDict, tensors: dict[str, np.ndar
   return out
 
 
-def params_to_hf(config: ml_collections.ConfigDict, pure: dict) -> dict[str, np.ndarray]:
-  """Hugging Face tensors (float32) of the model variables ``pure`` (``config``'s layout)."""
+def params_to_hf(config: ml_collections.ConfigDict, pure: dict) -> Iterator[tuple[str, np.ndarray]]:
+  """Hugging Face tensors (float32) of the model variables ``pure`` (``config``'s layout), as
+  ``(name, array)`` pairs made one variable at a time (``dict(...)`` for all at once), so that
+  a writer holds at most one shard of them besides the model."""
   if config.model.scan_layers:
     from moejax.model import to_layout
     pure = to_layout(pure, config, scanned=False)
-  out = {}
   for entry in mapping(config):
     for name, x in zip(entry.hf, entry.to_hf(np.asarray(get_path(pure, entry.path), np.float32))):
-      out[name] = np.ascontiguousarray(np.asarray(x, np.float32))
-  return out
+      yield name, np.ascontiguousarray(np.asarray(x, np.float32))

@@ -8,12 +8,14 @@ stored as moejax holds it (``[in, out]``, float32). ``--from_hf`` reads it back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import ml_collections
 import numpy as np
 
 from moejax.interop.checkpoint_dir import InteropError
-from moejax.interop.hf_tensors import flat_paths, get_path, model_shapes, put_path
+from moejax.interop.hf_tensors import flat_paths, get_path, model_shapes, put_path, shape_of
 
 OWN_FORMAT = "moejax"             # config.json "format" of moejax's own layout
 TABLE_KINDS = ("peer", "pkm")    # FFN kinds that only the own layout holds
@@ -35,23 +37,27 @@ def own_layout(config: ml_collections.ConfigDict, pure: dict) -> tuple[dict, dic
   return {"format": OWN_FORMAT, "moejax_config": config.to_dict()}, tensors
 
 
-def params_from_own_layout(config: ml_collections.ConfigDict, tensors: dict[str, np.ndarray]
+def params_from_own_layout(config: ml_collections.ConfigDict, tensors: Mapping[str, np.ndarray]
                            ) -> dict:
-  """The model variables (``config``'s layout) of moejax's own layout, shapes checked."""
+  """The model variables (``config``'s layout) of moejax's own layout: names and shapes all
+  checked (from the file headers) before any tensor's data is read."""
   target = model_shapes(config)
-  left = dict(tensors)
-  out: dict = {}
-  for path in flat_paths(target):
+  left = set(tensors)
+  paths = list(flat_paths(target))
+  for path in paths:
     name, want = ".".join(map(str, path)), get_path(target, path)
     if name not in left:
       raise InteropError(f"tensor {name}: missing from the checkpoint (its moejax_config needs it)")
-    x = left.pop(name)
-    if tuple(x.shape) != tuple(want.shape):
-      raise InteropError(f"tensor {name}: shape {list(x.shape)}, moejax_config implies "
+    left.discard(name)
+    shape = shape_of(tensors, name)
+    if shape != tuple(want.shape):
+      raise InteropError(f"tensor {name}: shape {list(shape)}, moejax_config implies "
                          f"{list(want.shape)}")
-    put_path(out, path, np.asarray(x, want.dtype))
   if left:
     raise InteropError(f"tensor {sorted(left)[0]}: has no place in the model of moejax_config")
+  out: dict = {}
+  for path in paths:
+    put_path(out, path, np.asarray(tensors[".".join(map(str, path))], get_path(target, path).dtype))
   if config.model.scan_layers:
     from moejax.model import to_layout
     out = jax.tree.map(np.asarray, to_layout(out, config, scanned=True))

@@ -5,7 +5,7 @@
                              (``dispatch='dropless'`` computes the block's function)
   dense_from_swiglu(...)     a SwiGLU's three bias-free ``nn.Linear`` -> :class:`~moejax.layers.dense.DenseFFN`
 
-Used by the side-by-side tests and ``benchmarks/vs_pytorch.py``. The torch modules are only
+Used by the side-by-side tests and ``moejax.benchmarking.torch_peers``. The torch modules are only
 read (``.detach().cpu().numpy()``); torch is needed only to have them.
 """
 

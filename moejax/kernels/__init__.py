@@ -13,7 +13,8 @@ Modules:
   row_ops              the row gathers / contractions of the XLA paths (a backend's, or XLA's)
   activations          named activations with derivatives (shared by kernels and references)
   rotary               rotary position embeddings (rotate-half)
-  retrieval_reference  product-key top-k in XLA, by candidate pairs (``product_key_topk``)
+  retrieval_xla        the tuned XLA product-key top-k, by candidate pairs (chunked; the
+                       ``reference`` kernel choice), and the rescoring the kernels share
   lookup_xla           the tuned XLA PEER / PKM lookup (chunked; dense and row-sparse
                        gradients): the ``reference`` kernel choice
   lookup_vjp           the lookup's forward / backward structure the Pallas kernels share

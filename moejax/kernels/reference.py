@@ -1,7 +1,7 @@
 """The plain-JAX oracles: one per computation, short, never tuned, never calling a kernel.
 
 Every implementation is tested against these: the Pallas kernels (TPU, GPU), the CPU
-backend's native kernels and the tuned XLA paths (``retrieval_reference``,
+backend's native kernels and the tuned XLA paths (``retrieval_xla``,
 ``lookup_xla``, the CPU backend's ``attention_xla``). They build the big intermediates the tuned paths
 avoid (all ``n²`` product keys, the ``[..., h, k, d]`` gathered rows, the full score
 matrix), so use them at test sizes.

@@ -53,7 +53,7 @@ class Ops:
 
 # impl name -> (module of topk, module of lookup, extra kwargs)
 _IMPLS = {
-    "reference": ("retrieval_reference", "lookup_xla", {}),
+    "reference": ("retrieval_xla", "lookup_xla", {}),
     "tpu": ("retrieval_tpu", "lookup_tpu", {}),
     "gpu": ("retrieval_gpu", "lookup_gpu", {}),
     "interpret": ("retrieval_tpu", "lookup_tpu", {"interpret": True}),

@@ -6,7 +6,7 @@ computes both half-score blocks ``[rows, n]`` in registers (f32 FMAs over d_key/
 per-half top-k by k rounds of (max, lowest index, mask), the ``k·ln k`` candidate matrix
 ``v1[a] + v2[b]`` over the down-set (a+1)(b+1) <= k and the final top-k; only
 ``[rows, k]`` scores and indices reach global memory. Same custom VJP (backward = VJP of
-:func:`retrieval_reference.rescore`).
+:func:`retrieval_xla.rescore`).
 
 Triton blocks need power-of-two dims: rows, n, d_key/2 and k are padded (padded keys are
 masked to -inf, padded query rows and outputs are sliced off). The Triton backend is chosen
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from moejax.kernels import retrieval_reference as ref
+from moejax.kernels import retrieval_xla as ref
 from moejax.kernels.retrieval_tpu import (_next_pow2, _retrieval_math, candidate_lanes,
                                           with_rescore_vjp)
 
@@ -130,38 +130,3 @@ def product_key_topk(queries: jax.Array, keys1: jax.Array, keys2: jax.Array, k: 
   forward = functools.partial(topk_forward, k=k, block_rows=block_rows,
                               num_warps=num_warps, num_stages=num_stages)
   return with_rescore_vjp(forward)(queries, keys1, keys2)
-
-
-def _benchmark(tokens: int = 8192, heads: int = 8, n: int = 1024, d_key: int = 128,
-               k: int = 16, iters: int = 20) -> None:
-  """Times forward (and forward+backward) of the kernel and of the reference on this GPU."""
-  import time
-  rng = jax.random.split(jax.random.PRNGKey(0), 4)
-  for hk in (1, heads):
-    q = jax.random.normal(rng[0], (tokens, heads, d_key), jnp.float32)
-    k1 = jax.random.normal(rng[1], (hk, n, d_key // 2), jnp.float32)
-    k2 = jax.random.normal(rng[2], (hk, n, d_key // 2), jnp.float32)
-    w = jax.random.normal(rng[3], (tokens, heads, k), jnp.float32)
-    for name, fn in (("pallas", product_key_topk), ("reference", ref.product_key_topk)):
-      fwd = jax.jit(lambda q, a, b, fn=fn: fn(q, a, b, k))
-      loss = lambda q, a, b, fn=fn: jnp.sum(fn(q, a, b, k)[0] * w)
-      bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-      for what, f in (("fwd", fwd), ("fwd+bwd", bwd)):
-        jax.block_until_ready(f(q, k1, k2))
-        t = time.perf_counter()
-        for _ in range(iters):
-          out = f(q, k1, k2)
-        jax.block_until_ready(out)
-        ms = (time.perf_counter() - t) / iters * 1e3
-        print(f"{jax.devices()[0].device_kind} T={tokens} h={heads} hk={hk} n={n} "
-              f"d_key={d_key} k={k} {name:9s} {what:7s} {ms:8.3f} ms", flush=True)
-    s_p, i_p = jax.jit(lambda q, a, b: product_key_topk(q, a, b, k))(q, k1, k2)
-    with jax.default_matmul_precision("highest"):
-      s_r, i_r = jax.jit(lambda q, a, b: ref.product_key_topk(q, a, b, k))(q, k1, k2)
-    same = (jnp.sort(i_p, -1) == jnp.sort(i_r, -1)).all(-1).mean()
-    print(f"hk={hk}: rows with the reference's index set {float(same):.6f}, "
-          f"max |score diff| {float(jnp.abs(s_p - s_r).max()):.2e}", flush=True)
-
-
-if __name__ == "__main__":
-  _benchmark()

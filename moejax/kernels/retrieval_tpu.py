@@ -1,6 +1,6 @@
 """Product-key top-k retrieval as one fused Pallas TPU (Mosaic TensorCore) kernel.
 
-Same contract as :func:`moejax.kernels.retrieval_reference.product_key_topk`. The grid is
+Same contract as :func:`moejax.kernels.retrieval_xla.product_key_topk`. The grid is
 (heads, token blocks) over queries laid out ``[h, T, d_key]``; a step takes one head's block
 of query rows with that head's sub-keys (or the shared ones, fetched once) and, in VMEM:
 
@@ -9,7 +9,7 @@ of query rows with that head's sub-keys (or the shared ones, fetched once) and, 
 2. per-half top-k: k rounds of (row max, lowest index attaining it, mask it out), which is
    what ``lax.top_k`` returns (ties go to the lower index); each round's value and index
    are written straight into the candidate lanes that use that rank;
-3. the ``k·ln k`` candidate set of :func:`retrieval_reference.candidate_pairs` — pairs of
+3. the ``k·ln k`` candidate set of :func:`retrieval_xla.candidate_pairs` — pairs of
    ranks (a, b) with (a+1)(b+1) <= k, in the reference's order — as a ``[rows, C]`` matrix
    ``v1[a] + v2[b]`` (C padded to a multiple of 128 lanes with -inf);
 4. the final top-k over the candidates (k rounds of max, lowest position, mask), whose
@@ -17,7 +17,7 @@ of query rows with that head's sub-keys (or the shared ones, fetched once) and, 
 
 Only the scores and indices go back to HBM, stored ``[h, k, T]`` (tokens on lanes,
 dense) and transposed outside. Gradients: a custom VJP whose
-backward is the VJP of :func:`retrieval_reference.rescore` at the selected indices.
+backward is the VJP of :func:`retrieval_xla.rescore` at the selected indices.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moejax.kernels import retrieval_reference as ref
+from moejax.kernels import retrieval_xla as ref
 
 NEG_INF = float("-inf")
 
@@ -44,7 +44,7 @@ def _next_pow2(x: int) -> int:
 
 
 def candidate_lanes(k: int, pow2: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """:func:`retrieval_reference.candidate_pairs` as two ``[1, C_pad]`` int32 rows (rank a,
+  """:func:`retrieval_xla.candidate_pairs` as two ``[1, C_pad]`` int32 rows (rank a,
   rank b of each candidate lane; -1 on the padding lanes); C_pad a multiple of 128, or
   with ``pow2`` a power of two >= 16 (Triton)."""
   pa, pb = ref.candidate_pairs(k)
@@ -216,8 +216,8 @@ def topk_forward(queries, keys1, keys2, k: int, *, interpret=False,
 
 def with_rescore_vjp(forward):
   """Wrap ``forward(queries, keys1, keys2) -> (scores, indices)`` in a custom VJP whose
-  backward is the VJP of :func:`retrieval_reference.rescore` at the returned indices
-  (chunked over tokens: :func:`retrieval_reference.rescore_vjp`)."""
+  backward is the VJP of :func:`retrieval_xla.rescore` at the returned indices
+  (chunked over tokens: :func:`retrieval_xla.rescore_vjp`)."""
 
   @jax.custom_vjp
   def f(queries, keys1, keys2):

@@ -125,7 +125,8 @@ def chunked_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, weight
 
 def plain_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array
                         ) -> jax.Array:
-  """The same sum from the full logits (reference)."""
+  """The same sum from the full ``[batch, length, vocab]`` logits: the reference the tests
+  hold :func:`chunked_cross_entropy` to (the model never calls it)."""
   z = _logits(x, w)
   ce = jax.nn.logsumexp(z, axis=-1) - _target_logit(z, targets)
   return jnp.sum(ce * weights)

@@ -109,8 +109,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
   for k, v in d.items():
     if isinstance(v, dict):
       out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
+    else:   # a tuple field (config.special_tokens) reads back from config.json as a list
+      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
   return out
 
 

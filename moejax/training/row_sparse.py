@@ -38,24 +38,6 @@ from moejax.kernels import registry, row_plan
 from moejax.layers.base import RowDelta, RowIndex
 
 
-def dedupe_rows(indices: jax.Array, row_grads: jax.Array, num_rows: int
-                ) -> tuple[jax.Array, jax.Array]:
-  """Sums gradients of repeated rows.
-
-  Args:
-    indices: [M] int row ids (any order, repeats allowed).
-    row_grads: [M, d].
-    num_rows: N; used as the fill id of unused slots (out of range, so dropped on write).
-
-  Returns:
-    unique ids [M] (padded with N) and their summed gradients [M, d] (zeros in padding).
-  """
-  m = indices.shape[0]
-  unique, inverse = jnp.unique(indices, size=m, fill_value=num_rows, return_inverse=True)
-  summed = jax.ops.segment_sum(row_grads, inverse.reshape(-1), num_segments=m)
-  return unique, summed
-
-
 # Rows per chunk of the lazy-Adam update: the chunk's rows of the table, both moments and
 # the gradient (4 × 2048 × d floats, 8 MB at d = 256) stay in cache.
 ADAM_CHUNK_ROWS = 2048

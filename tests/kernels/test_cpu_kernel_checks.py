@@ -54,21 +54,12 @@ class Case:
     return [value if j == i else r for j, r in enumerate(self.results)]
 
 
-def _slots():
-  """slot_runs' operands: slots [4, 3] over U = 5 slots, and their runs."""
-  slots = np.array([[0, 1, 2], [2, 3, 0], [4, 4, 1], [0, 3, 2]], S32)
-  order = np.argsort(slots.reshape(-1), kind="stable").astype(S32)
-  starts = np.searchsorted(slots.reshape(-1)[order], np.arange(6)).astype(S32)
-  return slots, order, starts
-
-
 def _hyper():
   return np.array([1e-3, 0.9, 0.1, 0.999, 0.001, 1e-8, 0.1, 0.001, 1.0], F32)
 
 
 def _cases() -> dict[str, tuple[Case, list[tuple[str, Callable[[Case], object]]]]]:
   """name -> (valid case, [(what is wrong, call that must raise)])."""
-  slots, order, starts = _slots()
   rows = np.array([5, 0, 2, 9, 3], S32)   # 9: padding (N = 6), skipped
   q = np.random.default_rng(0).normal(size=(2, 8, 2, 4)).astype(F32)
   rope = [_z(1, 8, 2), np.ones((1, 8, 2), F32)]
@@ -88,13 +79,6 @@ def _cases() -> dict[str, tuple[Case, list[tuple[str, Callable[[Case], object]]]
           ("values' rank", lambda c: c.call(results=[_out(4), _out(4, dtype=S32)])),
           ("k > n", lambda c: c.call(results=[_out(3, 11), _out(3, 11, dtype=S32)])),
           ("x rank 0", lambda c: c.call(args=[_z()], results=[_out(1), _out(1, dtype=S32)])),
-      ]),
-      "take_rows": (Case(cpu_kernels.TAKE_ROWS, [_z(6, 4), _z(5, dtype=S32)], [_out(5, 4)]), [
-          ("out width", lambda c: c.call(results=[_out(5, 3)])),
-          ("out rows", lambda c: c.call(results=[_out(6, 4)])),
-          ("out rank", lambda c: c.call(results=[_out(20)])),
-          ("table rank", lambda c: c.call(args=c.with_arg(0, _z(24)), results=[_out(5, 1)])),
-          ("empty table", lambda c: c.call(args=c.with_arg(0, _z(0, 4)))),
       ]),
       "gather_dot": (Case(cpu_kernels.GATHER_DOT, [_z(6, 4), _z(5, 3, dtype=S32), _z(5, 4)],
                           [_out(5, 3)]), [
@@ -145,36 +129,6 @@ def _cases() -> dict[str, tuple[Case, list[tuple[str, Callable[[Case], object]]]
           ("rows size", lambda c: c.call(args=c.with_arg(0, rows[:4]))),
           ("g rank", lambda c: c.call(args=c.with_arg(1, _z(20)))),
           ("out shape", lambda c: c.call(results=[_out(1)])),
-      ]),
-      "slot_runs": (Case(cpu_kernels.SLOT_RUNS, [slots], [_out(12, dtype=S32), _out(6, dtype=S32)]), [
-          ("order size", lambda c: c.call(results=c.with_result(0, _out(11, dtype=S32)))),
-          ("slots rank", lambda c: c.call(args=[slots.reshape(-1)])),
-          ("no starts", lambda c: c.call(results=c.with_result(1, _out(0, dtype=S32)))),
-          ("slot out of range", lambda c: c.call(results=c.with_result(1, _out(4, dtype=S32)))),
-      ]),
-      "factored_sum_squares": (Case(cpu_kernels.FACTORED_SUM_SQUARES,
-                                    [order, starts, _z(4, 3), _z(4, 5)], [_out()]), [
-          ("order size", lambda c: c.call(args=c.with_arg(0, order[:11]))),
-          ("vec rows", lambda c: c.call(args=c.with_arg(3, _z(3, 5)))),
-          ("coefs rank", lambda c: c.call(args=c.with_arg(2, _z(12)))),
-          ("out shape", lambda c: c.call(results=[_out(2)])),
-          ("order entry out of range",
-           lambda c: c.call(args=c.with_arg(0, np.where(order == 0, 99, order).astype(S32)))),
-          ("starts descending",
-           lambda c: c.call(args=c.with_arg(1, starts[[0, 2, 1, 3, 4, 5]]))),
-          ("starts past M", lambda c: c.call(args=c.with_arg(1, starts + 1))),
-      ]),
-      "factored_adam_rows": (Case(cpu_kernels.FACTORED_ADAM_ROWS,
-                                  [_z(6, 5), _z(6, 5), _z(6, 5), rows, order, starts, _z(4, 3),
-                                   _z(4, 5), _hyper()], None, aliased=True), [
-          ("vec width vs table", lambda c: c.call(args=c.with_arg(7, _z(4, 4)))),
-          ("rows size vs starts", lambda c: c.call(args=c.with_arg(3, rows[:4]))),
-          ("mu width", lambda c: c.call(args=c.with_arg(1, _z(6, 4)))),
-          ("hyper size", lambda c: c.call(args=c.with_arg(8, _z(10)))),
-          ("repeated row", lambda c: c.call(args=c.with_arg(3, np.array([5, 0, 5, 9, 3], S32)))),
-          ("order entry out of range",
-           lambda c: c.call(args=c.with_arg(4, np.full_like(order, -1)))),
-          ("outputs not aliased", lambda c: c.call(aliased=False)),
       ]),
       "routed_ffn": (routed, [
           ("x width", lambda c: c.call(args=c.with_arg(0, _z(3, 5)))),

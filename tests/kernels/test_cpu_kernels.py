@@ -1,9 +1,9 @@
 """The C++ CPU kernels (moejax.backends.cpu.native, XLA FFI calls to cpu_kernels.cc) equal
 the XLA ops they replace exactly: top_k = jax.lax.top_k (values, indices, order, ties,
-signed zeros, infinities and NaNs); take_rows = jnp.take(axis=0, mode="clip"). The lookup's
-row contractions (gather_dot, gather_weighted_sum, scatter_outer_add) equal their einsum /
-scatter-add forms up to float rounding (another summation order), and the lookup gives the
-same values and gradients with and without them; adam_rows is the lazy-Adam update.
+signed zeros, infinities and NaNs). The lookup's row contractions (gather_dot,
+gather_weighted_sum, scatter_outer_add) equal their einsum / scatter-add forms up to float
+rounding (another summation order), and the lookup gives the same values and gradients with
+and without them; adam_rows is the lazy-Adam update.
 
 The kernel must build here (a C++17 compiler is part of the dev setup): a failed build
 fails these tests instead of letting the fallback pass them.
@@ -19,7 +19,7 @@ import pytest
 
 from moejax import kernels
 from moejax.backends.cpu import native as cpu_kernels
-from moejax.kernels import retrieval_reference, row_plan
+from moejax.kernels import retrieval_xla
 
 
 def _lowered_text(f, *args) -> str:
@@ -173,46 +173,12 @@ def test_product_key_retrieval_same_with_either_top_k(monkeypatch):
   q = jax.random.normal(kq, (2, 40, 4, 32))
   keys1 = jax.random.normal(k1, (4, 256, 16))
   keys2 = jax.random.normal(k2, (4, 256, 16))
-  f = lambda q: retrieval_reference.product_key_topk(q, keys1, keys2, 16)
+  f = lambda q: retrieval_xla.product_key_topk(q, keys1, keys2, 16)
   got = jax.jit(f)(q)
   assert cpu_kernels.TOPK in _lowered_text(f, q)
   monkeypatch.setenv("MOEJAX_CPU_KERNELS", "0")
   want = jax.jit(f)(q)
   chex.assert_trees_all_equal(got, want)
-
-
-# ------------------------------------------------------------------------------ take_rows
-
-
-def _lowered_take(table, idx):
-  return _lowered_text(cpu_kernels.take_rows, table, idx)
-
-
-@pytest.mark.parametrize("n,d,shape", [(1, 1, (3,)), (50, 7, (4, 9)), (1000, 256, (2, 3, 700)),
-                                       (64, 128, (5000,))])
-def test_take_rows_equals_jnp_take_clip(n, d, shape):
-  kt, ki = jax.random.split(jax.random.key(n + d))
-  table = jax.random.normal(kt, (n, d), jnp.float32)
-  idx = jax.random.randint(ki, shape, -3, n + 3)             # out of range: clipped
-  assert cpu_kernels.TAKE_ROWS in _lowered_take(table, idx)
-  got = jax.jit(cpu_kernels.take_rows)(table, idx)
-  chex.assert_trees_all_equal(got, jnp.take(table, idx, axis=0, mode="clip"))
-
-
-def test_take_rows_falls_back_and_runs_in_shard_map():
-  from jax.sharding import PartitionSpec as P
-  table = jax.random.normal(jax.random.key(0), (40, 8), jnp.float32)
-  idx = jnp.arange(jax.device_count() * 3) % 40
-  assert cpu_kernels.TAKE_ROWS not in _lowered_take(table.astype(jnp.bfloat16), idx)
-  with kernels.target_platform("gpu"):
-    assert cpu_kernels.TAKE_ROWS not in _lowered_take(table, idx)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  idx = jax.device_put(idx, jax.sharding.NamedSharding(mesh, P("data")))
-  with jax.set_mesh(mesh):
-    assert cpu_kernels.TAKE_ROWS not in _lowered_take(table, idx)   # XLA partitions its gather
-    local = jax.shard_map(cpu_kernels.take_rows, in_specs=(P(), P("data")), out_specs=P("data"))
-    assert cpu_kernels.TAKE_ROWS in _lowered_text(local, table, idx)
-    chex.assert_trees_all_equal(jax.jit(local)(table, idx), table[idx])
 
 
 # ------------------------------------------------------------ the lookup's row contractions
@@ -413,64 +379,3 @@ def test_sum_squares_rows_equals_the_sum_and_skips_padding(u, used, d):
   # padding slots are skipped: garbage there does not count
   junk = g.at[used:].set(7.0)
   assert float(jax.jit(f)(rows, junk)) == float(got)
-
-
-
-def _factors(t, h, d, u, seed, hot_row=False):
-  """Slots [t, h] of u slots (some unused: padding), coefs [t, h], vectors [t, d]; with
-  ``hot_row`` one slot taken by many retrievals (a run past the pairwise limit)."""
-  ks = jax.random.split(jax.random.key(seed), 3)
-  slots = jax.random.randint(ks[0], (t, h), 0, max(1, u - 3))   # the last 3 slots: padding
-  if hot_row:
-    slots = slots.at[:, 0].set(0)
-  return (slots.astype(jnp.int32), jax.random.normal(ks[1], (t, h)),
-          jax.random.normal(ks[2], (t, d)))
-
-
-@pytest.mark.parametrize("t,h,d,u,hot", [(1, 1, 1, 4, False), (23, 12, 40, 200, False),
-                                         (300, 16, 256, 4000, True), (64, 4, 24, 3000, False)])
-def test_slot_runs_and_factored_sum_squares(t, h, d, u, hot):
-  """slot_runs is a stable grouping by slot; the factored norm equals the sum of squares
-  of the written-out row gradients (and of the scatter kernel's) to rounding."""
-  slots, coefs, vectors = _factors(t, h, d, u, seed=t, hot_row=hot)
-  runs = jax.jit(cpu_kernels.slot_runs, static_argnums=1)
-  assert cpu_kernels.SLOT_RUNS in runs.lower(slots, u).as_text()
-  order, starts = runs(slots, u)
-  with pytest.raises((ValueError, jax.errors.JaxRuntimeError),
-                     match=r"every slot must be in \[0, U\)"):
-    jax.block_until_ready(runs(slots.at[0, 0].set(u), u))
-  flat = np.asarray(slots).reshape(-1)
-  np.testing.assert_array_equal(order, np.argsort(flat, kind="stable"))
-  np.testing.assert_array_equal(starts, np.searchsorted(np.sort(flat), np.arange(u + 1)))
-  g = row_plan.run_sums(order, starts, coefs, vectors)
-  scattered = cpu_kernels.scatter_outer_add(jax.ShapeDtypeStruct((u, d), jnp.float32), slots,
-                                            coefs, vectors)
-  chex.assert_trees_all_close(g, scattered, rtol=1e-5, atol=1e-5)
-  got = jax.jit(cpu_kernels.factored_sum_squares)(order, starts, coefs, vectors)
-  want = np.sum(np.asarray(scattered, np.float64) ** 2)
-  np.testing.assert_allclose(float(got), want, rtol=1e-5)
-
-
-def test_factored_adam_rows_equals_adam_rows_on_the_written_out_rows():
-  """Bit for bit, padding slots skipped, other rows untouched, in place."""
-  n, d, t, h = 5000, 24, 300, 8
-  slots, coefs, vectors = _factors(t, h, d, u=2000, seed=5, hot_row=True)
-  order, starts = cpu_kernels.slot_runs(slots, 2000)
-  rows = jnp.where(jnp.arange(2000) < 2000 - 3, jnp.arange(2000) * 2 + 1, n).astype(jnp.int32)
-  ks = jax.random.split(jax.random.key(6), 3)
-  table, mu = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (n, d)) * 0.1
-  nu = jax.random.uniform(ks[2], (n, d))
-  hyper = dict(lr=jnp.float32(1e-2), b1=0.9, b2=0.999, eps=1e-8, c1=jnp.float32(0.271),
-               c2=jnp.float32(0.003), scale=jnp.float32(0.7))
-  factored = jax.jit(lambda *a: cpu_kernels.factored_adam_rows(*a, **hyper))
-  assert cpu_kernels.FACTORED_ADAM_ROWS in _lowered_text(
-      lambda *a: cpu_kernels.factored_adam_rows(*a, **hyper), table, mu, nu, rows, order, starts,
-      coefs, vectors)
-  got = factored(table, mu, nu, rows, order, starts, coefs, vectors)
-  g = cpu_kernels.scatter_outer_add(jax.ShapeDtypeStruct((2000, d), jnp.float32), slots, coefs,
-                                    vectors)   # the rows the [U, d] path writes out
-  want = jax.jit(lambda *a: cpu_kernels.adam_rows(*a, **hyper))(table, mu, nu, rows, g)
-  chex.assert_trees_all_equal(got, want)
-  untouched = np.setdiff1d(np.arange(n), np.asarray(rows))
-  chex.assert_trees_all_equal([a[untouched] for a in got],
-                              [table[untouched], mu[untouched], nu[untouched]])

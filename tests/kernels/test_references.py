@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 
 from moejax.backends.cpu import native as cpu_kernels
 from moejax.kernels import lookup_xla as lr
-from moejax.kernels import retrieval_reference as pk
+from moejax.kernels import retrieval_xla as pk
 from moejax.kernels import reference
 from moejax.layers import table_mix
 from moejax.layers.base import masked_mean

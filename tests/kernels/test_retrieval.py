@@ -2,7 +2,7 @@
 
 Default suite (CPU):
   * the TPU kernel in interpret mode (``pltpu.InterpretParams(detect_races=True)``) equals
-    ``retrieval_reference.product_key_topk``: same index sets, same scores; shared and
+    ``retrieval_xla.product_key_topk``: same index sets, same scores; shared and
     per-head sub-keys, T not a multiple of the block, several blocks, k = 1, k = n, bf16
     queries, leading dims [b, l]; exact ties broken exactly as ``lax.top_k`` does;
   * gradients w.r.t. queries, keys1, keys2 equal the reference's;
@@ -35,7 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from moejax import kernels
 from moejax.aot import targets as aot
 from moejax.kernels import retrieval_gpu as rg
-from moejax.kernels import retrieval_reference as ref
+from moejax.kernels import retrieval_xla as ref
 from moejax.kernels import retrieval_tpu as rt
 from moejax.kernels import reference
 

@@ -32,18 +32,17 @@ def _cache_chunk(total: int, item_bytes: int, budget_bytes: int) -> int:
 
 def register() -> None:
   from moejax.backends.cpu import attention, moe_dispatch, native, projection, row_sparse
-  from moejax.kernels import registry
+  from moejax.kernels import registry, row_ops
 
   registry.register("cache_chunk", _cache_chunk, platform=CPU)
   registry.register("row_ops", types.SimpleNamespace(
-      top_k=native.top_k, take_rows=native.take_rows, gather_dot=native.gather_dot,
+      top_k=native.top_k, take_rows=row_ops.take_rows, gather_dot=native.gather_dot,
       gather_weighted_sum=native.gather_weighted_sum,
       scatter_outer_add=native.scatter_outer_add,
-      scatter_outer_add_pair=native.scatter_outer_add_pair, fused=native.usable),
+      scatter_outer_add_pair=native.scatter_outer_add_pair, fused=native.lookup_fused),
       platform=CPU)
   registry.register("row_plan.sort_free", row_sparse.sort_free, platform=CPU)
-  for name in ("factored", "slot_runs", "sum_squares_rows", "factored_sum_squares",
-               "adam_rows", "factored_adam_rows"):
+  for name in ("sum_squares_rows", "adam_rows"):
     registry.register(f"row_sparse.{name}", getattr(row_sparse, name), platform=CPU)
   registry.register("moe.capacity_moves", moe_dispatch.slot_rows, platform=CPU)
   registry.register("moe.dropless_default", "blocked", platform=CPU)

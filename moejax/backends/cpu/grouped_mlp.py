@@ -13,17 +13,18 @@ weight gradients accumulate per expert in the loop carry (megablox ``gmm`` / ``t
 without Pallas, plus the activation). A custom VJP, as autodiff cannot reverse a loop with
 a dynamic trip count.
 
-Why this shape on XLA:CPU (fwd+bwd, 8192 rows, embed 512, mlp 1024, 8 experts, 2 cores):
+Why this shape on XLA:CPU (measured at 8192 rows, embed 512, mlp 1024, 8 experts; the
+figures are in ``benchmarks/RESULTS.md``):
 
 * ``jax.lax.ragged_dot`` is a masked dense dot over all experts (E times the FLOPs), and
   gathering one weight matrix per block (``w[block_expert]``, ``[blocks, embed, mlp]``)
   copies the weights and makes their gradient a scatter-add of as many matrices.
-* One dot per block runs at about 0.57 / 0.72 / 0.86 / 0.91 of one big dot for blocks of
-  64 / 128 / 256 / 512 rows, while padding every expert to a single block size wastes
-  half a block per expert: big blocks for the bulk, small ones for the tail get both.
+* One dot per block runs further below one big dot's rate the smaller the block, while
+  padding every expert to a single block size wastes half a block per expert: big blocks
+  for the bulk, small ones for the tail get both.
 * Fused per block, the activation and its derivative run on a ``[block, mlp]`` tile in
   cache; as separate grouped matmuls they are passes over whole ``[rows, mlp]`` buffers
-  (and zero-filled loop outputs), about 10% of the step.
+  (and zero-filled loop outputs), a sizeable part of the step.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@
 * :data:`BLOCKED` -- dropless grouped FFN: each expert's rows padded to blocks of a few
   power-of-two sizes, one fused FFN per block in ``fori_loop`` s (:mod:`.grouped_mlp`).
   XLA:CPU's ``ragged_dot`` is a masked dense dot over all experts, about E times the
-  FLOPs. The rows move with the CPU row kernels (``native.take_rows``,
-  ``gather_weighted_sum``, ``gather_dot``; XLA's ops where they do not run), gradients
-  included: XLA:CPU's gather into the buffer, gather back and weighted sum over the ``k``
-  choices are element-wise loops.
+  FLOPs. The rows move with XLA's gather into the buffer and the CPU row kernels back
+  (``native.gather_weighted_sum``, ``gather_dot``; XLA's ops where they do not run),
+  gradients included: XLA:CPU's gather back and weighted sum over the ``k`` choices are
+  element-wise loops.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 from moejax import sharding
 from moejax.backends.cpu import grouped_mlp as gml
 from moejax.backends.cpu import native
+from moejax.kernels import row_ops
 
 
 # ----------------------------------------------------------------------- capacity paths
@@ -67,9 +68,9 @@ def default_block(rows: int, num_experts: int) -> int:
   rounded up (1024 from 8192 rows on 8 experts). Smaller sizes halve down from it
   (:func:`grouped_mlp.block_sizes`, :data:`BLOCK_LEVELS` = 5 levels: 1024 ... 64).
 
-  A balanced expert then runs one or two big blocks and a short tail: fwd+bwd at 8192
-  rows, embed 512, mlp 1024, 8 experts ran 6-7% faster than with (512 ... 64) blocks
-  and 4% faster than (1024 ... 32) (one core, side by side)."""
+  A balanced expert then runs one or two big blocks and a short tail; of the ladders
+  tried side by side (``benchmarks/RESULTS.md``), this rule's (1024 ... 64 there) was the
+  fastest."""
   b = max(rows // num_experts, 1)
   return int(min(max(1 << (b - 1).bit_length(), 8), 1024))
 
@@ -204,7 +205,7 @@ def _rows_in(x, src, dest):
   it adds 0 to every weight gradient). ``dest [t, k]``, where each token's choices went
   (``m`` for none), makes the cotangent a sum of ``k`` rows per token, not a scatter-add.
   """
-  return native.take_rows(x, src)
+  return row_ops.take_rows(x, src)
 
 
 def _rows_in_fwd(x, src, dest):

@@ -4,10 +4,6 @@
   sorts each row partially, and at product-key sizes (k = 16 of n = 1024) that sort is most
   of the PEER layer's forward. The kernel bounds the k-th entry by group maxima and sorts
   only the few entries above the bound.
-* :func:`take_rows` is ``jnp.take(table, indices, axis=0, mode="clip")`` for a float32
-  ``[N, d]`` table: whole-row copies over the thread pool, the next rows prefetched so
-  that several cache misses are in flight at once on random rows of a table far larger
-  than the caches (the hardware prefetcher does not guess random jumps).
 * :func:`gather_dot`, :func:`gather_weighted_sum` and :func:`scatter_outer_add`: the
   product-key lookup's contractions with gathered rows (``x · table[i]``, ``Σ w ·
   table[i]``, ``acc[i] += c · v``), each random row read once and used in place. XLA's
@@ -19,12 +15,6 @@
 * :func:`adam_rows`: the lazy-Adam update of distinct table rows and their moments, in
   place, one vectorised pass per row (XLA gathers each row of three tables, updates,
   scatters back, three more passes over random rows).
-
-* :func:`slot_runs`, :func:`factored_sum_squares`, :func:`factored_adam_rows`: the
-  row-sparse tables' clip norm and lazy Adam with each row gradient rebuilt in cache from
-  the lookup's factors (``Σ coef · vec`` over the row's retrievals) instead of read from a
-  written-out ``[U, d]`` gradient (512 MiB per table at N = 1024², 4096 tokens).
-
 * :func:`attention` is masked softmax attention with its rotary positions
   (``cpu_attention.cc``; its XLA form ``attention_xla.attention``): per (batch, head) in
   cache, a block of queries at a time over only the keys it may see, the small matmuls in
@@ -40,9 +30,11 @@
 
 Each is the XLA op instead (:func:`usable` is False) on TPU / GPU (the target platform,
 :func:`moejax.kernels.current_platform`), for other dtypes, with ``MOEJAX_CPU_KERNELS=0``,
-and under a mesh (``jax.set_mesh``) with an axis of several devices that is not manual
-here: XLA cannot partition a custom call, so it would all-gather the operands (a whole
-table) onto every device. Inside ``shard_map`` over those axes each device has its own
+for a group of kernels named in ``MOEJAX_CPU_KERNELS_OFF`` (comma-separated names of
+:data:`GROUPS`, e.g. ``topk,attention``: to measure what each group buys), and under a
+mesh (``jax.set_mesh``) with an axis of several devices that is not manual here: XLA
+cannot partition a custom call, so it would all-gather the operands (a whole table) onto
+every device. Inside ``shard_map`` over those axes each device has its own
 rows, and the kernels run.
 
 Every handler checks each operand's rank and shape against the others (the FFI bindings
@@ -81,10 +73,9 @@ import numpy as np
 
 from moejax import kernels, sharding
 from moejax.backends.cpu import attention_xla
-from moejax.kernels import row_ops, row_plan
+from moejax.kernels import row_ops
 
 TOPK = "moejax_topk_f32"
-TAKE_ROWS = "moejax_take_rows_f32"
 GATHER_DOT = "moejax_gather_dot_f32"
 GATHER_WEIGHTED_SUM = "moejax_gather_weighted_sum_f32"
 SCATTER_OUTER = "moejax_scatter_outer_f32"
@@ -93,18 +84,13 @@ ADAM_ROWS = "moejax_adam_rows_f32"
 SUM_SQUARES_ROWS = "moejax_sum_squares_rows_f32"
 ATTENTION_FWD = "moejax_attention_fwd_f32"
 ATTENTION_BWD = "moejax_attention_bwd_f32"
-SLOT_RUNS = "moejax_slot_runs_s32"
-FACTORED_SUM_SQUARES = "moejax_factored_sum_squares_f32"
-FACTORED_ADAM_ROWS = "moejax_factored_adam_rows_f32"
 ROUTED_FFN = "moejax_routed_ffn_f32"
-_SYMBOLS = {TOPK: "MoejaxTopKF32", TAKE_ROWS: "MoejaxTakeRowsF32",
+_SYMBOLS = {TOPK: "MoejaxTopKF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
             SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
             ADAM_ROWS: "MoejaxAdamRowsF32", SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32",
             ATTENTION_FWD: "MoejaxAttentionFwdF32", ATTENTION_BWD: "MoejaxAttentionBwdF32",
-            SLOT_RUNS: "MoejaxSlotRunsS32",
-            FACTORED_SUM_SQUARES: "MoejaxFactoredSumSquaresF32",
-            FACTORED_ADAM_ROWS: "MoejaxFactoredAdamRowsF32", ROUTED_FFN: "MoejaxRoutedFfnF32"}
+            ROUTED_FFN: "MoejaxRoutedFfnF32"}
 _SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc",
                                                          "cpu_decode.cc"))
 _HEADERS = (Path(__file__).with_name("cpu_common.h"),)
@@ -119,6 +105,44 @@ _NATIVE = ("-march=native",)
 def enabled() -> bool:
   """False when ``MOEJAX_CPU_KERNELS=0`` (then the XLA ops run)."""
   return os.environ.get("MOEJAX_CPU_KERNELS", "1") != "0"
+
+
+# The kernels by what they replace, the names of ``MOEJAX_CPU_KERNELS_OFF``: a group is on or
+# off as a whole (its kernels share their callers' code paths). With "lookup" off the lookup
+# runs over chunks of tokens, and its backward's scatter is then XLA's too (the scatter
+# kernel writes a whole accumulator from zeros: :func:`lookup_fused`).
+GROUPS = {
+    "topk": (TOPK,),
+    "lookup": (GATHER_DOT, GATHER_WEIGHTED_SUM),
+    "scatter": (SCATTER_OUTER, SCATTER_OUTER_PAIR),
+    "adam_rows": (ADAM_ROWS, SUM_SQUARES_ROWS),
+    "attention": (ATTENTION_FWD, ATTENTION_BWD),
+    "routed_ffn": (ROUTED_FFN,),
+}
+OFF_VARIABLE = "MOEJAX_CPU_KERNELS_OFF"
+
+
+class KernelSwitchError(ValueError):
+  """``MOEJAX_CPU_KERNELS_OFF`` names a group that does not exist; the message is one line."""
+
+
+def parse_groups_off(value: str) -> frozenset[str]:
+  """The groups a ``MOEJAX_CPU_KERNELS_OFF`` value turns off: comma-separated names of
+  :data:`GROUPS` (spaces and empty items ignored); :class:`KernelSwitchError` for any other
+  name."""
+  names = frozenset(n.strip() for n in value.split(",") if n.strip())
+  unknown = sorted(names - GROUPS.keys())
+  if unknown:
+    raise KernelSwitchError(f"{OFF_VARIABLE}={value!r}: unknown kernel group "
+                            f"{', '.join(map(repr, unknown))} (valid: {', '.join(GROUPS)})")
+  return names
+
+
+def group_on(group: str) -> bool:
+  """False where ``MOEJAX_CPU_KERNELS_OFF`` names ``group`` (then its XLA form runs); read
+  when a computation is traced, like ``MOEJAX_CPU_KERNELS``."""
+  assert group in GROUPS, group
+  return group not in parse_groups_off(os.environ.get(OFF_VARIABLE, ""))
 
 
 def required() -> bool:
@@ -242,16 +266,24 @@ def available() -> bool:
   return _library() is not None
 
 
-def usable(*arrays: jax.Array) -> bool:
-  """The kernels run for these float32 operands here (see the module doc)."""
+def usable(group: str, *arrays: jax.Array) -> bool:
+  """The kernels of ``group`` (a name in :data:`GROUPS`) run for these float32 operands
+  here (see the module doc)."""
   return (all(a.dtype == jnp.float32 for a in arrays) and kernels.current_platform() == "cpu"
-          and enabled() and sharding.mesh_is_local() and available())
+          and enabled() and group_on(group) and sharding.mesh_is_local() and available())
+
+
+def lookup_fused(*arrays: jax.Array) -> bool:
+  """The lookup's gathered-row contractions and its scatter both run as kernels for these
+  operands: then its callers hold no gathered rows and run all tokens as one chunk (``fused``
+  of ``row_ops``)."""
+  return usable("lookup", *arrays) and usable("scatter", *arrays)
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """``jax.lax.top_k(x, k)``: ``x [..., n]`` -> values ``[..., k]`` (descending), int32
   indices ``[..., k]``."""
-  if not 1 <= k <= x.shape[-1] or not usable(x):
+  if not 1 <= k <= x.shape[-1] or not usable("topk", x):
     return row_ops.top_k(x, k)
   out = x.shape[:-1] + (k,)
   aval = jax.typeof(x)   # results vary over the same shard_map axes as x
@@ -271,16 +303,6 @@ def _same_vma(*arrays):
                for a in arrays)
 
 
-def take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
-  """``jnp.take(table, indices, axis=0, mode="clip")``: ``table [N, d]``, int ``indices
-  [...]`` -> ``[..., d]``. Not differentiable (callers with a custom VJP)."""
-  if table.ndim != 2 or table.shape[0] == 0 or not usable(table):
-    return row_ops.take_rows(table, indices)
-  table, indices = _same_vma(table, indices.astype(jnp.int32))
-  out = jax.typeof(indices).update(shape=indices.shape + table.shape[1:], dtype=jnp.float32)
-  return jax.ffi.ffi_call(TAKE_ROWS, out, vmap_method="sequential")(table, indices)
-
-
 # The gathered-row contractions of the product-key lookup (lookup_xla): rows are
 # read once and contracted in place; XLA's gather + einsum writes the [T, H, d] rows out
 # and reads them back. Each is its einsum on take_rows elsewhere (rows cast to the other
@@ -290,7 +312,7 @@ def take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
 
 def _fused(table, indices, *operands) -> bool:
   return (table.ndim == 2 and table.shape[0] > 0 and indices.ndim == 2
-          and usable(table, *operands))
+          and usable("lookup", table, *operands))
 
 
 def gather_dot(table: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Array:
@@ -316,7 +338,7 @@ def gather_weighted_sum(table: jax.Array, indices: jax.Array, w: jax.Array) -> j
 def _scatter_runs(accs, targets, *operands) -> bool:
   """The scatter kernels run: accumulators given as float32 ``[R, d]`` shapes (zeros),
   ``targets [T, H]``, and operands the kernels take here."""
-  return (targets.ndim == 2 and usable(*operands)
+  return (targets.ndim == 2 and usable("scatter", *operands)
           and all(isinstance(a, jax.ShapeDtypeStruct) and len(a.shape) == 2
                   and a.dtype == jnp.float32 for a in accs))
 
@@ -378,60 +400,12 @@ def sum_squares_rows(rows: jax.Array, g: jax.Array, num_rows: int) -> jax.Array:
   """``jnp.sum(g * g)`` (float32 scalar) of row gradients ``g [U, d]`` whose slots with
   ``rows [U]`` out of ``[0, num_rows)`` (padding) hold zeros: the kernel skips those
   slots and sums the rest on all threads, in double per block of slots."""
-  if g.ndim != 2 or not usable(g):
+  if g.ndim != 2 or not usable("adam_rows", g):
     return jnp.sum(g * g)
   rows, g = _same_vma(rows.astype(jnp.int32), g)
   out = jax.typeof(g).update(shape=())
   return jax.ffi.ffi_call(SUM_SQUARES_ROWS, out, vmap_method="sequential")(
       rows, g, num_rows=np.int64(num_rows))
-
-
-# Row gradients as the lookup's factors (training.row_sparse on CPU): slot s's gradient is
-# g[s] = Σ_{e: slots[e] = s} coefs[e] · vectors[e // H], in retrieval order. The kernels only
-# (callers check :func:`usable`); the XLA form is :func:`row_plan.run_sums` and the [U, d]
-# kernels.
-
-
-def slot_runs(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
-  """The retrievals grouped by slot (a stable counting sort): ``slots [T, H]`` int32, each
-  in ``[0, num_slots)`` (the kernel rejects others) -> ``order [T·H]`` (retrieval ids, by
-  slot, ascending within a slot) and ``starts [num_slots + 1]``: slot ``s``'s retrievals
-  are ``order[starts[s]:starts[s+1]]``."""
-  slots = slots.astype(jnp.int32)
-  m = slots.size
-  if not usable():
-    return row_plan.slot_runs(slots, num_slots)
-  aval = jax.typeof(slots)
-  return tuple(jax.ffi.ffi_call(SLOT_RUNS, (aval.update(shape=(m,)),
-                                            aval.update(shape=(num_slots + 1,))),
-                                vmap_method="sequential")(slots))
-
-
-def factored_sum_squares(order: jax.Array, starts: jax.Array, coefs: jax.Array,
-                         vectors: jax.Array) -> jax.Array:
-  """``Σ_s |g[s]|²`` (float32 scalar): :func:`sum_squares_rows` of the written-out
-  gradients to rounding (summed in another order), from ``order, starts``
-  (:func:`slot_runs`), ``coefs [T, H]``, ``vectors [T, d]``."""
-  if not usable(coefs, vectors):
-    g = row_plan.run_sums(order, starts, coefs, vectors)
-    return jnp.sum(g * g)
-  operands = _same_vma(order, starts, coefs, vectors)
-  out = jax.typeof(operands[2]).update(shape=())
-  return jax.ffi.ffi_call(FACTORED_SUM_SQUARES, out, vmap_method="sequential")(*operands)
-
-
-def factored_adam_rows(table, mu, nu, rows, order, starts, coefs, vectors, *, lr, b1: float,
-                       b2: float, eps: float, c1, c2, scale=1.0):
-  """:func:`adam_rows` with slot ``s``'s gradient rebuilt from the factors (``rows [U]``
-  the distinct table row of each slot, out of range for padding): the same update, bit for
-  bit, in place (donate ``table, mu, nu``). The kernel only (callers check
-  :func:`usable`)."""
-  hyper = _adam_hyper(lr, b1, b2, eps, c1, c2, scale)
-  operands = _same_vma(table, mu, nu, rows.astype(jnp.int32), order, starts, coefs, vectors,
-                       hyper)
-  call = jax.ffi.ffi_call(FACTORED_ADAM_ROWS, tuple(jax.typeof(a) for a in operands[:3]),
-                          vmap_method="sequential", input_output_aliases={0: 0, 1: 1, 2: 2})
-  return call(*operands)
 
 
 # ------------------------------------------------------------------------------- attention
@@ -452,7 +426,7 @@ def attention_usable(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
       and sin.shape[0] in (1, b) and lq == lk and d % 2 == 0 and sin.shape[1:] == (lq, d // 2))
   return (k.shape == v.shape == (b, lk, h, d) and d > 0 and lk > 0 and rope_ok
           and mask.dtype == jnp.bool_ and mask.shape[0] in (1, b) and mask.shape[1] == 1
-          and usable(q, k, v, *(() if sin is None else (sin, cos))))
+          and usable("attention", q, k, v, *(() if sin is None else (sin, cos))))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -517,7 +491,8 @@ _ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 def routed_ffn_usable(x: jax.Array, wi: jax.Array, wg: jax.Array | None, wo: jax.Array,
                       activation: str) -> bool:
   """:func:`routed_ffn` runs for these operands here (float32, a known activation)."""
-  return activation in _ACTIVATION_CODES and usable(x, wi, wo, *(() if wg is None else (wg,)))
+  return activation in _ACTIVATION_CODES and usable("routed_ffn", x, wi, wo,
+                                                     *(() if wg is None else (wg,)))
 
 
 def routed_ffn(x: jax.Array, expert: jax.Array, weight: jax.Array, wi: jax.Array,

@@ -4,14 +4,13 @@ Every dense projection of the model (``moejax.layers.projection``) runs here on 
 leading token dims (``[batch, length, ...]``) flattened into one and the weight into
 ``[in, out]``, so that the product and both its gradients are plain ``[tokens, in] @ [in,
 out]`` matmuls. Written as an einsum over ``[batch, length, d]``, the *weight* gradient
-contracts two axes (batch and length), which XLA:CPU runs as a generic tensor contraction
-instead of its matmul: a SwiGLU FFN's fwd+bwd at 4096 tokens, d = 512, hidden 2048 ran
-1.86x faster flattened (``benchmarks/vs_pytorch.py``).
+contracts two axes (batch and length), which XLA:CPU runs as a generic tensor contraction,
+much slower than its matmul (``benchmarks/RESULTS.md`` has the measurement).
 
 TPU and GPU keep the einsums: their compilers contract several axes natively, and on TPU
-the reshapes are not free (merging ``[heads, head_dim]`` changes the tiled layout; the
-flattened Switch-Base train step compiled for v5p:2x2x4 to 5% more bytes accessed and
-160 MB more temporaries, ``python -m moejax.compile``). Shapes are checked by the caller.
+the reshapes are not free (merging ``[heads, head_dim]`` changes the tiled layout: the
+flattened Switch-Base train step compiles for v5p to more bytes accessed and more
+temporaries, ``python -m moejax.compile``). Shapes are checked by the caller.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ def weight_grad(x, dy, *, in_dims=1, preferred_element_type=None):
 def ffn_hidden(x, wi, wg, activation):
   """The dense FFN's ``act(x·wi) [* x·wg]`` (registry ``ffn.hidden``), flattened once to
   ``[tokens, embed]`` so that the activation runs on 2-D tiles and fuses with no bitcasts
-  in between, with its one-pass backward (``activations.glu``): 5% faster than autodiff
-  here."""
+  in between, with its one-pass backward (``activations.glu``), which runs faster than
+  autodiff's here."""
   lead = x.shape[:-1]
   xt = x.reshape(-1, x.shape[-1])
   a = project(xt, wi)

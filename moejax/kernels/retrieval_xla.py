@@ -1,4 +1,9 @@
-"""Product-key top-k retrieval in plain JAX: the reference the Pallas kernel must equal.
+"""Product-key top-k retrieval in XLA, tuned: the ``reference`` kernel choice (what runs where
+no Pallas kernel does) and the structure the Pallas kernels share with it (the candidate
+pairs, the rescoring and its VJP). Tuned, so not an oracle: it selects from ~k·ln k
+candidate pairs, chunks tokens on CPU and takes top-k and row ops from the platform backend
+(``row_ops``); it is tested against the brute-force
+:func:`moejax.kernels.reference.product_key_topk`.
 
 Product keys (Lample et al. 2019). Sub-key sets ``keys1``, ``keys2`` of shape
 ``[hk, n, d_key/2]`` (``hk`` = number of heads when each head has its own keys, else 1).
