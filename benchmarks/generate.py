@@ -13,6 +13,11 @@ times (``--repeats`` rounds, medians):
   eos) minus the median prefill time; tokens/s = batch x (new - 1) / that time (the first
   new token comes from the prefill).
 
+Also prints the memory-bandwidth roofline of a float32 decode step (:func:`_roofline`): the
+bytes of weights a step must read at each batch size (the experts its tokens choose, every
+other weight once, one embedding row per token) over a measured streaming read rate, the
+fastest decode any float32 implementation could reach here, as a ratio to transformers'.
+
 Torch runs on ``--threads`` threads (XLA's CPU client uses every core: 2 on the machines
 this was written for). Compilation is excluded (one warm-up call each). Also prints the
 fraction of greedy tokens on which both agree (random weights leave near ties, so a
@@ -50,6 +55,46 @@ def _hf_model(path: str, seed: int):
   return model
 
 
+def _weight_bytes(state) -> tuple[int, int, int]:
+  """(bytes of one expert summed over the blocks, bytes of every other weight a decode step
+  reads whole, bytes of one embedding row) of a moejax model state."""
+  import jax
+  expert = other = row = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    key = jax.tree_util.keystr(path)
+    nbytes = leaf.size * leaf.dtype.itemsize
+    if "['experts']" in key:
+      expert += nbytes // leaf.shape[0]
+    elif key.startswith("['embed']"):
+      row = nbytes // leaf.shape[0]
+    else:
+      other += nbytes
+  return expert, other, row
+
+
+def _stream_gbs(nbytes: int, repeats: int) -> float:
+  """Median GB/s of a jitted float32 sum over ``nbytes`` (one streaming read of that many
+  bytes, as a decode step reads its weights)."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((nbytes // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(a).block_until_ready()
+  times = [_timed(lambda: total(a).block_until_ready())[0] for _ in range(max(repeats, 3))]
+  return nbytes / statistics.median(times) / 1e9
+
+
+def _roofline(b: int, num_experts: int, top_k: int, weights: tuple[int, int, int],
+              gbs: float) -> tuple[float, float]:
+  """(MB a decode step of ``b`` tokens reads, the tokens/s of reading it at ``gbs``): the
+  experts chosen (``b`` = 1: ``top_k`` per block; more: the expected number of distinct
+  experts among ``b`` uniform top-k choices per block), every other weight, ``b`` rows."""
+  expert, other, row = weights
+  used = top_k if b == 1 else num_experts * (1 - ((num_experts - top_k) / num_experts) ** b)
+  nbytes = used * expert + other + b * row
+  return nbytes / 1e6, b / (nbytes / (gbs * 1e9))
+
+
 def _timed(fn):
   t0 = time.perf_counter()
   out = fn()
@@ -85,6 +130,10 @@ def main():
         f"{torch.get_num_threads()}; Mixtral-shaped d_model 512, 4 blocks, 8 experts top-2, "
         f"vocab 32000; prompt {args.prompt_len} tokens, {args.new} new tokens, greedy, "
         f"median of {args.repeats}")
+  weights = _weight_bytes(ms.state)
+  total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(ms.state))
+  gbs = _stream_gbs(total, args.repeats)
+  print(f"# streaming read (jitted float32 sum over every weight's bytes): {gbs:.1f} GB/s")
   print(f"{'batch':>5s} {'':12s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
   rng = np.random.default_rng(0)
   for b in [int(x) for x in args.batches.split(",")]:
@@ -128,6 +177,9 @@ def main():
     agree = float(np.mean(last["mj_generate"] == last["hf_generate"]))
     print(f"{b:5d} {'ratio':12s} {rates['mj'][0] / rates['hf'][0]:13.2f}x "
           f"{rates['mj'][1] / rates['hf'][1]:12.2f}x   (greedy tokens agreeing: {agree:.0%})")
+    mb, bound = _roofline(b, 8, 2, weights, gbs)
+    print(f"{b:5d} {'roofline':12s} {'':14s} {bound:13.1f}   ({mb:.0f} MB read per step: "
+          f"at most {bound / rates['hf'][1]:.2f}x transformers' decode)")
 
 
 if __name__ == "__main__":

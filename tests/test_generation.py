@@ -15,7 +15,7 @@ from flax import nnx
 from lm_utils import tiny_config
 from moejax import config as config_lib
 from moejax.generation import (Generator, full_forward_logits, generate, left_pad, prepare,
-                               sample_logits)
+                               sample_logits, stop_at_strings)
 from moejax.model import Transformer
 
 KINDS = {
@@ -182,6 +182,41 @@ def test_eos_stops_a_row():
   first = int(np.flatnonzero(free == eos)[0])
   cut = gen.generate([PROMPT], 12, temperature=0.0, eos_id=eos)[0]
   np.testing.assert_array_equal(cut, free[:first + 1])
+
+
+def test_stop_ends_rows_early_at_their_first_stop_sequence():
+  """``stop`` (here: stop strings over a token -> letter decoding) ends each row at the
+  token that completes its stop sequence, the others run on; the decode loop stops once
+  every row has ended (fewer steps than max_new_tokens); sequences that span chunks count."""
+  model = _model("dense")
+  gen = Generator(model)
+  prompts = [PROMPT, [5, 1], [8, 8, 2, 4]]
+  free = gen.generate(prompts, 24, temperature=0.0)
+  decode = lambda ids: "".join(chr(97 + t % 26) for t in ids)
+  # row 0: the text of its new tokens 5..7 (spans the chunks of 4); row 1: none; row 2: 2..3
+  strings = [[decode(free[0][5:8])], [], ["@", decode(free[2][2:4])]]
+  want_len = []
+  for row, ss in zip(free, strings):
+    hits = [n for n in range(1, len(row) + 1) if any(s in decode(row[:n]) for s in ss)]
+    want_len.append(hits[0] if hits else len(row))
+  assert want_len[0] <= 8 and want_len[1] == 24 and want_len[2] <= 4
+  rows = gen.generate(prompts, 24, temperature=0.0, check_every=4,
+                      stop=stop_at_strings(strings, decode))
+  for row, row_free, n in zip(rows, free, want_len):
+    np.testing.assert_array_equal(row, row_free[:n])
+  # batches of 2: the stop sees each prompt's own index
+  rows = gen.generate(prompts, 24, temperature=0.0, check_every=4, batch_size=2,
+                      stop=stop_at_strings(strings, decode))
+  assert [len(r) for r in rows] == want_len
+
+  # every row stopped: the loop ends early, after the chunk in which the last one stopped
+  asked = []
+  def stop(i, new):
+    asked.append(len(new))
+    return len(new) >= 3
+  rows = gen.generate(prompts, 24, temperature=0.0, check_every=2, stop=stop)
+  assert [len(r) for r in rows] == [3, 3, 3]
+  assert max(asked) == 3   # chunks end at 3 and 5 tokens: the rows end after the first
 
 
 def test_generate_cli_decodes_a_prompts_file_in_batches(tmp_path):

@@ -138,3 +138,40 @@ def test_block_sizes():
 ])
 def test_routing_group_size(group_size, length, experts, k, want):
   assert routing_group_size(group_size, length, experts, k) == want
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_few_tokens_take_the_routed_kernel_with_the_blocked_values_and_gradients(gated,
+                                                                                  activation):
+  """A few tokens (decoding) run the native routed FFN: the blocked path's values, and its
+  gradients (the custom VJP recomputes the blocked path); unrouted choices add nothing."""
+  from moejax.backends.cpu import native
+  from moejax.layers.moe.dispatch import DispatchOptions
+  assert native.available()
+  t, k = 5, 2
+  x = jax.random.normal(jax.random.key(7), (t, D))
+  expert = jax.random.randint(jax.random.key(8), (t, k), 0, E).at[1, 1].set(E)   # unrouted
+  weight = jax.random.uniform(jax.random.key(9), (t, k)) * (expert < E)
+  w = _weights(10, gated)
+  opts = DispatchOptions(impl="blocked", block=0)
+
+  def loss(fn, x, weight, w):
+    y = fn(x, expert, weight, w, activation, opts)
+    return jnp.sum(jnp.sin(y)), y
+
+  blocked = lambda x, e, wt, w, a, o: moe_dispatch._blocked_combine(x, e, wt, w, a, o.block)
+  jaxpr = str(jax.make_jaxpr(lambda x: moe_dispatch.blocked_combine(x, expert, weight, w,
+                                                                     activation, opts))(x))
+  assert native.ROUTED_FFN in jaxpr
+  got = jax.grad(loss, argnums=(1, 2, 3), has_aux=True)(moe_dispatch.blocked_combine, x,
+                                                        weight, w)
+  want = jax.grad(loss, argnums=(1, 2, 3), has_aux=True)(blocked, x, weight, w)
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+  # the kernel up to ROUTED_FFN_MAX_PAIRS pairs, the blocked path past them
+  for pairs, kernel in ((moe_dispatch.ROUTED_FFN_MAX_PAIRS, True),
+                        (moe_dispatch.ROUTED_FFN_MAX_PAIRS + 1, False)):
+    one = jnp.zeros((pairs, 1), jnp.int32)
+    jaxpr = str(jax.make_jaxpr(lambda x: moe_dispatch.blocked_combine(
+        x, one, jnp.ones(one.shape), w, activation, opts))(jnp.ones((pairs, D))))
+    assert (native.ROUTED_FFN in jaxpr) == kernel

@@ -35,7 +35,8 @@ What each request type computes:
   first window after EOS, each later one after as much of the text before it as fits.
 * ``generate_until``: greedy decoding (sampling when the task sets ``do_sample``) with
   :class:`moejax.generation.Generator`, up to ``max_gen_toks`` new tokens (the prompt is
-  left-truncated so that both fit ``seq_len``), cut at the first stop string.
+  left-truncated so that both fit ``seq_len``); a row stops decoding at its first stop
+  string (checked between chunks of steps), and its text is cut there.
 
 The model runs as in :mod:`moejax.generation`: eval mode, MoE layers without dropping, so a
 request's score does not depend on the other requests of its batch.
@@ -70,7 +71,7 @@ from moejax import data, sharding
 from moejax.errors import CheckpointError
 from moejax.evaluation import run
 from moejax.evaluation.locate import locate
-from moejax.generation import Generator, prepare
+from moejax.generation import Generator, prepare, stop_at_strings
 
 _MIN_BUCKET = 16
 DEFAULT_MAX_GEN_TOKS = 256    # new tokens of a generate_until request that does not say
@@ -323,9 +324,13 @@ class MoejaxLM(TemplateLM):
         chunk = members[start:start + b]
         batch = [prompts[i] for i in chunk]
         batch += [[self.eot_token_id]] * (b - len(batch))    # one batch shape
+        # rows end at their first stop string (checked between chunks of decoding steps)
+        until = [settings[i][0] for i in chunk] + [[]] * (b - len(chunk))
+        decode = lambda ids: self.tok_decode([t for t in ids if t != self.eot_token_id])
         rows = self._generator.generate(batch, max_new, temperature=temperature, top_k=top_k,
                                         top_p=top_p, eos_id=self.eot_token_id,
-                                        pad_id=self.tokenizer.pad_id)
+                                        pad_id=self.tokenizer.pad_id,
+                                        stop=stop_at_strings(until, decode))
         for i, row in zip(chunk, rows):
           text = self.tok_decode([int(t) for t in row if t != self.eot_token_id])
           out[i] = _cut_at_stop(text, settings[i][0])

@@ -11,7 +11,9 @@ only to its own tokens (``kv_valid``), so a row decodes as it would alone. Two j
   max_new_tokens`` slots and gives the first new token;
 * **decode**: a ``lax.while_loop`` of one-token steps on that cache (updated in place, no
   dispatch per token), sampling each next token, until ``max_new_tokens`` or every row has ended with
-  ``eos_id``.
+  ``eos_id``. With a ``stop`` test (e.g. stop strings, :func:`stop_at_strings`) the loop
+  runs in chunks of ``check_every`` steps (the cache donated from chunk to chunk), and
+  between chunks the host ends the rows that ``stop`` says are done.
 
 Each is compiled once per (batch, ``P``, ``max_new_tokens``) and never retraced per token;
 sampling settings are traced arguments.
@@ -28,6 +30,7 @@ whose probability reaches ``top_p`` (1: all), and sampled.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +91,23 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
                       lambda: jnp.argmax(logits, -1).astype(jnp.int32))
 
 
+def _sample(logits, rng, done, temperature, top_k, top_p, eos_id, pad_id):
+  """-> (next tokens ``[b]``, ``pad_id`` in rows already done; the next rng; done, with the
+  rows that sampled ``eos_id``)."""
+  rng, sub = jax.random.split(rng)
+  nxt = jnp.where(done, pad_id, sample_logits(logits, sub, temperature, top_k, top_p))
+  return nxt, rng, done | (nxt == eos_id)
+
+
+def stop_at_strings(strings: list[list[str]], decode: Callable[[list[int]], str]
+                    ) -> Callable[[int, np.ndarray], bool]:
+  """A ``stop`` for :meth:`Generator.generate`: row ``i`` ends once ``decode`` of its new
+  tokens contains one of ``strings[i]`` (none: it never stops this way)."""
+  def stop(i: int, new: np.ndarray) -> bool:
+    return bool(strings[i]) and any(s in decode([int(t) for t in new]) for s in strings[i])
+  return stop
+
+
 def prompt_bucket(n: int) -> int:
   """The padded prompt length of a longest prompt of ``n`` tokens: a power of two from 8 up
   to 256, then a multiple of 256 (few compilations, at most 2x or +255 padding)."""
@@ -122,7 +142,10 @@ class Generator:
     self.mesh, self.rules = mesh, rules
     self.traces = 0
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_new",))
-    self._decode = jax.jit(self._decode_fn, static_argnames=("max_new",))
+    self._first = jax.jit(self._first_fn, static_argnames=("max_new",))
+    # the cache and the carry are updated in place from chunk to chunk
+    self._decode = jax.jit(self._decode_fn, static_argnames=("max_new",),
+                           donate_argnames=("cache", "carry"))
 
   def _model(self, state) -> Transformer:
     return nnx.merge(self.graphdef, state)
@@ -139,38 +162,39 @@ class Generator:
                                  kv_valid=kv_valid, last_only=True)
     return logits[:, 0], cache, kv_valid
 
-  def _decode_fn(self, state, cache, kv_valid, logits, padding, rng, temperature, top_k,
+  def _first_fn(self, logits, rng, temperature, top_k, top_p, eos_id, pad_id, *, max_new):
+    """The prefill's last logits -> the decode loop's carry ``(i, out [b, max_new], rng,
+    done [b], last [b])`` with the first new token in ``out[:, 0]``."""
+    b = logits.shape[0]
+    first, rng, done = _sample(logits, rng, jnp.zeros((b,), bool), temperature, top_k, top_p,
+                               eos_id, pad_id)
+    out = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
+    return jnp.int32(1), out, rng, done, first
+
+  def _decode_fn(self, state, cache, carry, kv_valid, padding, stop_at, temperature, top_k,
                  top_p, eos_id, pad_id, *, max_new):
-    """From the prefill's outputs -> new tokens ``[b, max_new]`` (``pad_id`` after a row's
-    ``eos_id``)."""
+    """One-token steps from ``carry`` (:meth:`_first_fn`) until ``stop_at`` tokens or every
+    row is done -> (cache, carry); ``out`` holds ``pad_id`` after a row's ``eos_id``."""
     self.traces += 1
     model = self._model(state)
-    b = logits.shape[0]
     width = kv_valid.shape[1] - max_new
 
-    def sample(logits, rng, done):
-      rng, sub = jax.random.split(rng)
-      nxt = jnp.where(done, pad_id, sample_logits(logits, sub, temperature, top_k, top_p))
-      return nxt, rng, done | (nxt == eos_id)
+    def cond(loop):
+      (i, _, _, done, _), _ = loop
+      return (i < stop_at) & ~jnp.all(done)
 
-    first, rng, done = sample(logits, rng, jnp.zeros((b,), bool))
-    out = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
-
-    def cond(carry):
-      i, _, _, _, done, _ = carry
-      return (i < max_new) & ~jnp.all(done)
-
-    def body(carry):
-      i, out, cache, rng, done, last = carry
+    def body(loop):
+      (i, out, rng, done, last), cache = loop
       slot = width + i - 1                                   # where ``last`` sits
       logits, cache = model.decode(last[:, None], cache, slot,
                                    positions=(slot - padding)[:, None], kv_valid=kv_valid)
-      nxt, rng, done = sample(logits[:, 0], rng, done)
+      nxt, rng, done = _sample(logits[:, 0], rng, done, temperature, top_k, top_p, eos_id,
+                               pad_id)
       out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
-      return i + 1, out, cache, rng, done, nxt
+      return (i + 1, out, rng, done, nxt), cache
 
-    carry = (jnp.int32(1), out, cache, rng, done, first)
-    return jax.lax.while_loop(cond, body, carry)[1]
+    carry, cache = jax.lax.while_loop(cond, body, (carry, cache))
+    return cache, carry
 
   def prefill(self, tokens: np.ndarray, padding: np.ndarray, max_new_tokens: int):
     """The prefill alone (benchmarks): -> (last logits, cache, kv_valid), device arrays."""
@@ -179,33 +203,73 @@ class Generator:
 
   def generate(self, prompts: list, max_new_tokens: int, *, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1,
-               pad_id: int = 0, batch_size: int | None = None) -> list[np.ndarray]:
+               pad_id: int = 0, batch_size: int | None = None,
+               stop: Callable[[int, np.ndarray], bool] | None = None,
+               check_every: int = 16) -> list[np.ndarray]:
     """New tokens of each prompt (a list of token ids, at least one each): up to
     ``max_new_tokens``, ending at the first ``eos_id`` (included). Prompts are decoded
     together, ``batch_size`` at a time (None: all). Same ``seed``, same prompts and
-    settings: same tokens."""
+    settings: same tokens.
+
+    ``stop(i, new_tokens)``: True when prompt ``i``'s new tokens so far (int32 ``[n]``)
+    end its row (e.g. :func:`stop_at_strings`); it must stay True for longer rows. It is
+    asked between chunks of ``check_every`` decoding steps, and a row it stops ends at its
+    shortest stopping length (its later tokens are dropped); the batch stops early once
+    every row has ended.
+    """
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if check_every < 1:
+      raise ValueError(f"check_every={check_every}: must be >= 1")
     step = batch_size or max(len(prompts), 1)
     rows = []
     for n, at in enumerate(range(0, len(prompts), step)):
+      row_stop = None if stop is None else (lambda i, new, at=at: stop(at + i, new))
       rows += self._generate_batch(prompts[at:at + step], max_new_tokens,
                                    jax.random.fold_in(jax.random.key(seed), n), temperature,
-                                   top_k, top_p, eos_id, pad_id)
+                                   top_k, top_p, eos_id, pad_id, row_stop, check_every)
     return rows
 
-  def _generate_batch(self, prompts, max_new, rng, temperature, top_k, top_p, eos_id, pad_id):
+  def _generate_batch(self, prompts, max_new, rng, temperature, top_k, top_p, eos_id, pad_id,
+                      stop, check_every):
     tokens, padding = left_pad(prompts, pad_id)
     logits, cache, kv_valid = self.prefill(tokens, padding, max_new)
-    args = (self.state, cache, kv_valid, logits, jnp.asarray(padding), rng,
-            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
-            jnp.int32(pad_id))
-    out = np.asarray(self._call(self._decode, args, max_new=max_new))
+    settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                jnp.int32(eos_id), jnp.int32(pad_id))
+    carry = self._call(self._first, (logits, rng, *settings), max_new=max_new)
+    padding = jnp.asarray(padding)
+    chunk = max_new if stop is None else check_every
+    ends = {}                             # row -> its length, where ``stop`` ended it
+    while True:
+      i = int(carry[0])
+      if i >= max_new or bool(jnp.all(carry[3])):
+        break
+      stop_at = jnp.int32(min(i + chunk, max_new))
+      cache, carry = self._call(self._decode, (self.state, cache, carry, kv_valid, padding,
+                                               stop_at, *settings), max_new=max_new)
+      if stop is not None:
+        carry = self._stop_rows(carry, stop, ends, i)
+    out = np.asarray(carry[1])
     rows = []
-    for new in out:
-      stop = np.flatnonzero(new == eos_id)
-      rows.append(new[:stop[0] + 1] if len(stop) else new)
+    for r, new in enumerate(out):
+      if r in ends:
+        rows.append(new[:ends[r]])
+        continue
+      end = np.flatnonzero(new == eos_id)
+      rows.append(new[:end[0] + 1] if len(end) else new)
     return rows
+
+  @staticmethod
+  def _stop_rows(carry, stop, ends, checked):
+    """Asks ``stop`` of each running row's new tokens after a chunk (it saw ``checked`` of
+    them before); a row it stops is marked done, and its length kept in ``ends``."""
+    i, out, rng, done, last = carry
+    n, out_h, done_h = int(i), np.array(out), np.array(done)   # copies: out, done are donated
+    for r in np.flatnonzero(~done_h):
+      if stop(int(r), out_h[r, :n]):
+        ends[int(r)] = next(m for m in range(max(checked, 1), n + 1) if stop(int(r), out_h[r, :m]))
+        done_h[r] = True
+    return i, out, rng, jnp.asarray(done_h), last
 
   def _call(self, fn, args, **static):
     if self.mesh is None:
@@ -216,14 +280,16 @@ class Generator:
 
 def generate(model: Transformer | Generator, prompts: list[list[int]], max_new_tokens: int,
              eos_id: int = -1, *, batch_size: int | None = None, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, pad_id: int = 0
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, pad_id: int = 0,
+             stop: Callable[[int, np.ndarray], bool] | None = None, check_every: int = 16
              ) -> list[list[int]]:
   """New token ids of each prompt (greedy by default), prompts decoded together
   ``batch_size`` at a time (None: all at once); each row stops after its first ``eos_id``
-  (included; -1: never). ``model``: a Transformer (compiled anew on each call) or a
-  :class:`Generator` (keeps its compilations: pass one when calling repeatedly)."""
+  (included; -1: never) or where ``stop`` ends it (:meth:`Generator.generate`). ``model``:
+  a Transformer (compiled anew on each call) or a :class:`Generator` (keeps its
+  compilations: pass one when calling repeatedly)."""
   gen = model if isinstance(model, Generator) else Generator(model)
   rows = gen.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, eos_id=eos_id, pad_id=pad_id,
-                      batch_size=batch_size)
+                      batch_size=batch_size, stop=stop, check_every=check_every)
   return [[int(t) for t in r] for r in rows]

@@ -1,4 +1,4 @@
-"""Every FFI handler of the C++ CPU kernels (cpu_kernels.cc, cpu_attention.cc) rejects
+"""Every FFI handler of the C++ CPU kernels (cpu_kernels.cc, cpu_attention.cc, cpu_decode.cc) rejects
 operands whose rank, shape or dtype do not fit the others, and repeated rows in the Adam
 kernels, with an exception: each is called here through ``jax.ffi.ffi_call`` directly,
 past the Python wrappers' own checks. A handler that trusted its operands would read or
@@ -68,6 +68,10 @@ def _cases() -> dict[str, tuple[Case, list[tuple[str, Callable[[Case], object]]]
                   [_out(2, 8, 2, 4), _out(2, 2, 8)], {"rotate": np.bool_(True)})
   attn_bwd = Case(cpu_kernels.ATTENTION_BWD, [q, q, q, bias, *rope, q, _z(2, 2, 8), q],
                   [_out(2, 8, 2, 4)] * 3, {"rotate": np.bool_(True)})
+  routed = Case(cpu_kernels.ROUTED_FFN,
+                [_z(3, 4), np.array([[0, 4], [2, 5], [-1, 1]], S32), _z(3, 2), _z(5, 4, 6),
+                 _z(5, 4, 6), _z(5, 6, 4)], [_out(3, 4)],
+                attrs={"activation": np.int64(3), "gated": np.bool_(True)})
   cases = {
       "top_k": (Case(cpu_kernels.TOPK, [_z(3, 10)], [_out(3, 4), _out(3, 4, dtype=S32)]), [
           ("values' leading dims", lambda c: c.call(results=c.with_result(0, _out(2, 4)))),
@@ -125,6 +129,17 @@ def _cases() -> dict[str, tuple[Case, list[tuple[str, Callable[[Case], object]]]
           ("rows size", lambda c: c.call(args=c.with_arg(0, rows[:4]))),
           ("g rank", lambda c: c.call(args=c.with_arg(1, _z(20)))),
           ("out shape", lambda c: c.call(results=[_out(1)])),
+      ]),
+      "routed_ffn": (routed, [
+          ("x width", lambda c: c.call(args=c.with_arg(0, _z(3, 5)))),
+          ("expert rows", lambda c: c.call(args=c.with_arg(1, _z(2, 2, dtype=S32)))),
+          ("w shape", lambda c: c.call(args=c.with_arg(2, _z(3, 3)))),
+          ("wi rank", lambda c: c.call(args=c.with_arg(3, _z(5, 24)))),
+          ("wg shape", lambda c: c.call(args=c.with_arg(4, _z(5, 4, 7)))),
+          ("wo shape", lambda c: c.call(args=c.with_arg(5, _z(5, 4, 6)))),
+          ("y shape", lambda c: c.call(results=[_out(3, 5)])),
+          ("activation code",
+           lambda c: dataclasses.replace(c, attrs={**c.attrs, "activation": np.int64(9)}).call()),
       ]),
       "attention_fwd": (attn_fwd, [
           ("v length", lambda c: c.call(args=c.with_arg(2, q[:, :7]))),

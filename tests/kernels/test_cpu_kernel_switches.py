@@ -54,6 +54,16 @@ def _adam(table, mu, nu, g):
                                         b1=0.9, b2=0.999, eps=1e-8)
 
 
+def _routed_ffn(x, weight, wi, wg, wo):
+  """A few tokens' top-2 experts on the CPU's dropless path (the routed FFN kernel)."""
+  from moejax.backends.cpu import moe_dispatch
+  from moejax.layers.moe.dispatch import DispatchOptions
+  expert = jnp.array([[0, 3], [2, 1], [3, 0]], jnp.int32)
+  y = moe_dispatch.blocked_combine(x, expert, weight, (wi, wg, wo), "silu",
+                                   DispatchOptions(impl="blocked", block=0))
+  return jnp.sum(jnp.sin(y))
+
+
 def _programs():
   """{group: (f, args)}: a computation that runs that group's kernels when all are on."""
   ks = jax.random.split(jax.random.key(3), 6)
@@ -68,7 +78,12 @@ def _programs():
           "scatter": (lookup, lookup_args),
           "adam_rows": (_adam, adam_args),
           "attention": (jax.value_and_grad(lambda *a: jnp.sum(_attention(*a) ** 2),
-                                           argnums=(0, 1, 2)), (q, k, v))}
+                                           argnums=(0, 1, 2)), (q, k, v)),
+          "routed_ffn": (jax.value_and_grad(_routed_ffn, argnums=(0, 1, 2, 3, 4)),
+                         (jax.random.normal(ks[0], (3, d)), jax.random.uniform(ks[1], (3, 2)),
+                          jax.random.normal(ks[2], (4, d, 24)) / 4,
+                          jax.random.normal(ks[3], (4, d, 24)) / 4,
+                          jax.random.normal(ks[4], (4, 24, d)) / 4))}
 
 
 def test_every_group_has_a_program_here():

@@ -1,8 +1,8 @@
 """The CPU backend: what exists only for speed on XLA:CPU, behind the registry's seams.
 
 * ``native``: C++ kernels (XLA FFI, built on first use from ``cpu_kernels.cc``,
-  ``cpu_attention.cc``): top-k, row gathers and contractions, lazy Adam, attention with
-  rotary positions.
+  ``cpu_attention.cc``, ``cpu_decode.cc``): top-k, row gathers and contractions, lazy Adam,
+  attention with rotary positions, the routed experts' FFN of a few tokens (decoding).
 * the CPU-tuned XLA programs the layers get from the registry instead of their portable
   ones (each module says why it is faster on CPU).
 * ``host_memory``: the entry points' malloc setting (:func:`prepare_process`).

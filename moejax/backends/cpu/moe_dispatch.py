@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,8 +129,15 @@ def _int_zeros(a):
   return np.zeros(a.shape, jax.dtypes.float0)
 
 
+# The most (token, choice) pairs that take the native routed FFN (``native.routed_ffn``):
+# its row tiles of 8 re-read a chunk of weights per 8 rows of an expert, which is only a
+# stream over the weights for a few rows per expert.
+ROUTED_FFN_MAX_PAIRS = 32
+
+
 def blocked_combine(xt, expert, weight, weights, activation, options):
-  """Dropless top-k FFN of tokens ``xt [t, embed]`` on the blocked path, combined.
+  """Dropless top-k FFN of tokens ``xt [t, embed]`` on the blocked path, combined (a few
+  tokens: :func:`_routed_ffn`, the same values).
 
   Args:
     expert: int ``[t, k]``, each choice's expert (``experts`` for none).
@@ -140,12 +149,42 @@ def blocked_combine(xt, expert, weight, weights, activation, options):
   """
   wi, wg, wo = weights
   t, k = expert.shape
-  dest, back, blocks, sizes, m = _blocked_buffer(expert.reshape(t * k), wi.shape[0],
-                                                 options.block)
+  if t * k <= ROUTED_FFN_MAX_PAIRS and native.routed_ffn_usable(xt, wi, wg, wo, activation):
+    return _routed_ffn(xt, expert, weight, wi, wg, wo, activation, options.block)
+  return _blocked_combine(xt, expert, weight, weights, activation, options.block)
+
+
+def _blocked_combine(xt, expert, weight, weights, activation, block):
+  wi, wg, wo = weights
+  t, k = expert.shape
+  dest, back, blocks, sizes, m = _blocked_buffer(expert.reshape(t * k), wi.shape[0], block)
   dest = dest.reshape(t, k)
   xb = _rows_in(xt, back // k, dest)                                # [m, D]
   yb = gml.grouped_mlp(xb, wi, wg, wo, blocks, sizes, activation)   # [m, D]
   return _rows_out(yb, dest, back, weight.astype(yb.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _routed_ffn(xt, expert, weight, wi, wg, wo, activation, block):
+  """:func:`_blocked_combine`'s values from the native kernel (a few tokens); its gradient
+  is the blocked path's (recomputed: a few tokens)."""
+  return native.routed_ffn(xt, expert, weight, wi, wg, wo, activation).astype(xt.dtype)
+
+
+def _routed_ffn_fwd(xt, expert, weight, wi, wg, wo, activation, block):
+  return (_routed_ffn(xt, expert, weight, wi, wg, wo, activation, block),
+          (xt, expert, weight, wi, wg, wo))
+
+
+def _routed_ffn_bwd(activation, block, res, dy):
+  xt, expert, weight, wi, wg, wo = res
+  blocked = lambda xt, weight, wi, wg, wo: _blocked_combine(xt, expert, weight, (wi, wg, wo),
+                                                            activation, block)
+  dxt, dweight, dwi, dwg, dwo = jax.vjp(blocked, xt, weight, wi, wg, wo)[1](dy)
+  return dxt, _int_zeros(expert), dweight, dwi, dwg, dwo
+
+
+_routed_ffn.defvjp(_routed_ffn_fwd, _routed_ffn_bwd)
 
 
 def blocked_grouped(xs, group_sizes, weights, activation, options):

@@ -22,6 +22,12 @@
   as a dozen passes over the ``[batch, heads, L, L]`` scores and their gradients, each a
   loop over a buffer larger than the cache.
 
+* :func:`routed_ffn` (``cpu_decode.cc``): the top-k experts' FFN of a few tokens, combined
+  (the CPU dropless path's, up to ``moe_dispatch.ROUTED_FFN_MAX_PAIRS`` token-choice pairs:
+  decoding). Each chosen expert's weights are read once, in place, on all threads; XLA
+  copies an expert's matrices out of the stacked weights before each matmul (a
+  dynamic-slice fusion): a read and a write of each matrix before the matmul reads it again.
+
 Each is the XLA op instead (:func:`usable` is False) on TPU / GPU (the target platform,
 :func:`moejax.kernels.current_platform`), for other dtypes, with ``MOEJAX_CPU_KERNELS=0``,
 for a group of kernels named in ``MOEJAX_CPU_KERNELS_OFF`` (comma-separated names of
@@ -35,8 +41,8 @@ Every handler checks each operand's rank and shape against the others (the FFI b
 check the dtypes) and returns an error, which JAX raises, rather than reading or writing
 out of bounds; the Adam kernels also reject repeated rows (``cpu_common.h``'s ``Checks``).
 
-Build: the first use compiles ``cpu_kernels.cc`` and ``cpu_attention.cc`` (sharing
-``cpu_common.h``) into one library with the C++ compiler (``$CXX``, else ``c++``) against
+Build: the first use compiles ``cpu_kernels.cc``, ``cpu_attention.cc`` and ``cpu_decode.cc``
+(sharing ``cpu_common.h``) into one library with the C++ compiler (``$CXX``, else ``c++``) against
 the XLA FFI headers that ship with jaxlib (``jax.ffi.include_dir()``) into
 ``$MOEJAX_CACHE_DIR`` (default ``~/.cache/moejax``), and says so in one line on stderr. The
 file is named by a hash of the sources, the FFI headers' contents, the jax and jaxlib
@@ -78,12 +84,15 @@ ADAM_ROWS = "moejax_adam_rows_f32"
 SUM_SQUARES_ROWS = "moejax_sum_squares_rows_f32"
 ATTENTION_FWD = "moejax_attention_fwd_f32"
 ATTENTION_BWD = "moejax_attention_bwd_f32"
+ROUTED_FFN = "moejax_routed_ffn_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
             SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
             ADAM_ROWS: "MoejaxAdamRowsF32", SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32",
-            ATTENTION_FWD: "MoejaxAttentionFwdF32", ATTENTION_BWD: "MoejaxAttentionBwdF32"}
-_SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc"))
+            ATTENTION_FWD: "MoejaxAttentionFwdF32", ATTENTION_BWD: "MoejaxAttentionBwdF32",
+            ROUTED_FFN: "MoejaxRoutedFfnF32"}
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc",
+                                                         "cpu_decode.cc"))
 _HEADERS = (Path(__file__).with_name("cpu_common.h"),)
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # Tried first, for this CPU's vector units (the group-maximum and counting passes of top_k
@@ -108,6 +117,7 @@ GROUPS = {
     "scatter": (SCATTER_OUTER, SCATTER_OUTER_PAIR),
     "adam_rows": (ADAM_ROWS, SUM_SQUARES_ROWS),
     "attention": (ATTENTION_FWD, ATTENTION_BWD),
+    "routed_ffn": (ROUTED_FFN,),
 }
 OFF_VARIABLE = "MOEJAX_CPU_KERNELS_OFF"
 
@@ -472,3 +482,32 @@ def _attention_bwd(rotate, res, do):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# The activations the routed FFN kernel computes (its codes, ``cpu_decode.cc``).
+_ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+
+def routed_ffn_usable(x: jax.Array, wi: jax.Array, wg: jax.Array | None, wo: jax.Array,
+                      activation: str) -> bool:
+  """:func:`routed_ffn` runs for these operands here (float32, a known activation)."""
+  return activation in _ACTIVATION_CODES and usable("routed_ffn", x, wi, wo,
+                                                     *(() if wg is None else (wg,)))
+
+
+def routed_ffn(x: jax.Array, expert: jax.Array, weight: jax.Array, wi: jax.Array,
+               wg: jax.Array | None, wo: jax.Array, activation: str) -> jax.Array:
+  """``y[t] = Σ_j weight[t, j] · FFN_{expert[t, j]}(x[t])`` (``cpu_decode.cc``), no gradient.
+
+  ``x [T, D]``, ``expert [T, K]`` int32 (outside ``[0, E)``: no expert), ``weight [T, K]``,
+  ``wi, wg [E, D, F]`` (``wg`` None: no gate), ``wo [E, F, D]`` -> ``[T, D]`` float32. Each
+  chosen expert's weights are read once, in place, by all threads: for a few tokens
+  (decoding) the FFN then runs at about the memory's rate, where XLA copies each expert's
+  matrices out of the stack first. Callers check :func:`routed_ffn_usable`.
+  """
+  gated = wg is not None
+  operands = (x, expert.astype(jnp.int32), weight.astype(jnp.float32), wi,
+              wg if gated else wi, wo)
+  out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  return jax.ffi.ffi_call(ROUTED_FFN, out, vmap_method="sequential")(
+      *operands, activation=np.int64(_ACTIVATION_CODES[activation]), gated=np.bool_(gated))
