@@ -14,8 +14,8 @@ from flax import nnx
 
 from lm_utils import tiny_config
 from moejax import config as config_lib
-from moejax.generation import (Generator, full_forward_logits, generate, left_pad, prepare,
-                               sample_logits, stop_at_strings)
+from moejax.generation import (Generator, end_ids, full_forward_logits, generate, left_pad,
+                               prepare, sample_logits, stop_at_strings)
 from moejax.model import Transformer
 
 KINDS = {
@@ -184,6 +184,19 @@ def test_eos_stops_a_row():
   np.testing.assert_array_equal(cut, free[:first + 1])
 
 
+def test_any_of_several_end_ids_stops_a_row():
+  """eos_id may name several ids (a model's own and its tokenizer's): a row ends at the
+  first of any; end_ids joins them without repeats."""
+  assert end_ids(2, (7, 2, 9)) == (2, 7, 9) and end_ids(2, ()) == (2,)
+  gen = Generator(_model("dense"))
+  free = gen.generate([PROMPT], 12, temperature=0.0)[0]
+  a, b = int(free[5]), int(free[2])
+  first = min(int(np.flatnonzero(free == t)[0]) for t in (a, b))
+  cut = gen.generate([PROMPT], 12, temperature=0.0, eos_id=(a, b))[0]
+  np.testing.assert_array_equal(cut, free[:first + 1])
+  assert first <= 2
+
+
 def test_stop_ends_rows_early_at_their_first_stop_sequence():
   """``stop`` (here: stop strings over a token -> letter decoding) ends each row at the
   token that completes its stop sequence, the others run on; the decode loop stops once
@@ -224,22 +237,36 @@ def test_generate_cli_decodes_a_prompts_file_in_batches(tmp_path):
   the tokens the Generator gives that prompt alone."""
   from moejax.data.tokenizers import ByteTokenizer
   from moejax.training import checkpoint as ckpt_lib
+  tok = ByteTokenizer()
   c = tiny_config(vocab_size=ByteTokenizer.vocab_size)
   config_lib.validate(c)
   model = Transformer(c, rngs=nnx.Rngs(params=0))
-  ckpt_lib.export(str(tmp_path / "export"), nnx.state(model), c)
   texts = ["def ", "hello world", "x"]
+  gen = Generator(model)
+  free = [gen.generate([list(tok.encode(t))], 5, temperature=0.0, eos_id=tok.eos_id)[0]
+          for t in texts]
+  # the model's own end id (as kept from a HF checkpoint) ends prompt 1's row at its 3rd
+  # token; a --stop string (prompt 0's 2nd-3rd new bytes) cuts prompt 0's text
+  c.special_tokens.eos_token_id = (int(free[1][2]),)
+  stop = tok.decode([int(t) for t in free[0][1:3]])
+  assert stop and "\\n" not in stop
+  ckpt_lib.export(str(tmp_path / "export"), nnx.state(model), c)
   (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
       [sys.executable, os.path.join(root, "generate.py"), f"--checkpoint={tmp_path}/export",
        f"--prompts_file={tmp_path}/prompts.txt", "--batch_size=2", "--temperature=0",
-       "--max_new_tokens=5"], cwd=root, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+       "--max_new_tokens=5", f"--stop={stop}"], cwd=root, capture_output=True, text=True,
+      timeout=600, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
   assert proc.returncode == 0, proc.stderr[-2000:]
-  tok, gen = ByteTokenizer(), Generator(model)
+  ends = (tok.eos_id, int(free[1][2]))
   want = ""
-  for i, text in enumerate(texts):
-    row = gen.generate([list(tok.encode(text))], 5, temperature=0.0, eos_id=tok.eos_id)[0]
-    want += f"=== {i}\n" + text + tok.decode([t for t in row if t != tok.eos_id]) + "\n"
+  for i, (text, row) in enumerate(zip(texts, free)):
+    hit = [n for n, t in enumerate(row) if t in ends]
+    row = row[:hit[0]] if hit else row
+    out = tok.decode([int(t) for t in row])
+    want += f"=== {i}\n" + text + (out[:out.find(stop)] if stop in out else out) + "\n"
   assert proc.stdout == want
+  plain = "".join(f"=== {i}\n{t}{tok.decode([int(x) for x in r])}\n"
+                  for i, (t, r) in enumerate(zip(texts, free)))
+  assert want != plain      # the end id and the stop string both cut something

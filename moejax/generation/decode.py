@@ -30,7 +30,7 @@ whose probability reaches ``top_p`` (1: all), and sampled.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,12 +91,26 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
                       lambda: jnp.argmax(logits, -1).astype(jnp.int32))
 
 
-def _sample(logits, rng, done, temperature, top_k, top_p, eos_id, pad_id):
+def _sample(logits, rng, done, temperature, top_k, top_p, eos_ids, pad_id):
   """-> (next tokens ``[b]``, ``pad_id`` in rows already done; the next rng; done, with the
-  rows that sampled ``eos_id``)."""
+  rows that sampled one of ``eos_ids [n]``)."""
   rng, sub = jax.random.split(rng)
   nxt = jnp.where(done, pad_id, sample_logits(logits, sub, temperature, top_k, top_p))
-  return nxt, rng, done | (nxt == eos_id)
+  return nxt, rng, done | jnp.isin(nxt, eos_ids)
+
+
+def _id_array(eos_id: int | Sequence[int]) -> np.ndarray:
+  """One end-of-sequence id or several (Llama 3's configs name three) -> int32 ``[n]``;
+  -1 (none) ends no row."""
+  ids = np.atleast_1d(np.asarray(eos_id, np.int32)).reshape(-1)
+  return ids if ids.size else np.full((1,), -1, np.int32)
+
+
+def end_ids(tokenizer_eos: int, special_eos: Sequence[int] = ()) -> tuple[int, ...]:
+  """The ids that end a generated row: the tokenizer's end of sequence and the model's own
+  (``config.special_tokens.eos_token_id``, from its Hugging Face checkpoint), without
+  repeats."""
+  return tuple(dict.fromkeys([int(tokenizer_eos), *(int(t) for t in special_eos)]))
 
 
 def stop_at_strings(strings: list[list[str]], decode: Callable[[list[int]], str]
@@ -162,19 +176,19 @@ class Generator:
                                  kv_valid=kv_valid, last_only=True)
     return logits[:, 0], cache, kv_valid
 
-  def _first_fn(self, logits, rng, temperature, top_k, top_p, eos_id, pad_id, *, max_new):
+  def _first_fn(self, logits, rng, temperature, top_k, top_p, eos_ids, pad_id, *, max_new):
     """The prefill's last logits -> the decode loop's carry ``(i, out [b, max_new], rng,
     done [b], last [b])`` with the first new token in ``out[:, 0]``."""
     b = logits.shape[0]
     first, rng, done = _sample(logits, rng, jnp.zeros((b,), bool), temperature, top_k, top_p,
-                               eos_id, pad_id)
+                               eos_ids, pad_id)
     out = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
     return jnp.int32(1), out, rng, done, first
 
   def _decode_fn(self, state, cache, carry, kv_valid, padding, stop_at, temperature, top_k,
-                 top_p, eos_id, pad_id, *, max_new):
+                 top_p, eos_ids, pad_id, *, max_new):
     """One-token steps from ``carry`` (:meth:`_first_fn`) until ``stop_at`` tokens or every
-    row is done -> (cache, carry); ``out`` holds ``pad_id`` after a row's ``eos_id``."""
+    row is done -> (cache, carry); ``out`` holds ``pad_id`` after a row's end id."""
     self.traces += 1
     model = self._model(state)
     width = kv_valid.shape[1] - max_new
@@ -188,7 +202,7 @@ class Generator:
       slot = width + i - 1                                   # where ``last`` sits
       logits, cache = model.decode(last[:, None], cache, slot,
                                    positions=(slot - padding)[:, None], kv_valid=kv_valid)
-      nxt, rng, done = _sample(logits[:, 0], rng, done, temperature, top_k, top_p, eos_id,
+      nxt, rng, done = _sample(logits[:, 0], rng, done, temperature, top_k, top_p, eos_ids,
                                pad_id)
       out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
       return (i + 1, out, rng, done, nxt), cache
@@ -202,12 +216,13 @@ class Generator:
                       max_new=max_new_tokens)
 
   def generate(self, prompts: list, max_new_tokens: int, *, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1,
-               pad_id: int = 0, batch_size: int | None = None,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               eos_id: int | Sequence[int] = -1, pad_id: int = 0, batch_size: int | None = None,
                stop: Callable[[int, np.ndarray], bool] | None = None,
                check_every: int = 16) -> list[np.ndarray]:
     """New tokens of each prompt (a list of token ids, at least one each): up to
-    ``max_new_tokens``, ending at the first ``eos_id`` (included). Prompts are decoded
+    ``max_new_tokens``, ending at the first ``eos_id`` (included; one id or several, e.g.
+    :func:`end_ids`; -1: none). Prompts are decoded
     together, ``batch_size`` at a time (None: all). Same ``seed``, same prompts and
     settings: same tokens.
 
@@ -235,7 +250,7 @@ class Generator:
     tokens, padding = left_pad(prompts, pad_id)
     logits, cache, kv_valid = self.prefill(tokens, padding, max_new)
     settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                jnp.int32(eos_id), jnp.int32(pad_id))
+                jnp.asarray(_id_array(eos_id)), jnp.int32(pad_id))
     carry = self._call(self._first, (logits, rng, *settings), max_new=max_new)
     padding = jnp.asarray(padding)
     chunk = max_new if stop is None else check_every
@@ -255,7 +270,7 @@ class Generator:
       if r in ends:
         rows.append(new[:ends[r]])
         continue
-      end = np.flatnonzero(new == eos_id)
+      end = np.flatnonzero(np.isin(new, _id_array(eos_id)))
       rows.append(new[:end[0] + 1] if len(end) else new)
     return rows
 
@@ -279,7 +294,8 @@ class Generator:
 
 
 def generate(model: Transformer | Generator, prompts: list[list[int]], max_new_tokens: int,
-             eos_id: int = -1, *, batch_size: int | None = None, temperature: float = 0.0,
+             eos_id: int | Sequence[int] = -1, *, batch_size: int | None = None,
+             temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, pad_id: int = 0,
              stop: Callable[[int, np.ndarray], bool] | None = None, check_every: int = 16
              ) -> list[list[int]]:
