@@ -6,9 +6,11 @@
 One prompt per line of ``--prompts_file`` (``\\n`` in a line is a newline), decoded together
 ``--batch_size`` at a time: each batch's prompts go through one prefill forward, then a KV
 cache decodes them token by token (``moejax.generation``), compiled once per (batch, prompt
-length bucket, max_new_tokens); ``--temperature 0`` is greedy. Generation stops at the tokenizer's EOS. Output: each prompt followed by its
-continuation, bytes decoded with the config's tokenizer. A bad input (flag, prompts file,
-checkpoint) is one ``error:`` line on stderr naming it, exit code 2.
+length bucket, max_new_tokens); ``--temperature 0`` is greedy. A row ends at the tokenizer's
+end of sequence, at the model's own (``config.special_tokens.eos_token_id``, kept from a
+Hugging Face checkpoint), or at a ``--stop`` string (cut before it). Output: each prompt
+followed by its continuation, bytes decoded with the config's tokenizer. A bad input (flag,
+prompts file, checkpoint) is one ``error:`` line on stderr naming it, exit code 2.
 """
 
 from moejax import platform_env
@@ -33,6 +35,8 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = all.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus: the smallest set of tokens with this probability.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same text).")
+flags.DEFINE_multi_string("stop", [], "A string that ends a row (cut before it); repeat the "
+                          "flag for several. \\n in it is a newline.")
 
 
 def _prompts() -> list[str]:
@@ -61,6 +65,8 @@ def _check_flags() -> list[str]:
             "e.g. --top_p=0.95)")
   cli.check(FLAGS.batch_size >= 1, "batch_size", FLAGS.batch_size,
             "must be >= 1 (prompts decoded together, e.g. --batch_size=8)")
+  for s in FLAGS.stop:
+    cli.check(s != "", "stop", repr(s), "must not be empty (e.g. --stop='\\n\\n')")
   if FLAGS.prompt and FLAGS.prompts_file:
     cli.fail(f"--prompt and --prompts_file={FLAGS.prompts_file}: give one of them")
   cli.check_exists("prompts_file", FLAGS.prompts_file,
@@ -79,7 +85,7 @@ def main(argv):
   backends.prepare_process()   # before JAX's first computation
   from moejax import data
   from moejax.evaluation import run
-  from moejax.generation import Generator
+  from moejax.generation import Generator, end_ids, stop_at_strings
   from flax import nnx
   cli.check_cpu_kernels()
   try:
@@ -91,15 +97,19 @@ def main(argv):
   gen = Generator(model, mesh=ms.mesh, rules=ms.rules)
   # An empty prompt starts after an end of document, as documents do in training.
   prompts = [list(tokenizer.encode(t)) or [tokenizer.eos_id] for t in texts]
+  ends = end_ids(tokenizer.eos_id, config.special_tokens.eos_token_id)
+  stops = [s.replace("\\n", "\n") for s in FLAGS.stop]
+  decode = lambda row: tokenizer.decode([int(t) for t in row if t not in ends])
   rows = gen.generate(prompts, FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                       top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
-                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                      batch_size=FLAGS.batch_size)
+                      eos_id=ends, pad_id=tokenizer.pad_id, batch_size=FLAGS.batch_size,
+                      stop=stop_at_strings([stops] * len(prompts), decode) if stops else None)
   for i, (text, row) in enumerate(zip(texts, rows)):
     if len(texts) > 1:
       print(f"=== {i}")
-    ids = [int(t) for t in row if t != tokenizer.eos_id]
-    print(text + tokenizer.decode(ids))
+    out = decode(row)
+    cut = min((out.find(s) for s in stops if s in out), default=len(out))
+    print(text + out[:cut])
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ from moejax import data, sharding
 from moejax.errors import CheckpointError
 from moejax.evaluation import run
 from moejax.evaluation.locate import locate
-from moejax.generation import Generator, prepare, stop_at_strings
+from moejax.generation import Generator, end_ids, prepare, stop_at_strings
 
 _MIN_BUCKET = 16
 DEFAULT_MAX_GEN_TOKS = 256    # new tokens of a generate_until request that does not say
@@ -319,6 +319,8 @@ class MoejaxLM(TemplateLM):
     for i in order:
       groups.setdefault(settings[i][1], []).append(i)
     bar = tqdm(total=len(requests), disable=disable_tqdm, desc="moejax generate_until")
+    # rows also end at the model's own end-of-sequence ids (kept from its HF checkpoint)
+    ends = end_ids(self.eot_token_id, self.config.special_tokens.eos_token_id)
     for (max_new, temperature, top_k, top_p), members in groups.items():
       for start in range(0, len(members), b):
         chunk = members[start:start + b]
@@ -326,13 +328,13 @@ class MoejaxLM(TemplateLM):
         batch += [[self.eot_token_id]] * (b - len(batch))    # one batch shape
         # rows end at their first stop string (checked between chunks of decoding steps)
         until = [settings[i][0] for i in chunk] + [[]] * (b - len(chunk))
-        decode = lambda ids: self.tok_decode([t for t in ids if t != self.eot_token_id])
+        decode = lambda ids: self.tok_decode([t for t in ids if t not in ends])
         rows = self._generator.generate(batch, max_new, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, eos_id=self.eot_token_id,
+                                        top_p=top_p, eos_id=ends,
                                         pad_id=self.tokenizer.pad_id,
                                         stop=stop_at_strings(until, decode))
         for i, row in zip(chunk, rows):
-          text = self.tok_decode([int(t) for t in row if t != self.eot_token_id])
+          text = decode([int(t) for t in row])
           out[i] = _cut_at_stop(text, settings[i][0])
           self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         bar.update(len(chunk))
