@@ -1,7 +1,7 @@
 """The CPU backend sits behind the registry's seams.
 
-* Without it (``MOEJAX_CPU_BACKEND=0``: nothing registered, every layer runs its portable
-  XLA program, what TPU and GPU run) tiny dense, MoE (dropless and capacity), PEER and PKM
+* Without it (the package deleted, or ``MOEJAX_CPU_BACKEND=0``: nothing registered, every
+  layer runs its portable XLA program, what TPU and GPU run) tiny dense, MoE (dropless and capacity), PEER and PKM
   language models compute the same loss and gradients as with it, and (slow test) the
   same training losses, row-sparse lazy Adam included.
 * No module under ``moejax/layers``, ``moejax/training`` or ``moejax/model.py`` imports a
@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,8 @@ from moejax import config as config_lib, model as model_lib
 from moejax.kernels import registry
 
 variants, train = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-out = {"registered": registry.registered("cpu")}
+import moejax
+out = {"registered": registry.registered("cpu"), "package": moejax.__file__}
 for name, (model_over, sections) in variants.items():
   c = lm_utils.tiny_config(**model_over)
   for section, fields in sections.items():
@@ -81,19 +83,38 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _run(backend: bool, names: list[str], train: bool) -> dict:
-  env = dict(os.environ, MOEJAX_CPU_BACKEND="1" if backend else "0", JAX_PLATFORMS="cpu")
+def _without_backend_package(tmp: Path) -> Path:
+  """A copy of the package with ``moejax/backends/cpu`` deleted (and the tests' helper the
+  script imports): the library as an install without the CPU backend has it."""
+  shutil.copytree(ROOT / "moejax", tmp / "moejax",
+                  ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+  shutil.rmtree(tmp / "moejax" / "backends" / "cpu")
+  (tmp / "tests").mkdir()
+  shutil.copy(ROOT / "tests" / "lm_utils.py", tmp / "tests")
+  return tmp
+
+
+def _run(backend: bool | Path, names: list[str], train: bool) -> dict:
+  """Runs the variants in a fresh process: with the backend (True), with it switched off
+  (False: ``MOEJAX_CPU_BACKEND=0``) or in a copy of the package without it (a path)."""
+  env = dict(os.environ, MOEJAX_CPU_BACKEND="0" if backend is False else "1",
+             JAX_PLATFORMS="cpu")
+  root = backend if isinstance(backend, Path) else ROOT
   variants = {name: VARIANTS[name] for name in names}
   done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(variants), json.dumps(train)],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                        cwd=root, env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
-  return json.loads(line[len("RESULT "):])
+  result = json.loads(line[len("RESULT "):])
+  assert Path(result["package"]).resolve().is_relative_to(root.resolve()), result["package"]
+  return result
 
 
-def test_layers_without_the_cpu_backend_equal_with_it():
-  """Loss and every parameter's gradient of each model, backend on and off."""
-  with_backend, without = _run(True, GRADS, False), _run(False, GRADS, False)
+def test_layers_without_the_cpu_backend_equal_with_it(tmp_path):
+  """Loss and every parameter's gradient of each model, with the backend and in a copy of
+  the package where ``moejax/backends/cpu`` is deleted."""
+  with_backend = _run(True, GRADS, False)
+  without = _run(_without_backend_package(tmp_path), GRADS, False)
   assert {"attention.rotary", "projection", "row_ops", "moe.capacity_moves"} <= set(
       with_backend["registered"])
   assert without["registered"] == []
