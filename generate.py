@@ -85,7 +85,7 @@ def main(argv):
   backends.prepare_process()   # before JAX's first computation
   from moejax import data
   from moejax.evaluation import run
-  from moejax.generation import Generator, end_ids, stop_at_strings
+  from moejax.generation import Generator, cut_at_stop, end_ids, stop_at_strings
   from flax import nnx
   cli.check_cpu_kernels()
   try:
@@ -107,9 +107,7 @@ def main(argv):
   for i, (text, row) in enumerate(zip(texts, rows)):
     if len(texts) > 1:
       print(f"=== {i}")
-    out = decode(row)
-    cut = min((out.find(s) for s in stops if s in out), default=len(out))
-    print(text + out[:cut])
+    print(text + cut_at_stop(decode(row), stops))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ from moejax import data, sharding
 from moejax.errors import CheckpointError
 from moejax.evaluation import run
 from moejax.evaluation.locate import locate
-from moejax.generation import Generator, end_ids, prepare, stop_at_strings
+from moejax.generation import Generator, cut_at_stop, end_ids, prepare, stop_at_strings
 
 _MIN_BUCKET = 16
 DEFAULT_MAX_GEN_TOKS = 256    # new tokens of a generate_until request that does not say
@@ -80,12 +80,6 @@ DEFAULT_MAX_GEN_TOKS = 256    # new tokens of a generate_until request that does
 def _bucket(n: int, cap: int) -> int:
   """The padded length of a batch whose longest row has ``n`` tokens."""
   return min(max(_MIN_BUCKET, 1 << (n - 1).bit_length()), cap)
-
-
-def _cut_at_stop(text: str, until: list[str]) -> str:
-  """``text`` up to (without) the earliest of the stop strings."""
-  ends = [i for i in (text.find(s) for s in until if s) if i >= 0]
-  return text[:min(ends)] if ends else text
 
 
 class ModelArgsError(ValueError):
@@ -335,7 +329,7 @@ class MoejaxLM(TemplateLM):
                                         stop=stop_at_strings(until, decode))
         for i, row in zip(chunk, rows):
           text = decode([int(t) for t in row])
-          out[i] = _cut_at_stop(text, settings[i][0])
+          out[i] = cut_at_stop(text, settings[i][0])
           self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         bar.update(len(chunk))
     bar.close()

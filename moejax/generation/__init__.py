@@ -1,5 +1,5 @@
 """Text generation: batched prefill + KV-cache decoding (``moejax.generation.decode``)."""
 
-from moejax.generation.decode import (Generator, end_ids, full_forward_logits,  # noqa: F401
-                                      generate, left_pad, prepare, prompt_bucket, sample_logits,
-                                      stop_at_strings)
+from moejax.generation.decode import (Generator, cut_at_stop, end_ids,  # noqa: F401
+                                      full_forward_logits, generate, left_pad, prepare,
+                                      prompt_bucket, sample_logits, stop_at_strings)

@@ -122,6 +122,13 @@ def stop_at_strings(strings: list[list[str]], decode: Callable[[list[int]], str]
   return stop
 
 
+def cut_at_stop(text: str, strings: list[str]) -> str:
+  """``text`` up to (without) the earliest of the stop ``strings`` (none found: all of it);
+  a row :func:`stop_at_strings` ended holds its stop string, this removes it."""
+  ends = [i for i in (text.find(s) for s in strings if s) if i >= 0]
+  return text[:min(ends)] if ends else text
+
+
 def prompt_bucket(n: int) -> int:
   """The padded prompt length of a longest prompt of ``n`` tokens: a power of two from 8 up
   to 256, then a multiple of 256 (few compilations, at most 2x or +255 padding)."""
