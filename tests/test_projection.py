@@ -41,7 +41,7 @@ def _check_against_einsum(x_shape, w_shape, in_dims, spec):
 def test_flattens_on_cpu_only():
   """CPU: 2-D matmuls (reshapes); TPU / GPU: one dot_general over the natural shapes, no
   reshape (they would change the TPU's tiled layouts), for forward and backward alike."""
-  x, w = jnp.ones((2, 8, 16)), jnp.ones((16, 4, 8))
+  x, w = jnp.ones((4, 8, 16)), jnp.ones((16, 4, 8))   # more tokens than the few-row matmul's
   for platform, reshapes in (("cpu", True), ("tpu", False), ("gpu", False)):
     # a new function per platform: JAX caches traces by function, not by target platform
     grad = jax.grad(lambda x, w: jnp.sum(project(x, w)), argnums=(0, 1))
@@ -49,6 +49,23 @@ def test_flattens_on_cpu_only():
       text = str(jax.make_jaxpr(grad)(x, w))
     assert ("reshape" in text) == reshapes, platform
     assert text.count("dot_general") == 3, platform
+
+
+def test_a_few_tokens_take_the_few_row_matmul_on_cpu():
+  """Up to FEW_ROWS tokens (decoding): the CPU backend's native few-row matmul, the same
+  values and gradients as the einsum; more tokens, XLA's matmul."""
+  from moejax.backends.cpu import native
+  from moejax.backends.cpu import projection as cpu_projection
+  assert native.available()
+  w = jax.random.normal(jax.random.key(1), (16, 4, 8))
+  for rows, kernel in ((cpu_projection.FEW_ROWS, True), (cpu_projection.FEW_ROWS + 1, False)):
+    x = jax.random.normal(jax.random.key(0), (rows, 1, 16))
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+    grad = jax.value_and_grad(loss(project), argnums=(0, 1))
+    assert (native.FEW_ROW_MATMUL in str(jax.make_jaxpr(grad)(x, w))) == kernel
+    want = jax.value_and_grad(loss(lambda x, w: jnp.einsum("bld,dhk->blhk", x, w)),
+                              argnums=(0, 1))(x, w)
+    chex.assert_trees_all_close(grad(x, w), want, rtol=1e-5, atol=1e-5)
 
 
 def test_preferred_element_type():

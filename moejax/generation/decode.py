@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.kernels import registry
 from moejax.model import Transformer
 
 
@@ -88,7 +89,13 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
 
   # greedy decoding skips the sampling's work (a sort and a categorical draw per step)
   return jax.lax.cond(temperature > 0, sample,
-                      lambda: jnp.argmax(logits, -1).astype(jnp.int32))
+                      lambda: _argmax(logits))
+
+
+def _argmax(logits: jax.Array) -> jax.Array:
+  """``[batch, vocab]`` -> int32 ``[batch]``, the first maximum (registry ``argmax``)."""
+  impl = registry.find("argmax")
+  return impl(logits) if impl is not None else jnp.argmax(logits, -1).astype(jnp.int32)
 
 
 def _sample(logits, rng, done, temperature, top_k, top_p, eos_ids, pad_id):

@@ -125,6 +125,11 @@ OPS: dict[str, str] = {
     "attention.rotary": "(q [B, L, H, D], k, v [B, L, Hkv, D], positions [B, L], theta, "
                         "segment_ids [B, L] | None) -> causal attention [B, L, H, D] of q, "
                         "k rotated (rotate-half) at positions, within each segment",
+    "argmax": "(x [..., n]) -> int32 [...], the index of the first maximum along the last "
+              "axis (a row holding NaN: any index in range; portable: jnp.argmax)",
+    "attention.cached": "(q [B, N, H, D], k, v [B, T, Hkv, D], mask [B|1, 1, N, T], "
+                        "portable) -> the attention of a few queries over a KV cache, "
+                        "portable(q, k, v, mask)'s values, or None to run portable",
     "moe.capacity_moves": "(x [G, S, D], plan) -> (gather: x -> [E, G, C, D], scatter: "
                           "[E, G, C, D'] -> [G, S, D']) with the values of the dispatch and "
                           "combine mask einsums (portable: the einsums)",

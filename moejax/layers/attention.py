@@ -170,5 +170,13 @@ class Attention(nnx.Module):
     mask = (slots <= query_slots)[None, None]                                 # [1, 1, n, t]
     if kv_valid is not None:   # a padding query sees itself only (no empty softmax)
       mask = mask & (kv_valid[:, None, None, :] | (slots == query_slots)[None, None])
-    out = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=mask)
-    return self._out(out), cache
+    out = registry.call("attention.cached", q, cache["k"], cache["v"], mask, _cached_attention)
+    if out is None:
+      out = _cached_attention(q, cache["k"], cache["v"], mask)
+    return self._out(out.astype(q.dtype)), cache
+
+
+def _cached_attention(q, k, v, mask):
+  """The portable attention of ``q [B, N, H, D]`` over a cache ``k, v [B, T, Hkv, D]``
+  where ``mask [B|1, 1, N, T]`` (registry ``attention.cached``)."""
+  return jax.nn.dot_product_attention(q, k, v, mask=mask)

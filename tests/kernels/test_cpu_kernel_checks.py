@@ -19,7 +19,7 @@ import pytest
 
 from moejax.backends.cpu import native as cpu_kernels
 
-F32, S32 = np.float32, np.int32
+F32, S32, U8 = np.float32, np.int32, np.uint8
 
 
 def _z(*shape, dtype=F32):
@@ -72,6 +72,9 @@ def _cases() -> dict[str, tuple[Case, list[tuple[str, Callable[[Case], object]]]
                 [_z(3, 4), np.array([[0, 4], [2, 5], [-1, 1]], S32), _z(3, 2), _z(5, 4, 6),
                  _z(5, 4, 6), _z(5, 6, 4)], [_out(3, 4)],
                 attrs={"activation": np.int64(3), "gated": np.bool_(True)})
+  attend = Case(cpu_kernels.CACHED_ATTENTION,
+                [_z(2, 1, 4, 8), _z(2, 5, 2, 8), _z(2, 5, 2, 8), _z(2, 1, 5, dtype=U8)],
+                [_out(2, 1, 4, 8)])
   cases = {
       "top_k": (Case(cpu_kernels.TOPK, [_z(3, 10)], [_out(3, 4), _out(3, 4, dtype=S32)]), [
           ("values' leading dims", lambda c: c.call(results=c.with_result(0, _out(2, 4)))),
@@ -140,6 +143,19 @@ def _cases() -> dict[str, tuple[Case, list[tuple[str, Callable[[Case], object]]]
           ("y shape", lambda c: c.call(results=[_out(3, 5)])),
           ("activation code",
            lambda c: dataclasses.replace(c, attrs={**c.attrs, "activation": np.int64(9)}).call()),
+      ]),
+      "few_row_matmul": (Case(cpu_kernels.FEW_ROW_MATMUL, [_z(3, 4), _z(4, 6)], [_out(3, 6)]), [
+          ("w rows", lambda c: c.call(args=c.with_arg(1, _z(5, 6)))),
+          ("x rank", lambda c: c.call(args=c.with_arg(0, _z(12)))),
+          ("y shape", lambda c: c.call(results=[_out(3, 5)])),
+      ]),
+      "cached_attention": (attend, [
+          ("v slots", lambda c: c.call(args=c.with_arg(2, _z(2, 6, 2, 8)))),
+          ("mask slots", lambda c: c.call(args=c.with_arg(3, _z(2, 1, 6, dtype=U8)))),
+          ("heads not a multiple of the KV heads",
+           lambda c: c.call(args=[c.args[0], _z(2, 5, 3, 8), _z(2, 5, 3, 8), c.args[3]])),
+          ("q rank", lambda c: c.call(args=c.with_arg(0, _z(2, 4, 8)))),
+          ("out shape", lambda c: c.call(results=[_out(2, 1, 4, 7)])),
       ]),
       "attention_fwd": (attn_fwd, [
           ("v length", lambda c: c.call(args=c.with_arg(2, q[:, :7]))),

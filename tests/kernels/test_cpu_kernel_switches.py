@@ -64,6 +64,23 @@ def _routed_ffn(x, weight, wi, wg, wo):
   return jnp.sum(jnp.sin(y))
 
 
+def _few_row_projection(x, w):
+  """A few tokens' projection (the CPU backend's few-row matmul)."""
+  from moejax.backends.cpu import projection
+  return jnp.sum(jnp.sin(projection.project(x, w)))
+
+
+def _cached_attention(x, k, v):
+  """One new token per row attending over a KV cache (grouped-query heads)."""
+  from flax import nnx
+
+  from moejax.layers.attention import Attention
+  attn = Attention(16, 4, 4, num_kv_heads=2, rngs=nnx.Rngs(0))
+  valid = jnp.arange(k.shape[1])[None, :] < jnp.array([[7], [3]])
+  y, _ = attn.decode(x, jnp.array([[6], [6]]), {"k": k, "v": v}, jnp.int32(6), kv_valid=valid)
+  return jnp.sum(jnp.sin(y))
+
+
 def _programs():
   """{group: (f, args)}: a computation that runs that group's kernels when all are on."""
   ks = jax.random.split(jax.random.key(3), 6)
@@ -83,7 +100,13 @@ def _programs():
                          (jax.random.normal(ks[0], (3, d)), jax.random.uniform(ks[1], (3, 2)),
                           jax.random.normal(ks[2], (4, d, 24)) / 4,
                           jax.random.normal(ks[3], (4, d, 24)) / 4,
-                          jax.random.normal(ks[4], (4, 24, d)) / 4))}
+                          jax.random.normal(ks[4], (4, 24, d)) / 4)),
+          "few_row_matmul": (jax.value_and_grad(_few_row_projection, argnums=(0, 1)),
+                             (jax.random.normal(ks[5], (2, 3, d)), jax.random.normal(ks[0], (d, 40)))),
+          "cached_attention": (jax.value_and_grad(_cached_attention, argnums=(0, 1, 2)),
+                               (jax.random.normal(ks[1], (2, 1, 16)),
+                                jax.random.normal(ks[2], (2, 9, 2, 4)),
+                                jax.random.normal(ks[3], (2, 9, 2, 4))))}
 
 
 def test_every_group_has_a_program_here():

@@ -31,7 +31,7 @@ def _cache_chunk(total: int, item_bytes: int, budget_bytes: int) -> int:
 
 
 def register() -> None:
-  from moejax.backends.cpu import attention, moe_dispatch, native, projection, row_sparse
+  from moejax.backends.cpu import argmax, attention, moe_dispatch, native, projection, row_sparse
   from moejax.kernels import registry, row_ops
 
   registry.register("cache_chunk", _cache_chunk, platform=CPU)
@@ -53,3 +53,5 @@ def register() -> None:
   registry.register("projection", projection, platform=CPU)
   registry.register("ffn.hidden", projection.ffn_hidden, platform=CPU)
   registry.register("attention.rotary", attention.rotary_attention, platform=CPU)
+  registry.register("attention.cached", attention.cached_attention, platform=CPU)
+  registry.register("argmax", argmax.argmax, platform=CPU)

@@ -27,6 +27,13 @@
   decoding). Each chosen expert's weights are read once, in place, on all threads; XLA
   copies an expert's matrices out of the stacked weights before each matmul (a
   dynamic-slice fusion): a read and a write of each matrix before the matmul reads it again.
+* :func:`few_row_matmul` (``cpu_decode.cc``): ``x @ w`` for a few rows of ``x`` (the CPU
+  projections' of up to ``projection.FEW_ROWS`` tokens: decoding), a stream over ``w``'s
+  rows, several at a time, on all threads. XLA's matmul of a few rows reads the weight well
+  below the memory's rate, and a decode step is the time to read its weights.
+* :func:`cached_attention` (``cpu_decode.cc``): a few new queries' attention over the KV
+  cache in its ``[B, T, KV, Dh]`` layout, each (row, KV head)'s slots read once, in place;
+  XLA transposes a copy of the whole cache every step before its batched matmuls.
 
 Each is the XLA op instead (:func:`usable` is False) on TPU / GPU (the target platform,
 :func:`moejax.kernels.current_platform`), for other dtypes, with ``MOEJAX_CPU_KERNELS=0``,
@@ -85,12 +92,15 @@ SUM_SQUARES_ROWS = "moejax_sum_squares_rows_f32"
 ATTENTION_FWD = "moejax_attention_fwd_f32"
 ATTENTION_BWD = "moejax_attention_bwd_f32"
 ROUTED_FFN = "moejax_routed_ffn_f32"
+FEW_ROW_MATMUL = "moejax_few_row_matmul_f32"
+CACHED_ATTENTION = "moejax_cached_attention_f32"
 _SYMBOLS = {TOPK: "MoejaxTopKF32",
             GATHER_DOT: "MoejaxGatherDotF32", GATHER_WEIGHTED_SUM: "MoejaxGatherWeightedSumF32",
             SCATTER_OUTER: "MoejaxScatterOuterF32", SCATTER_OUTER_PAIR: "MoejaxScatterOuterPairF32",
             ADAM_ROWS: "MoejaxAdamRowsF32", SUM_SQUARES_ROWS: "MoejaxSumSquaresRowsF32",
             ATTENTION_FWD: "MoejaxAttentionFwdF32", ATTENTION_BWD: "MoejaxAttentionBwdF32",
-            ROUTED_FFN: "MoejaxRoutedFfnF32"}
+            ROUTED_FFN: "MoejaxRoutedFfnF32", FEW_ROW_MATMUL: "MoejaxFewRowMatmulF32",
+            CACHED_ATTENTION: "MoejaxCachedAttentionF32"}
 _SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_kernels.cc", "cpu_attention.cc",
                                                          "cpu_decode.cc"))
 _HEADERS = (Path(__file__).with_name("cpu_common.h"),)
@@ -118,6 +128,8 @@ GROUPS = {
     "adam_rows": (ADAM_ROWS, SUM_SQUARES_ROWS),
     "attention": (ATTENTION_FWD, ATTENTION_BWD),
     "routed_ffn": (ROUTED_FFN,),
+    "few_row_matmul": (FEW_ROW_MATMUL,),
+    "cached_attention": (CACHED_ATTENTION,),
 }
 OFF_VARIABLE = "MOEJAX_CPU_KERNELS_OFF"
 
@@ -511,3 +523,21 @@ def routed_ffn(x: jax.Array, expert: jax.Array, weight: jax.Array, wi: jax.Array
   out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
   return jax.ffi.ffi_call(ROUTED_FFN, out, vmap_method="sequential")(
       *operands, activation=np.int64(_ACTIVATION_CODES[activation]), gated=np.bool_(gated))
+
+
+def few_row_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x [N, D] @ w [D, C]`` -> ``[N, C]`` float32 (``cpu_decode.cc``), no gradient: for a
+  few rows (decoding's tokens) each weight row is read once, several rows at a time, by all
+  threads. Callers check :func:`usable` (group ``few_row_matmul``)."""
+  out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+  return jax.ffi.ffi_call(FEW_ROW_MATMUL, out, vmap_method="sequential")(x, w)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """``q [B, N, H, Dh]`` over the cache ``k, v [B, T, KV, Dh]`` where ``mask [B, N, T]``
+  (bool) -> ``[B, N, H, Dh]`` float32: the values of ``jax.nn.dot_product_attention(q, k, v,
+  mask=mask[:, None])`` (``cpu_decode.cc``), no gradient. Callers check :func:`usable`
+  (group ``cached_attention``)."""
+  out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  return jax.ffi.ffi_call(CACHED_ATTENTION, out, vmap_method="sequential")(
+      q, k, v, mask.astype(jnp.uint8))

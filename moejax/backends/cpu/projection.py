@@ -18,17 +18,47 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 
+from moejax.backends.cpu import native
 from moejax.kernels import activations as act_lib
+
+# The most tokens whose projections take the native few-row matmul (decoding's batch): it
+# streams the weight once and adds it into every row, which outruns XLA's matmul only
+# while the rows' arithmetic stays below the weight's reading time.
+FEW_ROWS = 16
 
 
 def project(x, w, *, in_dims=1, preferred_element_type=None):
   w_in, w_out = w.shape[:in_dims], w.shape[in_dims:]
   lead = x.shape[:x.ndim - in_dims]
-  y = jax.numpy.dot(x.reshape(math.prod(lead), math.prod(w_in)),
-                    w.reshape(math.prod(w_in), math.prod(w_out)),
-                    preferred_element_type=preferred_element_type)
+  x2 = x.reshape(math.prod(lead), math.prod(w_in))
+  w2 = w.reshape(math.prod(w_in), math.prod(w_out))
+  if (x2.shape[0] <= FEW_ROWS and preferred_element_type in (None, jnp.float32)
+      and native.usable("few_row_matmul", x2, w2)):
+    y = _few_row_matmul(x2, w2)
+  else:
+    y = jnp.dot(x2, w2, preferred_element_type=preferred_element_type)
   return y.reshape(lead + w_out)
+
+
+@jax.custom_vjp
+def _few_row_matmul(x, w):
+  """``x @ w`` by the native kernel; its gradients are the matmuls of :func:`project_back`
+  and :func:`weight_grad`."""
+  return native.few_row_matmul(x, w)
+
+
+def _few_row_matmul_fwd(x, w):
+  return native.few_row_matmul(x, w), (x, w)
+
+
+def _few_row_matmul_bwd(res, dy):
+  x, w = res
+  return dy @ w.T, x.T @ dy
+
+
+_few_row_matmul.defvjp(_few_row_matmul_fwd, _few_row_matmul_bwd)
 
 
 def project_back(dy, w, *, in_dims=1, preferred_element_type=None):
