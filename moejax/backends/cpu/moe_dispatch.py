@@ -130,8 +130,9 @@ def _int_zeros(a):
 
 
 # The most (token, choice) pairs that take the native routed FFN (``native.routed_ffn``):
-# its row tiles of 8 re-read a chunk of weights per 8 rows of an expert, which is only a
-# stream over the weights for a few rows per expert.
+# it reads each chosen expert's weights once and adds every weight vector into each of the
+# expert's rows' sums, a stream for a few rows per expert; with many, those sums' loads and
+# stores outweigh the reading, and the blocked path's matmuls win.
 ROUTED_FFN_MAX_PAIRS = 32
 
 
