@@ -89,3 +89,15 @@ def test_benchmark_scripts_are_leaves():
     if loads and names_benchmarks:
       offences.append((path, loads))
   assert not offences, offences
+
+
+@needs_kernels
+def test_decode_kernels_tiny_run_prints_each_kernel_next_to_xla():
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "decode_kernels.py"),
+                         "--tiny", "--iters", "2", "--sets", "2"],
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                        cwd=ROOT, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  for name in ("routed FFN", "few-row matmul", "cached attention", "greedy argmax"):
+    assert re.search(rf"\| {name} \| [^|]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+                     done.stdout), done.stdout

@@ -2,7 +2,8 @@
 
 * ``native``: C++ kernels (XLA FFI, built on first use from ``cpu_kernels.cc``,
   ``cpu_attention.cc``, ``cpu_decode.cc``): top-k, row gathers and contractions, lazy Adam,
-  attention with rotary positions, the routed experts' FFN of a few tokens (decoding).
+  attention with rotary positions, and for decoding: the routed experts' FFN of a few
+  tokens, the projections of a few tokens, attention over the KV cache.
 * the CPU-tuned XLA programs the layers get from the registry instead of their portable
   ones (each module says why it is faster on CPU).
 * ``host_memory``: the entry points' malloc setting (:func:`prepare_process`).

@@ -213,29 +213,6 @@ inline void SumPartsRow(const std::vector<float>& part_acc, const std::vector<in
   }
 }
 
-// sum[q, :] = sum of part_acc[p][q, :] over the parts p that touched pair q's expert, p
-// ascending (a fixed order: the sum does not depend on which thread ran which part).
-void SumParts(const Routing& g, const std::vector<float>& part_acc,
-              const std::vector<int64_t>& first_used, const std::vector<int64_t>& last_used,
-              int64_t cols, float* sum) {
-  const int64_t pairs = g.pairs(), parts = static_cast<int64_t>(first_used.size());
-  for (int64_t u = 0; u < static_cast<int64_t>(g.used.size()); ++u) {
-    const int64_t q0 = g.start[g.used[u]], q1 = g.start[g.used[u] + 1];
-    bool first = true;
-    for (int64_t p = 0; p < parts; ++p) {
-      if (first_used[p] < 0 || first_used[p] > u || u > last_used[p]) continue;
-      const float* src = part_acc.data() + (p * pairs + q0) * cols;
-      float* dst = sum + q0 * cols;
-      if (first) {
-        std::copy(src, src + (q1 - q0) * cols, dst);
-      } else {
-        for (int64_t i = 0; i < (q1 - q0) * cols; ++i) dst[i] += src[i];
-      }
-      first = false;
-    }
-  }
-}
-
 ffi::Error RoutedFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::S32> expert, ffi::Buffer<ffi::F32> w,
                          ffi::Buffer<ffi::F32> wi, ffi::Buffer<ffi::F32> wg,
@@ -300,7 +277,9 @@ ffi::Error RoutedFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* wos[1] = {wo.typed_data()};
   AddPartRows<1>(pool, g, wos, f, d, h.data(), f, parts, &acc2, &first_used, &last_used);
   std::vector<float> out(pairs * d);
-  SumParts(g, acc2[0], first_used, last_used, d, out.data());
+  for (int64_t q = 0; q < pairs; ++q) {
+    SumPartsRow(acc2[0], first_used, last_used, used_of[q], pairs, d, q, 0, d, out.data() + q * d);
+  }
   // Combine: y[t] = sum_j w[t, j] out[pair(t, j)], j ascending.
   const float* ws = w.typed_data();
   for (int64_t i = 0; i < t; ++i) {
