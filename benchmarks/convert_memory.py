@@ -7,6 +7,7 @@ resident memory (``ru_maxrss``) after importing moejax and JAX, and after ``--fr
 of the checkpoint's size (1.0: one copy of the model).
 
     python benchmarks/convert_memory.py [--trees /path/to/old/moejax,.] [--d_model 1024]
+        [--scan_layers]   # import to the scanned layout (and export from it)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax, jax.numpy as jnp
 jnp.zeros(1).block_until_ready()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if sys.argv[1] == "from_hf":
-  hf.import_checkpoint(sys.argv[2], sys.argv[3])
+  hf.import_checkpoint(sys.argv[2], sys.argv[3], scan_layers=sys.argv[4] == "1")
 else:
   hf.export_checkpoint(sys.argv[2], sys.argv[3])
 print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -85,17 +86,19 @@ def main():
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--vocab", type=int, default=32000)
   ap.add_argument("--d_ff", type=int, default=2816)
+  ap.add_argument("--scan_layers", action="store_true", help="import to the scanned layout")
   args = ap.parse_args()
   tmp = tempfile.mkdtemp(prefix="moejax_convert_memory_")
   size = _checkpoint(os.path.join(tmp, "hf"), args.d_model, args.layers, args.vocab, args.d_ff)
   print(f"# Llama-shaped checkpoint, float32, 2 shards: {size / 2**20:.0f} MiB of tensors "
-        f"(d_model {args.d_model}, {args.layers} blocks, vocab {args.vocab}, d_ff {args.d_ff})")
+        f"(d_model {args.d_model}, {args.layers} blocks, vocab {args.vocab}, d_ff {args.d_ff}); "
+        f"{'scanned' if args.scan_layers else 'unscanned'} layout")
   print(f"{'tree':40s} {'direction':9s} {'base MiB':>9s} {'peak MiB':>9s} {'held / model':>13s}")
   for i, tree in enumerate(args.trees.split(",")):
     work = os.path.join(tmp, f"run{i}")
     for direction, src, dst in (("from_hf", os.path.join(tmp, "hf"), work),
                                 ("to_hf", os.path.join(work, "export"), work + "_hf")):
-      base, peak = _peak(tree, direction, src, dst)
+      base, peak = _peak(tree, direction, src, dst, "1" if args.scan_layers else "0")
       print(f"{os.path.abspath(tree)[-40:]:40s} {direction:9s} {base / 2**20:9.0f} "
             f"{peak / 2**20:9.0f} {(peak - base) / size:13.2f}")
 

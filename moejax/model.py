@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -344,12 +345,32 @@ class Transformer(nnx.Module):
 # ---------------------------------------------------------------- layout conversion
 
 
-def to_layout(pure: dict, config: ml_collections.ConfigDict, *, scanned: bool) -> dict:
+def _stack_trees(trees: list[dict], consume: bool) -> dict:
+  """The leaves of ``trees`` (one structure) stacked on a new leading axis; ``consume``:
+  each leaf is removed from its tree once stacked, numpy leaves stacked by numpy."""
+  if not consume:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  out = {}
+  for k in list(trees[0]):
+    if isinstance(trees[0][k], dict):
+      out[k] = _stack_trees([t[k] for t in trees], True)
+    else:
+      xs = [t.pop(k) for t in trees]
+      out[k] = np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+  return out
+
+
+def to_layout(pure: dict, config: ml_collections.ConfigDict, *, scanned: bool,
+              consume: bool = False) -> dict:
   """Converts a model variable tree (``nnx.to_pure_dict(state)``) between the layouts.
 
   ``pure`` holds the layout of ``config`` with ``model.scan_layers = not scanned``; the
   result holds the other one (``scanned=True``: per-block -> stacked). Use it to evaluate
   or fine-tune a checkpoint in the other layout.
+
+  ``consume`` (per-block -> stacked): each block's arrays leave ``pure`` as they are
+  stacked, host (numpy) arrays on the host, so that the model is held once plus one
+  stacked variable rather than twice (a checkpoint import).
   """
   import copy
   m = config.model
@@ -372,7 +393,7 @@ def to_layout(pure: dict, config: ml_collections.ConfigDict, *, scanned: bool) -
         if i in blocks:
           segs[j] = blocks[i]
         continue
-      group = {b: jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i + t * g + b] for t in range(r)])
+      group = {b: _stack_trees([blocks[i + t * g + b] for t in range(r)], consume)
                for b in range(g) if i + b in blocks}
       if group:
         segs[j] = {"blocks": group}

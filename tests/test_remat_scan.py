@@ -4,6 +4,7 @@ import functools
 import json
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -126,6 +127,15 @@ def test_layout_conversion_round_trip():
   flat = nnx.to_pure_dict(nnx.state(Transformer(_config("moe"), rngs=nnx.Rngs(0))))
   _close(to_layout(scanned, config, scanned=False), flat, 0, 0)
   _close(to_layout(flat, config, scanned=True), scanned, 0, 0)
+  # consume: the same stacked tree, on the host from host arrays; the stacked blocks'
+  # arrays leave the input (what stays is shared with the output: blocks not stacked)
+  host = jax.tree.map(np.asarray, flat)
+  before = len(jax.tree.leaves(host["blocks"]))
+  got = to_layout(host, config, scanned=True, consume=True)
+  _close(got, scanned, 0, 0)
+  assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(got))
+  left, out = jax.tree.leaves(host["blocks"]), jax.tree.leaves(got)
+  assert len(left) < before and all(any(a is b for b in out) for a in left)
 
 
 def test_train_steps_equal_across_layouts_remat_and_loss_chunk():

@@ -181,7 +181,7 @@ def params_from_hf(config: ml_collections.ConfigDict, tensors: Mapping[str, np.n
                          "maps to it")
   if config.model.scan_layers:
     from moejax.model import to_layout
-    out = jax.tree.map(np.asarray, to_layout(out, config, scanned=True))
+    out = jax.tree.map(np.asarray, to_layout(out, config, scanned=True, consume=True))
   return out
 
 

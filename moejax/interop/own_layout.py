@@ -60,5 +60,5 @@ def params_from_own_layout(config: ml_collections.ConfigDict, tensors: Mapping[s
     put_path(out, path, np.asarray(tensors[".".join(map(str, path))], get_path(target, path).dtype))
   if config.model.scan_layers:
     from moejax.model import to_layout
-    out = jax.tree.map(np.asarray, to_layout(out, config, scanned=True))
+    out = jax.tree.map(np.asarray, to_layout(out, config, scanned=True, consume=True))
   return out
