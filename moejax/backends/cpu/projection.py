@@ -44,8 +44,8 @@ def project(x, w, *, in_dims=1, preferred_element_type=None):
 
 @jax.custom_vjp
 def _few_row_matmul(x, w):
-  """``x @ w`` by the native kernel; its gradients are the matmuls of :func:`project_back`
-  and :func:`weight_grad`."""
+  """``x [N, D] @ w [D, C]`` by the native kernel (no backward of its own); its gradients
+  are XLA's matmuls ``dy wᵀ`` and ``xᵀ dy``."""
   return native.few_row_matmul(x, w)
 
 
