@@ -1,4 +1,5 @@
-// Kernels for decoding, XLA FFI custom calls (see native.py, routed_ffn).
+// Kernels for decoding, XLA FFI custom calls (see native.py: routed_ffn, few_row_matmul,
+// cached_attention).
 //
 // MoejaxRoutedFfnF32: y[t] = sum_j w[t, j] * FFN_{expert[t, j]}(x[t]), j ascending, where
 // FFN_e(x) = (act(x wi[e]) * (x wg[e])) wo[e] (no gate: act(x wi[e]) wo[e]), for
@@ -466,7 +467,6 @@ ffi::Error CachedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 }
 
 }  // namespace
-
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxRoutedFfnF32, RoutedFfnImpl,
                               ffi::Ffi::Bind()
