@@ -145,9 +145,9 @@ Routing Route(const int32_t* ex, int64_t t, int64_t k, int64_t e) {
 // Adds, for every used expert u and every part p, the products of the part's rows (of the
 // concatenation over used experts of `rows` rows each) into part_acc[m][p] [pairs, cols]:
 // part_acc[m][p][q, :] += sum_i x[q, i] * w[m][expert, i, :] over the part's rows i of
-// pair q's expert. Rows are cut into `parts` equal runs of whole kRows groups. Each part
-// zeroes the accumulator rows it adds into first; `first_used[p]`..`last_used[p]` say
-// which used experts part p touched (-1: none).
+// pair q's expert, into part_acc as the caller allocated it (zeros). Rows are cut into
+// `parts` equal runs of whole kRows groups; `first_used[p]`..`last_used[p]` say which used
+// experts part p touched (-1: none).
 template <int M>
 void AddPartRows(ffi::ThreadPool& pool, const Routing& g, const float* const* w, int64_t rows,
                  int64_t cols, const float* x, int64_t ldx, int64_t parts,
@@ -170,12 +170,6 @@ void AddPartRows(ffi::ThreadPool& pool, const Routing& g, const float* const* w,
     for (int64_t p = p_lo; p < p_hi; ++p) {
       const int64_t lo = groups * p / parts, hi = groups * (p + 1) / parts;
       if (lo >= hi) continue;
-      for (int m = 0; m < M; ++m) {
-        float* base = (*part_acc)[m].data() + p * pairs * cols;
-        const int64_t q0 = g.start[g.used[(*first_used)[p]]];
-        const int64_t q1 = g.start[g.used[(*last_used)[p]] + 1];
-        std::fill(base + q0 * cols, base + q1 * cols, 0.f);
-      }
       for (int64_t gi = lo; gi < hi;) {
         const int64_t u = gi / groups_per_expert, ex = g.used[u];
         const int64_t g_end = std::min(hi, (u + 1) * groups_per_expert);
